@@ -1,0 +1,27 @@
+"""Our ChatGLM2 / ChatGLM3 implementation: `from model import load_model`.
+
+Importing the package also registers the classes with transformers' Auto* factories, so
+AutoConfig / AutoTokenizer / AutoModel.from_pretrained load ChatGLM checkpoints without remote code.
+"""
+
+from .config import ChatGLMConfig, UnsupportedConfigError
+from .hub import ModelNotFoundError
+from .loading import load_model
+from .modeling import ChatGLMForConditionalGeneration
+from .tokenizer import ChatGLMTokenizer, StreamDecoder
+
+__all__ = ["ChatGLMConfig", "ChatGLMTokenizer", "ChatGLMForConditionalGeneration", "load_model",
+           "ModelNotFoundError", "StreamDecoder", "UnsupportedConfigError"]
+
+
+def _register_with_transformers() -> None:
+    from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM,
+                              AutoTokenizer)
+
+    AutoConfig.register("chatglm", ChatGLMConfig, exist_ok=True)
+    AutoTokenizer.register(ChatGLMConfig, tokenizer_class=ChatGLMTokenizer, exist_ok=True)
+    for auto in (AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM):
+        auto.register(ChatGLMConfig, ChatGLMForConditionalGeneration, exist_ok=True)
+
+
+_register_with_transformers()

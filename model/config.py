@@ -1,0 +1,166 @@
+"""ChatGLMConfig: the fields of a ChatGLM2/3 config.json, plus which family the checkpoint belongs to."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from transformers import PretrainedConfig
+
+logger = logging.getLogger(__name__)
+
+FAMILIES = ("chatglm2", "chatglm3")
+
+
+class UnsupportedConfigError(ValueError):
+    """A config.json flag has a value this implementation does not compute."""
+
+
+def infer_family(config_dict: dict, tokenizer_config: dict | None = None) -> tuple[str | None, str]:
+    """Guess chatglm2 / chatglm3 from a checkpoint's metadata; returns (family or None, reason)."""
+    tokenizer_config = tokenizer_config or {}
+    # Later chatglm3 revisions list their role tokens in tokenizer_config.json.
+    if "<|user|>" in json.dumps(tokenizer_config):
+        return "chatglm3", "tokenizer_config.json defines the role tokens"
+    for source, key, d in (
+        ("config.json", "_name_or_path", config_dict),
+        ("tokenizer_config.json", "name_or_path", tokenizer_config),
+    ):
+        name = str(d.get(key) or "").lower()
+        for family in FAMILIES:
+            if family in name:
+                return family, f"{source} {key} is {d.get(key)!r}"
+    return None, "no hint in config.json or tokenizer_config.json"
+
+
+class ChatGLMConfig(PretrainedConfig):
+    """Config of the ChatGLM2 / ChatGLM3 network; attribute names are the config.json keys."""
+
+    model_type = "chatglm"
+
+    def __init__(
+        self,
+        num_layers: int = 28,  # transformer blocks
+        hidden_size: int = 4096,
+        ffn_hidden_size: int = 13696,  # SwiGLU inner width (dense_h_to_4h outputs twice this)
+        num_attention_heads: int = 32,  # query heads
+        kv_channels: int = 128,  # per-head dim
+        multi_query_attention: bool = True,
+        multi_query_group_num: int = 2,  # K/V heads when multi_query_attention
+        padded_vocab_size: int = 65024,  # rows of embedding and output_layer
+        seq_length: int = 8192,  # positions the rotary table covers
+        rope_ratio: float = 1.0,  # -32k: position interpolation (v2) or base scaling (v3)
+        layernorm_epsilon: float = 1e-5,
+        rmsnorm: bool = True,
+        add_qkv_bias: bool = True,
+        add_bias_linear: bool = False,
+        post_layer_norm: bool = True,
+        apply_residual_connection_post_layernorm: bool = False,
+        fp32_residual_connection: bool = False,
+        original_rope: bool = True,
+        apply_query_key_layer_scaling: bool = True,  # no numerical effect (scale is exactly 1/sqrt(d))
+        attention_softmax_in_fp32: bool = True,
+        hidden_dropout: float = 0.0,
+        attention_dropout: float = 0.0,
+        quantization_bit: int = 0,  # 0 = float weights; 4 / 8 = weight-only quantized linears
+        pre_seq_len: int | None = None,  # P-tuning v2 prefix (not supported)
+        prefix_projection: bool = False,
+        family: str | None = None,  # "chatglm2" or "chatglm3"; inferred when None
+        eos_token_id: int = 2,
+        pad_token_id: int = 0,
+        **kwargs,
+    ):
+        self.num_layers = num_layers
+        self.hidden_size = hidden_size
+        self.ffn_hidden_size = ffn_hidden_size
+        self.num_attention_heads = num_attention_heads
+        self.kv_channels = kv_channels
+        self.multi_query_attention = multi_query_attention
+        self.multi_query_group_num = multi_query_group_num
+        self.padded_vocab_size = padded_vocab_size
+        self.vocab_size = padded_vocab_size
+        self.seq_length = seq_length
+        self.rope_ratio = rope_ratio
+        self.layernorm_epsilon = layernorm_epsilon
+        self.rmsnorm = rmsnorm
+        self.add_qkv_bias = add_qkv_bias
+        self.add_bias_linear = add_bias_linear
+        self.post_layer_norm = post_layer_norm
+        self.apply_residual_connection_post_layernorm = apply_residual_connection_post_layernorm
+        self.fp32_residual_connection = fp32_residual_connection
+        self.original_rope = original_rope
+        self.apply_query_key_layer_scaling = apply_query_key_layer_scaling
+        self.attention_softmax_in_fp32 = attention_softmax_in_fp32
+        self.hidden_dropout = hidden_dropout
+        self.attention_dropout = attention_dropout
+        self.quantization_bit = quantization_bit or 0
+        self.pre_seq_len = pre_seq_len
+        self.prefix_projection = prefix_projection
+        kwargs.pop("vocab_size", None)
+        if family is None:
+            family, reason = infer_family(kwargs)
+            if family is not None:
+                logger.info("ChatGLM family %s (%s)", family, reason)
+        self.family = family
+        super().__init__(eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
+
+    # ---- derived sizes -------------------------------------------------------------------------
+    @property
+    def num_kv_heads(self) -> int:
+        return self.multi_query_group_num if self.multi_query_attention else self.num_attention_heads
+
+    @property
+    def qkv_size(self) -> int:
+        return (self.num_attention_heads + 2 * self.num_kv_heads) * self.kv_channels
+
+    def validate(self) -> None:
+        """Raise UnsupportedConfigError naming any flag whose value this implementation cannot compute."""
+        unsupported = []
+        if self.family not in FAMILIES:
+            unsupported.append(f"family={self.family!r} (expected one of {FAMILIES})")
+        if not self.rmsnorm:
+            unsupported.append("rmsnorm=false (LayerNorm blocks)")
+        if self.fp32_residual_connection:
+            unsupported.append("fp32_residual_connection=true")
+        if self.pre_seq_len:
+            unsupported.append(f"pre_seq_len={self.pre_seq_len} (P-tuning v2 prefix)")
+        if self.quantization_bit not in (0, 4, 8):
+            unsupported.append(f"quantization_bit={self.quantization_bit} (supported: 4, 8)")
+        if self.num_attention_heads % self.num_kv_heads:
+            unsupported.append(
+                f"multi_query_group_num={self.multi_query_group_num} (must divide num_attention_heads)"
+            )
+        if self.kv_channels % 4:
+            unsupported.append(f"kv_channels={self.kv_channels} (rotary needs a multiple of 4)")
+        if self.rope_ratio <= 0:
+            unsupported.append(f"rope_ratio={self.rope_ratio}")
+        if unsupported:
+            raise UnsupportedConfigError("unsupported ChatGLM config: " + "; ".join(unsupported))
+
+    @classmethod
+    def from_checkpoint_dir(cls, path: str, family: str | None = None, **overrides) -> "ChatGLMConfig":
+        """Read config.json (and tokenizer_config.json for the family hint) from a checkpoint directory."""
+        config_path = os.path.join(path, "config.json")
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"{path} has no config.json: not a ChatGLM checkpoint directory")
+        with open(config_path, encoding="utf-8") as f:
+            config_dict = json.load(f)
+        tok_path = os.path.join(path, "tokenizer_config.json")
+        tok_dict = {}
+        if os.path.isfile(tok_path):
+            with open(tok_path, encoding="utf-8") as f:
+                tok_dict = json.load(f)
+        if family is None:
+            family, reason = infer_family(config_dict, tok_dict)
+            if family is None:
+                family = "chatglm2"
+                reason += "; assuming chatglm2 (pass family='chatglm3' for a ChatGLM3 checkpoint)"
+            logger.warning("%s: ChatGLM family %s (%s)", path, family, reason)
+        elif family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+        config_dict.update(overrides)
+        config_dict["family"] = family
+        config = cls.from_dict(config_dict)
+        config.validate()
+        return config

@@ -1,0 +1,140 @@
+"""Logits -> next token, and the prefill / decode loop that yields tokens one step at a time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from .cache import KVCache
+
+
+@dataclass
+class SamplingParams:
+    do_sample: bool = False  # False or temperature <= 0: greedy
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    repetition_penalty: float = 1.0  # 1 = off
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature <= 0
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen_ids: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Make every already-seen id less likely: positive logits divided, negative ones multiplied."""
+    score = logits.gather(1, seen_ids)
+    score = torch.where(score < 0, score * penalty, score / penalty)
+    return logits.scatter(1, seen_ids, score)
+
+
+def guard_non_finite(logits: torch.Tensor, fallback_id: int = 5) -> torch.Tensor:
+    """Rows holding NaN/inf (a numerical blow-up) become a one-hot on fallback_id, as the original does."""
+    bad = ~torch.isfinite(logits).all(dim=-1, keepdim=True)
+    guard = torch.zeros_like(logits)
+    guard[:, fallback_id] = 5e4
+    return torch.where(bad, guard, logits)
+
+
+def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (the order of the original's warpers); returns filtered logits."""
+    if params.temperature != 1.0:
+        logits = logits / params.temperature
+    if params.top_k > 0:
+        k = min(params.top_k, logits.shape[-1])
+        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove = cum <= (1 - params.top_p)
+        remove[..., -1:] = False  # always keep the most likely token
+        logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+    return logits
+
+
+def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """(B, vocab) processed logits -> (B,) ids."""
+    if params.greedy:
+        return logits.argmax(dim=-1)
+    probs = warp(logits.float(), params).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def make_generator(seed: int | None, device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+LogitsHook = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ids so far (B, L), logits (B, V)) -> logits
+
+
+@torch.inference_mode()
+def generate_tokens(model, input_ids: torch.Tensor, *, max_new_tokens: int, params: SamplingParams,
+                    stop_ids: Sequence[int] = (), position_ids: torch.Tensor | None = None,
+                    attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                    logits_hooks: Sequence[LogitsHook] = (), pad_id: int = 0) -> Iterator[torch.Tensor]:
+    """Prefill input_ids (B, T) on top of `cache`, then decode; yields the (B,) next ids, one step at a time.
+
+    Rows that emitted a stop id keep receiving pad_id; the loop ends when every row has stopped or after
+    max_new_tokens. The cache ends up holding every token fed to the model (the last yielded one is not fed).
+    """
+    params.validate()
+    device = input_ids.device
+    B, T = input_ids.shape
+    if cache is None:
+        cache = KVCache.for_model(model.config, B, model.dtype, device, capacity=T + max_new_tokens)
+    past = cache.length
+    limit = model.config.seq_length
+    if past + T > limit:
+        raise ValueError(f"the input is {past + T} tokens long; this model's context is {limit} tokens")
+    max_new_tokens = min(max_new_tokens, limit - past - T + 1)
+    if position_ids is None:
+        position_ids = torch.arange(past, past + T, device=device).expand(B, T)
+    if attention_mask is not None and attention_mask.shape[-1] == T and past:
+        attention_mask = torch.cat([attention_mask.new_ones(B, past), attention_mask], dim=-1)
+    generator = make_generator(params.seed, device)
+    stop = torch.tensor(list(stop_ids), device=device, dtype=torch.long)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    history = input_ids  # for the repetition penalty and hooks
+    need_history = params.repetition_penalty != 1.0 or bool(logits_hooks)
+    if max_new_tokens > 0:
+        cache.reserve(T + max_new_tokens - 1)
+    ids, positions = input_ids, position_ids
+    for step in range(max_new_tokens):
+        out = model.transformer(ids, positions, attention_mask, cache, last_logits_only=True)
+        logits = out.logits[:, -1].float()
+        for hook in logits_hooks:
+            logits = hook(history, logits)
+        if params.repetition_penalty != 1.0:
+            logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
+        logits = guard_non_finite(logits)
+        token = next_token(logits, params, generator)
+        token = torch.where(finished, torch.full_like(token, pad_id), token)
+        yield token
+        if stop.numel():
+            finished |= torch.isin(token, stop)
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            return
+        ids = token[:, None]
+        positions = positions[:, -1:] + 1
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask, (~finished).long()[:, None]], dim=-1)
+        if need_history:
+            history = torch.cat([history, ids], dim=-1)

@@ -1,0 +1,261 @@
+"""Path or Hub id -> config -> model built on the meta device -> weights streamed in, one tensor at a time."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .config import ChatGLMConfig
+from .hub import resolve_model_dir
+
+logger = logging.getLogger(__name__)
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+IGNORED_TENSORS = ("transformer.rotary_pos_emb.inv_freq",)  # recomputed, never read
+
+
+# ---- device and dtype ---------------------------------------------------------------------------
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """'auto'/None -> cuda, else mps, else cpu."""
+    if device is None or str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:
+        return False
+
+
+def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """'auto'/None -> bf16 (or fp16) on GPU, fp16 on MPS, bf16 on CPUs with native bf16, else fp32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "mps":
+            return torch.float16
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(DTYPE_NAMES)}")
+    return DTYPE_NAMES[name]
+
+
+# ---- reading checkpoint files -------------------------------------------------------------------
+def checkpoint_files(path: str) -> list[str]:
+    """Weight files of a checkpoint dir: safetensors preferred, sharded via an index or single."""
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index = os.path.join(path, index_name)
+        if os.path.isfile(index):
+            with open(index, encoding="utf-8") as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
+            if missing:
+                raise FileNotFoundError(f"{path}: {index_name} names shards that are not there: {missing}")
+            return [os.path.join(path, s) for s in shards]
+        if os.path.isfile(os.path.join(path, single)):
+            return [os.path.join(path, single)]
+    raise FileNotFoundError(
+        f"{path} has no weights (model.safetensors, model.safetensors.index.json, pytorch_model.bin or "
+        f"pytorch_model.bin.index.json)")
+
+
+def read_safetensors(filename: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield the tensors of a .safetensors file, each read straight into its own buffer (no mmap, no copy)."""
+    with open(filename, "rb", buffering=0) as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+        base = 8 + header_len
+        header.pop("__metadata__", None)
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            start, end = info["data_offsets"]
+            tensor = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
+            if end > start:
+                f.seek(base + start)
+                view = memoryview(tensor.view(-1).view(torch.uint8).numpy())
+                read = 0
+                while read < end - start:
+                    n = f.readinto(view[read:])
+                    if not n:
+                        raise OSError(f"{filename}: truncated while reading {name}")
+                    read += n
+            yield name, tensor
+
+
+def read_bin(filename: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield the tensors of a torch zip checkpoint, loaded with weights_only=True (no code execution)."""
+    state = torch.load(filename, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        for name in list(state):
+            yield name, state.pop(name)
+    finally:
+        del state
+
+
+def iter_checkpoint(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    for filename in checkpoint_files(path):
+        reader = read_safetensors if filename.endswith(".safetensors") else read_bin
+        yield from reader(filename)
+
+
+def checkpoint_nbytes(path: str) -> int:
+    return sum(os.path.getsize(f) for f in checkpoint_files(path))
+
+
+# ---- building and filling the model -------------------------------------------------------------
+def build_empty_model(config: ChatGLMConfig):
+    """The model with every parameter on the meta device (no memory), ready for assign_tensor."""
+    from .modeling import ChatGLMForConditionalGeneration
+
+    with torch.device("meta"):
+        return ChatGLMForConditionalGeneration(config)
+
+
+def assign_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    old = module._parameters.get(attr)
+    if old is None:
+        raise KeyError(name)
+    if tuple(old.shape) != tuple(tensor.shape):
+        raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(old.shape)}")
+    module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+
+
+def load_weights(name_or_path: str, device=None, dtype=None, family: str | None = None,
+                 revision: str | None = None, progress: bool = True):
+    """Load a ChatGLM checkpoint (dir or Hub id) into a ready model in eval mode."""
+    path = resolve_model_dir(name_or_path, revision=revision)
+    config = ChatGLMConfig.from_checkpoint_dir(path, family=family)
+    if config.quantization_bit:
+        raise NotImplementedError(
+            f"{path} is a quantized checkpoint (quantization_bit={config.quantization_bit}), which this version "
+            f"cannot load yet; use a float checkpoint")
+    device = pick_device(device)
+    dtype = pick_dtype(dtype, device)
+    model = build_empty_model(config)
+    expected = {n for n, p in model.named_parameters()}
+    seen = set()
+    bar = _progress(checkpoint_nbytes(path), f"Loading {os.path.basename(os.path.normpath(path))}", progress)
+    for name, tensor in iter_checkpoint(path):
+        bar.update(tensor.numel() * tensor.element_size())
+        if name in IGNORED_TENSORS:
+            continue
+        if name not in expected:
+            logger.warning("%s: ignoring unexpected tensor %s", path, name)
+            continue
+        if tensor.is_floating_point():
+            tensor = tensor.to(device=device, dtype=dtype)
+        else:
+            tensor = tensor.to(device=device)
+        assign_tensor(model, name, tensor)
+        seen.add(name)
+    bar.close()
+    missing = sorted(expected - seen)
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    model.eval()
+    model.name_or_path = str(name_or_path)
+    model.config._name_or_path = str(name_or_path)
+    return model
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not enabled, leave=False)
+
+
+def load_model(name_or_path: str, device: str | torch.device | None = None, dtype=None,
+               family: str | None = None, revision: str | None = None):
+    """(model, tokenizer) for a ChatGLM checkpoint directory or Hub id.
+
+    device: "cpu", "cuda", "cuda:1", "mps" or None/"auto"; dtype: a torch dtype, its name, or None/"auto";
+    family: "chatglm2" / "chatglm3" when the checkpoint does not tell.
+    """
+    from .tokenizer import ChatGLMTokenizer
+
+    model = load_weights(name_or_path, device=device, dtype=dtype, family=family, revision=revision)
+    path = resolve_model_dir(name_or_path, revision=revision, weights=False)
+    tokenizer = ChatGLMTokenizer.from_pretrained(path, family=model.config.family)
+    tokenizer.name_or_path = str(name_or_path)
+    return model, tokenizer
+
+
+# ---- writing ------------------------------------------------------------------------------------
+CONFIG_KEYS = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "kv_channels", "multi_query_attention",
+    "multi_query_group_num", "padded_vocab_size", "seq_length", "rope_ratio", "layernorm_epsilon", "rmsnorm",
+    "add_qkv_bias", "add_bias_linear", "post_layer_norm", "apply_residual_connection_post_layernorm",
+    "fp32_residual_connection", "original_rope", "apply_query_key_layer_scaling", "attention_softmax_in_fp32",
+    "hidden_dropout", "attention_dropout", "quantization_bit", "family", "eos_token_id", "pad_token_id",
+)
+
+
+def config_to_json(config: ChatGLMConfig, dtype: torch.dtype) -> dict:
+    d = {"_name_or_path": config._name_or_path or f"local/{config.family}", "model_type": "chatglm",
+         "architectures": ["ChatGLMModel"], "torch_dtype": str(dtype).removeprefix("torch."),
+         "tie_word_embeddings": False, "use_cache": True}
+    d.update({k: getattr(config, k) for k in CONFIG_KEYS})
+    if not d["quantization_bit"]:
+        del d["quantization_bit"]
+    return d
+
+
+def save_checkpoint(model, directory: str, max_shard_size: int = 2 * 1024**3) -> None:
+    """config.json + model.safetensors (or shards with model.safetensors.index.json)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    config = model.config
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    dtype = model.transformer.embedding.word_embeddings.weight.dtype
+    rot = config.kv_channels // 2
+    state[IGNORED_TENSORS[0]] = (1.0 / 10000 ** (torch.arange(0, rot, 2).float() / rot)).to(dtype)
+    shards, current, size = [], {}, 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_size:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(directory, fname), metadata={"format": "pt"})
+            weight_map.update({k: fname for k in shard})
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": weight_map}
+        with open(os.path.join(directory, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=2)
+    with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(config_to_json(config, dtype), f, indent=2, ensure_ascii=False)

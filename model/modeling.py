@@ -1,0 +1,231 @@
+"""The ChatGLM2 / ChatGLM3 network; module attribute names equal the checkpoint tensor names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache
+from .config import ChatGLMConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float, dtype=None, device=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(hidden_size, dtype=dtype, device=device))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.float().pow(2).mean(-1, keepdim=True)  # statistics in fp32 whatever the dtype
+        return (self.weight * (x * torch.rsqrt(variance + self.eps))).to(x.dtype)
+
+
+def rotary_cos_sin(config: ChatGLMConfig, position_ids: torch.Tensor, dtype: torch.dtype):
+    """cos, sin of shape (B, 1, T, rot/2) for the interleaved rotary on the first half of each head."""
+    rot = config.kv_channels // 2
+    base = 10000.0
+    positions = position_ids.float()
+    if config.rope_ratio != 1:
+        if config.family == "chatglm3":
+            base = base * config.rope_ratio  # NTK-style base scaling (chatglm3-6b-32k / -128k)
+        else:
+            positions = positions / config.rope_ratio  # position interpolation (chatglm2-6b-32k)
+    theta = 1.0 / (base ** (torch.arange(0, rot, 2, dtype=torch.float32, device=position_ids.device) / rot))
+    angles = positions[..., None] * theta  # (B, T, rot/2), always fp32
+    return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (2i, 2i+1) of the first 2*cos.shape[-1] dims of x (B, h, T, d)."""
+    rot = 2 * cos.shape[-1]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    x0, x1 = x_rot.unflatten(-1, (-1, 2)).unbind(-1)
+    rotated = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
+    return torch.cat((rotated, x_pass), dim=-1)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ChatGLMConfig, layer_number: int, dtype=None, device=None):
+        super().__init__()
+        self.layer_number = layer_number
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.kv_channels
+        self.query_key_value = nn.Linear(config.hidden_size, config.qkv_size,
+                                         bias=config.add_bias_linear or config.add_qkv_bias,
+                                         dtype=dtype, device=device)
+        self.dense = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.add_bias_linear,
+                               dtype=dtype, device=device)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None):
+        B, T, _ = x.shape
+        q, k, v = self.query_key_value(x).split(
+            [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim],
+            dim=-1)
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, d)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, g, T, d)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_number, k, v)
+        causal = mask is None and T > 1 and k.shape[2] == T
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                             enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.dense(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ChatGLMConfig, dtype=None, device=None):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, 2 * config.ffn_hidden_size, bias=config.add_bias_linear,
+                                       dtype=dtype, device=device)
+        self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear,
+                                       dtype=dtype, device=device)
+
+    def forward(self, x):
+        a, b = self.dense_h_to_4h(x).chunk(2, dim=-1)
+        return self.dense_4h_to_h(F.silu(a) * b)
+
+
+class GLMBlock(nn.Module):
+    def __init__(self, config: ChatGLMConfig, layer_number: int, dtype=None, device=None):
+        super().__init__()
+        self.post_norm_residual = config.apply_residual_connection_post_layernorm
+        self.input_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon, dtype, device)
+        self.self_attention = SelfAttention(config, layer_number, dtype, device)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon, dtype, device)
+        self.mlp = MLP(config, dtype, device)
+
+    def forward(self, x, cos, sin, mask, cache):
+        h = self.input_layernorm(x)
+        x = (h if self.post_norm_residual else x) + self.self_attention(h, cos, sin, mask, cache)
+        h = self.post_attention_layernorm(x)
+        return (h if self.post_norm_residual else x) + self.mlp(h)
+
+
+class Embedding(nn.Module):
+    def __init__(self, config: ChatGLMConfig, dtype=None, device=None):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden_size, dtype=dtype, device=device)
+
+    def forward(self, input_ids):
+        return self.word_embeddings(input_ids)
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: ChatGLMConfig, dtype=None, device=None):
+        super().__init__()
+        self.layers = nn.ModuleList(GLMBlock(config, i, dtype, device) for i in range(config.num_layers))
+        self.final_layernorm = (RMSNorm(config.hidden_size, config.layernorm_epsilon, dtype, device)
+                                if config.post_layer_norm else None)
+
+    def forward(self, x, cos, sin, mask, cache):
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache)
+        return self.final_layernorm(x) if self.final_layernorm is not None else x
+
+
+def build_attention_mask(attention_mask: torch.Tensor | None, past_length: int, new_length: int,
+                         device) -> torch.Tensor | None:
+    """Boolean (B|1, 1, T, S) mask, True = may attend; None when plain causal attention is right.
+
+    attention_mask is (B, S) with 0 at (left) padding, covering cached and new tokens. A query may see
+    every earlier real key and itself (so rows at padded positions are never empty).
+    """
+    if attention_mask is None and (new_length == 1 or past_length == 0):
+        return None
+    total = past_length + new_length
+    q_idx = torch.arange(past_length, total, device=device)[:, None]
+    k_idx = torch.arange(total, device=device)[None, :]
+    allowed = (k_idx <= q_idx)[None, None]  # (1, 1, T, S)
+    if attention_mask is not None:
+        if attention_mask.shape[-1] != total:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected {total} "
+                             f"({past_length} cached + {new_length} new)")
+        allowed = (allowed & attention_mask[:, None, None, :].bool()) | (k_idx == q_idx)[None, None]
+    return allowed
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, T, vocab), or (B, 1, vocab) with last_logits_only
+    past_key_values: KVCache | None = None
+
+    def __getitem__(self, key):
+        return getattr(self, key)
+
+
+class ChatGLMModel(nn.Module):
+    """Embedding -> blocks -> final norm -> output layer (the checkpoint's `transformer.` prefix)."""
+
+    def __init__(self, config: ChatGLMConfig, dtype=None, device=None):
+        super().__init__()
+        self.config = config
+        self.embedding = Embedding(config, dtype, device)
+        self.encoder = Encoder(config, dtype, device)
+        self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False,
+                                      dtype=dtype, device=device)
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None, past_key_values: KVCache | None = None,
+                use_cache: bool = True, last_logits_only: bool = False) -> ModelOutput:
+        B, T = input_ids.shape
+        x = self.embedding(input_ids)  # (B, T, H)
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = KVCache.for_model(self.config, B, x.dtype, x.device, capacity=max(T, 256))
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        if cache is not None:
+            cache.reserve(T)
+        cos, sin = rotary_cos_sin(self.config, position_ids, x.dtype)
+        mask = build_attention_mask(attention_mask, past, T, input_ids.device)
+        x = self.encoder(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.advance(T)
+        if last_logits_only:
+            x = x[:, -1:]
+        return ModelOutput(logits=self.output_layer(x), past_key_values=cache if use_cache else None)
+
+
+from transformers import PreTrainedModel  # noqa: E402
+
+from .chat import ChatMixin  # noqa: E402
+
+
+class ChatGLMForConditionalGeneration(ChatMixin, PreTrainedModel):
+    """ChatGLM2/3 with chat(), stream_chat() and generate(); load it with load_model() or from_pretrained()."""
+
+    config_class = ChatGLMConfig
+    base_model_prefix = "transformer"
+    main_input_name = "input_ids"
+    _no_split_modules = ["GLMBlock"]
+
+    def __init__(self, config: ChatGLMConfig, dtype=None, device=None):
+        super().__init__(config)
+        self.transformer = ChatGLMModel(config, dtype, device)
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None, past_key_values=None,
+                use_cache: bool = True, return_last_logit: bool = False, **kwargs) -> ModelOutput:
+        return self.transformer(input_ids, position_ids, attention_mask, past_key_values, use_cache,
+                                last_logits_only=return_last_logit)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, dtype=None, torch_dtype=None,
+                        device=None, device_map=None, family=None, revision=None, **kwargs):
+        """Load a checkpoint directory or Hub id (no remote code); see model.load_model for the options."""
+        from .loading import load_weights
+
+        device = device if device is not None else (device_map if isinstance(device_map, str) else None)
+        return load_weights(pretrained_model_name_or_path, device=device, dtype=dtype or torch_dtype,
+                            family=family or getattr(config, "family", None), revision=revision)
+
+    def save_pretrained(self, save_directory: str, max_shard_size: int = 2 * 1024**3, **kwargs) -> None:
+        """Write config.json and safetensors shards (+ index) in the checkpoint layout."""
+        from .loading import save_checkpoint
+
+        save_checkpoint(self, save_directory, max_shard_size=max_shard_size)
