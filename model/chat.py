@@ -148,13 +148,16 @@ class ChatMixin:
         the cache object is extended in place.
         """
         params, max_new = self._chat_params(do_sample, top_p, temperature, num_beams, kwargs)
-        last_yielded = None
+        last_text, last_response = None, None
         for text, done, cache in self._chat_stream(tokenizer, query, history, role, past_key_values, max_length,
                                                    params, max_new, logits_processor):
-            if text == last_yielded or (not text and not done):
+            if text == last_text or (not text and not done):
                 continue
-            last_yielded = text
+            last_text = text
             response, new_history = self._postprocess(tokenizer, query, history, role, text)
+            if response == last_response:
+                continue  # only whitespace that post-processing strips arrived
+            last_response = response
             yield (response, new_history, cache) if return_past_key_values else (response, new_history)
 
     @torch.inference_mode()

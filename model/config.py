@@ -155,8 +155,10 @@ class ChatGLMConfig(PretrainedConfig):
             family, reason = infer_family(config_dict, tok_dict)
             if family is None:
                 family = "chatglm2"
-                reason += "; assuming chatglm2 (pass family='chatglm3' for a ChatGLM3 checkpoint)"
-            logger.warning("%s: ChatGLM family %s (%s)", path, family, reason)
+                logger.warning("%s: %s; assuming chatglm2 (pass family='chatglm3' for a ChatGLM3 checkpoint)",
+                               path, reason)
+            else:
+                logger.info("%s: ChatGLM family %s (%s)", path, family, reason)
         elif family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
         config_dict.update(overrides)

@@ -66,5 +66,6 @@ def _weight_pattern(repo_id: str, revision: str | None) -> str:
     """Download one weight format: safetensors when the repository has them, else .bin."""
     from huggingface_hub import HfApi
 
-    files = HfApi().list_repo_files(repo_id, revision=revision)
+    info = HfApi().model_info(repo_id, revision=revision)  # one request, no retry loop when offline
+    files = [s.rfilename for s in info.siblings or []]
     return "*.safetensors" if any(f.endswith(".safetensors") for f in files) else "*.bin"

@@ -1,0 +1,37 @@
+"""One-shot chat from the command line: python -m model --model DIR_OR_HUB_ID "your question"."""
+
+import argparse
+import sys
+
+from . import ModelNotFoundError, load_model
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m model", description=__doc__)
+    ap.add_argument("query")
+    ap.add_argument("--model", default="THUDM/chatglm3-6b", help="checkpoint directory or Hub id")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    ap.add_argument("--dtype", default="auto", help="auto, bfloat16, float16, float32")
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--temperature", type=float, default=0.8)
+    ap.add_argument("--top-p", type=float, default=0.8)
+    ap.add_argument("--seed", type=int, default=None)
+    args = ap.parse_args(argv)
+    try:
+        model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    except ModelNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    shown = ""
+    for response, _ in model.stream_chat(tokenizer, args.query, max_new_tokens=args.max_new_tokens,
+                                         temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                                         do_sample=args.temperature > 0):
+        if isinstance(response, str) and response.startswith(shown):
+            print(response[len(shown):], end="", flush=True)
+            shown = response
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Shared fixtures: the golden tiny checkpoints and the reference outputs recorded from the original code."""
+
+import json
+import os
+import sys
+from functools import lru_cache
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+GOLDEN = os.path.join(ROOT, "tests", "golden")
+FLOAT_MODELS = ["chatglm2-tiny", "chatglm3-tiny"]
+
+torch.manual_seed(0)
+
+
+def model_dir(name: str) -> str:
+    return os.path.join(GOLDEN, "models", name)
+
+
+@lru_cache(maxsize=None)
+def golden_case(name: str) -> dict:
+    with open(os.path.join(GOLDEN, "cases", f"{name}.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+@lru_cache(maxsize=None)
+def golden_tensors(name: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(GOLDEN, "cases", f"{name}.safetensors"))
+
+
+@lru_cache(maxsize=None)
+def loaded(name: str, dtype: str = "float32"):
+    from model import load_model
+
+    return load_model(model_dir(name), device="cpu", dtype=dtype)
+
+
+@pytest.fixture(params=FLOAT_MODELS)
+def float_model(request):
+    model, tokenizer = loaded(request.param)
+    return request.param, model, tokenizer
+
+
+def as_lists(history):
+    """Tuples -> lists, as the golden JSON stores them."""
+    return [list(h) if isinstance(h, tuple) else h for h in history]
+
+
+def dedup(strings):
+    out = []
+    for s in strings:
+        if not out or out[-1] != s:
+            out.append(s)
+    return out

@@ -1,0 +1,130 @@
+"""Tokenizer against the reference outputs in golden/tokenizer_cases.json, plus the streaming detokenizer."""
+
+import json
+import os
+
+import pytest
+
+from conftest import GOLDEN
+from model import ChatGLMTokenizer, StreamDecoder
+
+with open(os.path.join(GOLDEN, "tokenizer_cases.json"), encoding="utf-8") as f:
+    CASES = json.load(f)
+VOCAB = os.path.join(GOLDEN, "tiny_tokenizer", "tokenizer.model")
+FAMILIES = ["chatglm2", "chatglm3"]
+
+
+def tok(family):
+    return ChatGLMTokenizer(VOCAB, family=family)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vocabulary_and_specials(family):
+    c, t = CASES[family], tok(family)
+    assert t.vocab_size == c["vocab_size"]
+    assert t.eos_token_id == c["eos_token_id"] and t.pad_token_id == c["pad_token_id"]
+    assert {k: t.get_command(k) for k in c["special_tokens"]} == c["special_tokens"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("index", range(len(CASES["chatglm2"]["strings"])))
+def test_strings(family, index):
+    case, t = CASES[family]["strings"][index], tok(family)
+    text = case["text"]
+    assert t.tokenize(text) == case["tokenize"]
+    assert t.encode(text) == case["encode"]
+    assert t.encode(text, add_special_tokens=False) == case["encode_no_special"]
+    assert t(text)["input_ids"] == case["encode"]
+    assert t.decode(case["encode"]) == case["decode_encode"]
+    assert t.decode(case["encode_no_special"]) == case["decode_encode_no_special"]
+    assert t.decode(case["encode"], skip_special_tokens=True) == case["decode_skip_special"]
+    assert t.convert_ids_to_tokens(case["encode"]) == case["convert_ids_to_tokens"]
+    if family == "chatglm3":
+        assert t.encode(text, encode_special_tokens=True) == case["encode_with_encode_special_tokens"]
+        assert t.tokenize(text, encode_special_tokens=True) == case["tokenize_with_encode_special_tokens"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decode_ids(family):
+    t = tok(family)
+    for case in CASES[family]["decode_ids"]:
+        assert t.decode(case["ids"]) == case["decode"]
+        assert t.decode(case["ids"], skip_special_tokens=True) == case["decode_skip_special"]
+        assert t.convert_ids_to_tokens(case["ids"]) == case["convert_ids_to_tokens"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_left_padding(family):
+    c, t = CASES[family], tok(family)
+    batch = c["batch_padding"]
+    out = t(batch["texts"], padding=True)
+    for key in ("input_ids", "attention_mask", "position_ids"):
+        assert out[key] == batch[key]
+    tensors = t(batch["texts"], padding=True, return_tensors="pt")
+    assert tensors["input_ids"].tolist() == batch["input_ids"]
+    fixed = c["batch_padding_max_length_16"]
+    texts = [t.decode([i for i in ids if i != t.pad_token_id][2:]) for ids in fixed["input_ids"]]
+    out = t(texts, padding="max_length", max_length=16)
+    for key in ("input_ids", "attention_mask", "position_ids"):
+        assert out[key] == fixed[key]
+
+
+def test_different_lengths_need_padding():
+    with pytest.raises(ValueError, match="padding"):
+        tok("chatglm2")(["a", "a longer text"], return_tensors="pt")
+
+
+def test_chatglm2_prompts():
+    t = tok("chatglm2")
+    for case in CASES["chatglm2"]["build_prompt"]:
+        prompt = t.build_prompt(case["query"], case["history"])
+        assert prompt == case["prompt"]
+        out = t([prompt])
+        assert out["input_ids"][0] == case["input_ids"] and out["position_ids"][0] == case["position_ids"]
+    for case in CASES["chatglm2"]["build_stream_inputs"]:
+        if case["history"]:
+            ids = t.build_continuation_ids(case["query"], case["history"])
+        else:
+            ids = t.build_inputs(case["query"], case["history"])["input_ids"][0].tolist()
+        assert ids == case["input_ids"]
+
+
+def test_chatglm3_prompts():
+    t = tok("chatglm3")
+    for case in CASES["chatglm3"]["build_chat_input"]:
+        out = t.build_chat_input(case["query"], case["history"], case["role"])
+        assert out["input_ids"][0].tolist() == case["input_ids"], case["name"]
+        assert out["attention_mask"][0].tolist() == case["attention_mask"]
+        assert out["position_ids"][0].tolist() == case["position_ids"]
+        assert t.decode(case["input_ids"]) == case["decode"]
+    for case in CASES["chatglm3"]["build_single_message"]:
+        assert t.build_single_message(case["role"], case["metadata"], case["message"]) == case["ids"]
+    with pytest.raises(ValueError, match="role"):
+        t.build_single_message("root", "", "hi")
+
+
+def test_typed_role_strings_stay_text():
+    """Section 9: user text that spells a role token is not turned into the control id."""
+    t = tok("chatglm3")
+    ids = t.build_chat_ids("<|assistant|>hi", [], "user")
+    assert ids.count(t.get_command("<|assistant|>")) == 1 and ids[-1] == t.get_command("<|assistant|>")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("index", range(len(CASES["chatglm2"]["strings"])))
+def test_stream_decoder_joins_to_decode(family, index):
+    t = tok(family)
+    ids = CASES[family]["strings"][index]["encode_no_special"] + [243, 162]  # ends in half an emoji
+    decoder = StreamDecoder(t)
+    deltas = [decoder.put(i) for i in ids]
+    for d in deltas:
+        assert "\ufffd" not in d[-1:], "a delta ended in half a character"
+    assert "".join(deltas) + decoder.flush() == t.decode(ids)
+
+
+def test_stream_decoder_holds_back_partial_utf8():
+    t = tok("chatglm2")
+    decoder = StreamDecoder(t)
+    emoji = [243, 162, 148, 142]  # 👋 as four byte pieces
+    assert [decoder.put(i) for i in emoji] == ["", "", "", "👋"]
+    assert decoder.put(692) == " 你好"
