@@ -147,18 +147,28 @@ def assign_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 def load_weights(name_or_path: str, device=None, dtype=None, family: str | None = None,
-                 revision: str | None = None, progress: bool = True):
-    """Load a ChatGLM checkpoint (dir or Hub id) into a ready model in eval mode."""
+                 revision: str | None = None, quantize: int | None = None, progress: bool = True):
+    """Load a ChatGLM checkpoint (dir or Hub id) into a ready model in eval mode.
+
+    quantize=4|8 quantizes a float checkpoint tensor by tensor while it is read, so the float model never
+    sits in memory whole; a checkpoint with quantization_bit is loaded as it is stored.
+    """
+    from .quantization import quantize_weight, swap_linears
+
     path = resolve_model_dir(name_or_path, revision=revision)
     config = ChatGLMConfig.from_checkpoint_dir(path, family=family)
-    if config.quantization_bit:
-        raise NotImplementedError(
-            f"{path} is a quantized checkpoint (quantization_bit={config.quantization_bit}), which this version "
-            f"cannot load yet; use a float checkpoint")
+    stored_bits = config.quantization_bit
+    if quantize and stored_bits and quantize != stored_bits:
+        raise ValueError(f"{path} is stored with {stored_bits}-bit weights; it cannot be loaded as {quantize}-bit")
     device = pick_device(device)
     dtype = pick_dtype(dtype, device)
     model = build_empty_model(config)
+    bits = stored_bits or quantize
+    if bits:
+        swap_linears(model, bits, quantize_values=False)
     expected = {n for n, p in model.named_parameters()}
+    quantize_now = {f"{n.rpartition('.')[0]}.weight" for n in expected if n.endswith(".weight_scale")} \
+        if quantize and not stored_bits else set()
     seen = set()
     bar = _progress(checkpoint_nbytes(path), f"Loading {os.path.basename(os.path.normpath(path))}", progress)
     for name, tensor in iter_checkpoint(path):
@@ -168,6 +178,11 @@ def load_weights(name_or_path: str, device=None, dtype=None, family: str | None 
         if name not in expected:
             logger.warning("%s: ignoring unexpected tensor %s", path, name)
             continue
+        if name in quantize_now:
+            q, scale = quantize_weight(tensor.to(dtype), bits)  # same result as quantize() after loading
+            assign_tensor(model, name, q.to(device))
+            name, tensor = name + "_scale", scale
+            seen.add(name.removesuffix("_scale"))
         if tensor.is_floating_point():
             tensor = tensor.to(device=device, dtype=dtype)
         else:
@@ -191,15 +206,17 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def load_model(name_or_path: str, device: str | torch.device | None = None, dtype=None,
-               family: str | None = None, revision: str | None = None):
+               family: str | None = None, revision: str | None = None, quantize: int | None = None):
     """(model, tokenizer) for a ChatGLM checkpoint directory or Hub id.
 
     device: "cpu", "cuda", "cuda:1", "mps" or None/"auto"; dtype: a torch dtype, its name, or None/"auto";
-    family: "chatglm2" / "chatglm3" when the checkpoint does not tell.
+    family: "chatglm2" / "chatglm3" when the checkpoint does not tell; quantize: 4 or 8 for weight-only
+    quantization while loading.
     """
     from .tokenizer import ChatGLMTokenizer
 
-    model = load_weights(name_or_path, device=device, dtype=dtype, family=family, revision=revision)
+    model = load_weights(name_or_path, device=device, dtype=dtype, family=family, revision=revision,
+                         quantize=quantize)
     path = resolve_model_dir(name_or_path, revision=revision, weights=False)
     tokenizer = ChatGLMTokenizer.from_pretrained(path, family=model.config.family)
     tokenizer.name_or_path = str(name_or_path)

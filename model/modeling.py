@@ -222,7 +222,14 @@ class ChatGLMForConditionalGeneration(ChatMixin, PreTrainedModel):
 
         device = device if device is not None else (device_map if isinstance(device_map, str) else None)
         return load_weights(pretrained_model_name_or_path, device=device, dtype=dtype or torch_dtype,
-                            family=family or getattr(config, "family", None), revision=revision)
+                            family=family or getattr(config, "family", None), revision=revision,
+                            quantize=kwargs.get("quantize"))
+
+    def quantize(self, bits: int, **kwargs) -> "ChatGLMForConditionalGeneration":
+        """Weight-only quantization of every block's linears to 4 or 8 bits, in place (as the original)."""
+        from .quantization import quantize
+
+        return quantize(self, bits)
 
     def save_pretrained(self, save_directory: str, max_shard_size: int = 2 * 1024**3, **kwargs) -> None:
         """Write config.json and safetensors shards (+ index) in the checkpoint layout."""

@@ -12,6 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 GOLDEN = os.path.join(ROOT, "tests", "golden")
 FLOAT_MODELS = ["chatglm2-tiny", "chatglm3-tiny"]
+QUANTIZED_MODELS = ["chatglm2-tiny-int4", "chatglm2-tiny-int8"]
 
 torch.manual_seed(0)
 

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from conftest import FLOAT_MODELS, golden_case, golden_tensors, loaded
+from conftest import FLOAT_MODELS, QUANTIZED_MODELS, golden_case, golden_tensors, loaded
+
+MODELS = FLOAT_MODELS + QUANTIZED_MODELS  # quantized ones on the reference path: q * scale in float32
 
 ATOL = 1e-4
 
@@ -12,7 +14,7 @@ def cases(name):
     return golden_case(name)["runs"]["float32"]["cases"]
 
 
-PARAMS = [(name, i) for name in FLOAT_MODELS for i in range(len(cases(name)))]
+PARAMS = [(name, i) for name in MODELS for i in range(len(cases(name)))]
 
 
 @pytest.mark.parametrize("name,index", PARAMS)
@@ -41,7 +43,7 @@ def test_prefill_decode_and_greedy(name, index):
     assert greedy[0, ids.shape[1]:].tolist() == case["greedy_20"]
 
 
-@pytest.mark.parametrize("name", FLOAT_MODELS)
+@pytest.mark.parametrize("name", MODELS)
 def test_left_padded_batch(name):
     model, tokenizer = loaded(name)
     batch, ref = golden_case(name)["runs"]["float32"]["batch"], golden_tensors(name)
