@@ -215,9 +215,9 @@ def load_model(name_or_path: str, device: str | torch.device | None = None, dtyp
     """
     from .tokenizer import ChatGLMTokenizer
 
-    model = load_weights(name_or_path, device=device, dtype=dtype, family=family, revision=revision,
-                         quantize=quantize)
-    path = resolve_model_dir(name_or_path, revision=revision, weights=False)
+    path = resolve_model_dir(name_or_path, revision=revision)  # one Hub round trip for weights and tokenizer
+    model = load_weights(path, device=device, dtype=dtype, family=family, quantize=quantize)
+    model.name_or_path = model.config._name_or_path = str(name_or_path)
     tokenizer = ChatGLMTokenizer.from_pretrained(path, family=model.config.family)
     tokenizer.name_or_path = str(name_or_path)
     return model, tokenizer

@@ -119,7 +119,7 @@ class ChatGLMTokenizer:
         """Split text at the four role strings (ChatGLM3 with encode_special_tokens): text and ids."""
         parts: list[str | int] = []
         rest = text
-        roles = [t for t in SPECIAL_TOKENS["chatglm3"][5:]]
+        roles = SPECIAL_TOKENS["chatglm3"][5:]
         while rest:
             hits = [(rest.find(r), r) for r in roles if r in rest]
             if not hits:
