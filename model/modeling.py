@@ -8,8 +8,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .cache import KVCache
 from .config import ChatGLMConfig
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state dict) whose decode-time products use the native bf16 kernel.
+
+    For a few rows of bf16 input on a CPU with AVX512-BF16, model/kernels.c streams the bf16 weight through
+    vdpbf16ps: the same bf16 products summed in float32 as torch's bf16 matmul, at about the memory
+    bandwidth, where torch's matrix-vector path for these shapes is compute-bound. Anything else: nn.Linear.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16 and x.device.type == "cpu"
+                and x.numel() <= kernels.DECODE_TOKENS * self.in_features and self.weight.is_contiguous()
+                and kernels.has_bf16()):
+            rows = x.reshape(-1, self.in_features).contiguous()
+            bias = None if self.bias is None else self.bias.float()
+            y = kernels.gemv_bf16(rows, self.weight, bias)
+            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return super().forward(x)
 
 
 class RMSNorm(nn.Module):
@@ -54,10 +74,10 @@ class SelfAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.kv_channels
-        self.query_key_value = nn.Linear(config.hidden_size, config.qkv_size,
+        self.query_key_value = Linear(config.hidden_size, config.qkv_size,
                                          bias=config.add_bias_linear or config.add_qkv_bias,
                                          dtype=dtype, device=device)
-        self.dense = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.add_bias_linear,
+        self.dense = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.add_bias_linear,
                                dtype=dtype, device=device)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None):
@@ -81,9 +101,9 @@ class SelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ChatGLMConfig, dtype=None, device=None):
         super().__init__()
-        self.dense_h_to_4h = nn.Linear(config.hidden_size, 2 * config.ffn_hidden_size, bias=config.add_bias_linear,
+        self.dense_h_to_4h = Linear(config.hidden_size, 2 * config.ffn_hidden_size, bias=config.add_bias_linear,
                                        dtype=dtype, device=device)
-        self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear,
+        self.dense_4h_to_h = Linear(config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear,
                                        dtype=dtype, device=device)
 
     def forward(self, x):
@@ -167,7 +187,7 @@ class ChatGLMModel(nn.Module):
         self.config = config
         self.embedding = Embedding(config, dtype, device)
         self.encoder = Encoder(config, dtype, device)
-        self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False,
+        self.output_layer = Linear(config.hidden_size, config.padded_vocab_size, bias=False,
                                       dtype=dtype, device=device)
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, past_key_values: KVCache | None = None,

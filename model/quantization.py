@@ -2,14 +2,32 @@
 
 Layout (spec section 4): per output row r, scale[r] = max|W[r]| / (2^(bits-1) - 1) and q = round(W / scale),
 both in the float checkpoint dtype. int8 stores q as [out, in]; int4 packs two values per byte as [out, in/2],
-the even column in the high nibble.
+the even column in the high nibble. The stored layout is also the layout every kernel reads.
+
+Kernels, chosen per call by device, dtype and the number of tokens:
+- CPU, up to kernels.DECODE_TOKENS tokens (decoding): model/kernels.c reads the packed weights directly (float32
+  inputs exactly; bf16 inputs through integer dot products on CPUs with AVX512-VNNI).
+- CPU, longer inputs (prompts): the layer is de-quantized to the input dtype by the native kernel and
+  multiplied with a regular GEMM, which beats any matrix-vector kernel once there are many tokens.
+- CPU without the native kernels: torch's `_weight_int8pack_mm` for int8, de-quantize + GEMM otherwise.
+- CUDA and MPS: de-quantize with torch, then the vendor GEMM. (cpm_kernels ships no weight-only int4 / int8
+  kernel of its own: the original's extraction kernels are a CUDA binary embedded in its source that it
+  loads through cpm_kernels' module loader.)
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import kernels
+
+GEMM_BLOCK_BYTES = 4 << 20  # de-quantized weight block per GEMM for multi-token inputs: stays in cache
+
+log = logging.getLogger(__name__)
 
 QUANTIZED_LINEARS = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h",
                      "mlp.dense_4h_to_h")
@@ -69,9 +87,59 @@ class QuantizedLinear(nn.Module):
             layer.bias.data = linear.bias.detach()
         return layer
 
+    def _f32(self, name: str) -> torch.Tensor | None:
+        """float32 copy of weight_scale / bias for the native kernels, remade when the parameter changes."""
+        param = getattr(self, name)
+        if param is None:
+            return None
+        key = (param.data_ptr(), param._version)
+        cached = self.__dict__.get("_f32_cache", {}).get(name)
+        if cached is None or cached[0] != key:
+            cached = (key, param.detach().float().contiguous())
+            self.__dict__.setdefault("_f32_cache", {})[name] = cached
+        return cached[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape[:-1]
+        rows = x.reshape(-1, self.in_features)
+        if x.device.type == "cpu" and kernels.available() and self.weight.is_contiguous():
+            if rows.shape[0] <= kernels.DECODE_TOKENS:
+                y = self._gemv_native(rows)
+            else:
+                y = self._blocked_gemm(rows)
+            return y.to(x.dtype).reshape(*shape, self.out_features)
+        if (x.device.type == "cpu" and self.bits == 8 and rows.shape[0] <= kernels.DECODE_TOKENS
+                and x.dtype in (torch.float32, torch.bfloat16)):
+            y = torch._weight_int8pack_mm(rows.contiguous(), self.weight, self.weight_scale.to(x.dtype))
+            if self.bias is not None:
+                y = y + self.bias.to(x.dtype)
+            return y.reshape(*shape, self.out_features)
         weight = dequantize_weight(self.weight, self.weight_scale, self.bits, x.dtype)
         return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+
+    def _blocked_gemm(self, rows: torch.Tensor) -> torch.Tensor:
+        """Many tokens: de-quantize a block of output rows at a time into a cache-sized buffer and multiply it
+        with a GEMM. The float weight never exists whole (no 200 MB temporaries, no page faults per call)."""
+        work = rows.dtype if rows.dtype in (torch.float32, torch.bfloat16) else torch.float32
+        n_out, k = self.out_features, self.in_features
+        block = max(64, (GEMM_BLOCK_BYTES // (k * torch.finfo(work).bits // 8)) // 64 * 64)
+        xt = rows.to(work).t()
+        out = torch.empty(n_out, rows.shape[0], dtype=work)
+        buffer = torch.empty(min(block, n_out), k, dtype=work)
+        scale = self._f32("weight_scale")
+        for n0 in range(0, n_out, block):
+            n1 = min(n0 + block, n_out)
+            w = kernels.dequantize(self.weight[n0:n1], self.bits, scale[n0:n1], k, work, out=buffer[: n1 - n0])
+            torch.mm(w, xt, out=out[n0:n1])
+        y = out.t()
+        if self.bias is not None:
+            y = y + self.bias.to(work)
+        return y
+
+    def _gemv_native(self, rows: torch.Tensor) -> torch.Tensor:
+        scale, bias = self._f32("weight_scale"), self._f32("bias")
+        integer = rows.dtype == torch.bfloat16 and kernels.has_vnni()
+        return kernels.gemv_quantized(rows.float().contiguous(), self.weight, self.bits, scale, bias, integer)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"

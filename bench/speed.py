@@ -1,0 +1,191 @@
+"""Speed and memory of the normal loading and generation path on a random checkpoint of a real shape.
+
+    python bench/speed.py --shape 6b --modes bf16,int8,int4 --prefill 128,512,2048 --batch 1,8
+    python bench/speed.py --shape mid --modes bf16,int4 --json out.json    # a quicker look
+
+Writes a random-weight chatglm2 checkpoint of the shape (bf16 safetensors) under --dir (default: a
+temporary directory), and for int8 / int4 a pre-quantized checkpoint made from it through
+`load_model(..., quantize=bits)` + `save_pretrained` (the chatglm2-6b-int4 layout). Each mode then runs in a
+fresh process that loads its checkpoint through `load_model` and measures:
+
+- load seconds and the process's peak RSS after loading (VmHWM; the torch import baseline is shown apart);
+- prefill: one forward over a P-token prompt with an empty KV cache, median (min-max) of --runs runs;
+- decode: tokens/s of greedy generation after a 16-token prompt, per batch size, from the time between the
+  first and the last token of --decode-tokens tokens, median (min-max) of --runs runs;
+- the peak RSS at the end (weights + KV cache + activations).
+
+The cost of a forward pass does not depend on the weights' values, so random weights give real timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+CHILD = r"""
+import json, statistics, sys, time
+import torch
+
+def peak_rss():  # VmHWM of this process image (ru_maxrss would include the parent's peak)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+args = json.loads(sys.argv[1])
+from model import load_model
+from model.cache import KVCache
+from model.generation import SamplingParams, generate_tokens
+from model import kernels
+base = peak_rss()
+t = time.perf_counter()
+model, _ = load_model(args["dir"], device="cpu", dtype=args["dtype"])
+out = {"load_s": time.perf_counter() - t, "baseline_rss": base, "load_rss": peak_rss(),
+       "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+       "native_kernels": kernels.available(), "threads": torch.get_num_threads()}
+vocab = model.config.padded_vocab_size
+gen = torch.Generator().manual_seed(0)
+
+def stats(xs):
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+with torch.inference_mode():
+    prefill = {}
+    for p in args["prefill"]:
+        ids = torch.randint(100, vocab - 100, (1, p), generator=gen)
+        times = []
+        for _ in range(args["runs"]):
+            cache = KVCache.for_model(model.config, 1, model.dtype, "cpu", capacity=p + 1)
+            t = time.perf_counter()
+            model.transformer(ids, torch.arange(p)[None], None, cache, last_logits_only=True)
+            times.append(time.perf_counter() - t)
+        prefill[str(p)] = stats(times)
+    out["prefill_s"] = prefill
+    decode = {}
+    greedy = SamplingParams(do_sample=False)
+    for b in args["batch"]:
+        ids = torch.randint(100, vocab - 100, (b, 16), generator=gen)
+        rates = []
+        for _ in range(args["runs"]):
+            stamps = []
+            for _tok in generate_tokens(model, ids, max_new_tokens=args["decode_tokens"], params=greedy):
+                stamps.append(time.perf_counter())
+            rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+        decode[str(b)] = stats(rates)
+    out["decode_tok_s"] = decode
+out["peak_rss"] = peak_rss()
+print(json.dumps(out))
+"""
+
+MODES = {"bf16": ("bfloat16", None), "fp32": ("float32", None), "int8": ("bfloat16", 8), "int4": ("bfloat16", 4)}
+
+
+def gb(n):
+    return f"{n / 1e9:.2f}"
+
+
+def run_child(code: str, payload: dict) -> dict:
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(payload)], cwd=ROOT, capture_output=True,
+                          text=True)
+    if done.returncode:
+        raise SystemExit(f"benchmark child failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+QUANTIZE = r"""
+import json, sys, time
+args = json.loads(sys.argv[1])
+from model import load_model
+t = time.perf_counter()
+model, tok = load_model(args["src"], device="cpu", dtype="bfloat16", quantize=args["bits"])
+model.save_pretrained(args["dst"]); tok.save_pretrained(args["dst"])
+peak = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
+print(json.dumps({"quantize_load_s": time.perf_counter() - t, "quantize_peak_rss": peak}))
+"""
+
+
+BANDWIDTH = r"""
+import json, time, torch
+a = torch.ones(1 << 29)  # 2 GiB of float32, far larger than any cache
+a.sum()
+best = min((lambda t: (a.sum(), time.perf_counter() - t)[1])(time.perf_counter()) for _ in range(5))
+print(json.dumps({"read_gb_s": a.numel() * 4 / best / 1e9}))
+"""
+
+
+def fmt(s: dict, scale: float = 1.0, digits: int = 2) -> str:
+    return f"{s['median'] * scale:.{digits}f} ({s['min'] * scale:.{digits}f}-{s['max'] * scale:.{digits}f})"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="6b", choices=["tiny", "small", "mid", "6b"])
+    ap.add_argument("--modes", default="bf16,int8,int4", help="comma list of " + ", ".join(MODES))
+    ap.add_argument("--prefill", default="128,512", help="prompt lengths, comma separated")
+    ap.add_argument("--batch", default="1", help="decode batch sizes, comma separated")
+    ap.add_argument("--decode-tokens", type=int, default=24)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--dir", help="keep checkpoints here and reuse them (default: a temporary directory)")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    modes = [m for m in args.modes.split(",") if m]
+    for m in modes:
+        if m not in MODES:
+            ap.error(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
+    from model.loading import checkpoint_nbytes
+    from model.tiny import write_checkpoint
+
+    root = args.dir or tempfile.mkdtemp(prefix=f"chatglm-bench-{args.shape}-")
+    results = {"shape": args.shape, "modes": {}}
+    results.update(run_child(BANDWIDTH, {}))
+    print(f"memory read bandwidth (torch sum over 2 GiB, best of 5): {results['read_gb_s']:.1f} GB/s", flush=True)
+    try:
+        float_dir = os.path.join(root, "bf16")
+        if not os.path.isfile(os.path.join(float_dir, "config.json")):
+            t = time.perf_counter()
+            write_checkpoint(float_dir, "chatglm2", args.shape, "bfloat16")
+            print(f"wrote a random {args.shape} checkpoint in {time.perf_counter() - t:.0f} s", flush=True)
+        for mode in modes:
+            dtype, bits = MODES[mode]
+            directory, extra = float_dir, {}
+            if bits:
+                directory = os.path.join(root, mode)
+                if not os.path.isfile(os.path.join(directory, "config.json")):
+                    extra = run_child(QUANTIZE, {"src": float_dir, "dst": directory, "bits": bits})
+            payload = {"dir": directory, "dtype": dtype, "runs": args.runs, "decode_tokens": args.decode_tokens,
+                       "prefill": [int(p) for p in args.prefill.split(",") if p],
+                       "batch": [int(b) for b in args.batch.split(",") if b]}
+            r = run_child(CHILD, payload)
+            r.update(extra, checkpoint_bytes=checkpoint_nbytes(directory))
+            results["modes"][mode] = r
+            line = (f"{mode:5s} checkpoint {gb(r['checkpoint_bytes'])} GB  load {r['load_s']:.1f} s  "
+                    f"RSS after load {gb(r['load_rss'])} GB (torch alone {gb(r['baseline_rss'])})  "
+                    f"peak {gb(r['peak_rss'])} GB")
+            if "quantize_load_s" in r:
+                line += f"  [quantize while loading: {r['quantize_load_s']:.0f} s, peak {gb(r['quantize_peak_rss'])} GB]"
+            print(line, flush=True)
+            for p, s in r["prefill_s"].items():
+                print(f"      prefill {p:>5s} tokens: {fmt(s)} s", flush=True)
+            for b, s in r["decode_tok_s"].items():
+                print(f"      decode batch {b}: {fmt(s)} tokens/s per sequence", flush=True)
+        print(f"native kernels: {next(iter(results['modes'].values()))['native_kernels']}, "
+              f"threads: {next(iter(results['modes'].values()))['threads']}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+    finally:
+        if not args.dir:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,341 @@
+/* Matrix-vector kernels for decoding on x86 CPUs with AVX-512: weight-only int8 / int4 in the checkpoint
+ * layout, and bf16. Built on first use by model/kernels.py (gcc -O3 -march=native -fopenmp) and called
+ * through ctypes; every function works on plain row-major buffers.
+ *
+ * Layouts (all row-major, one row per output feature n):
+ *   int8: w[N][K] int8, y[m][n] = scale[n] * sum_k x[m][k] * w[n][k] + bias[n]
+ *   int4: w[N][K/2] bytes, column 2j in the high nibble and 2j+1 in the low nibble, each a 4-bit two's
+ *         complement value in -8..7; same formula.
+ *   bf16: w[N][K] bfloat16, y[m][n] = sum_k x[m][k] * w[n][k] + bias[n].
+ * x, scale, bias and y are float32 (the caller converts); accumulation is float32, so the result equals a
+ * float32 matmul of x with the dequantized weight up to summation order.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define ROWS 4  /* output rows per tile: independent accumulator chains and shared loads of x */
+/* Software prefetch of the rows this many ahead: a tile reads ROWS short row streams at once, too short for
+ * the hardware prefetcher to ramp up on (prefetching past the end of w is harmless: it never faults). */
+#ifndef PREFETCH_ROWS
+#define PREFETCH_ROWS 4
+#endif
+
+int chatglm_kernels_abi(void) { return 6; }
+
+static inline float nibble_value(unsigned v) { return (float)((int)(v & 15u) - (int)((v & 8u) << 1)); }
+
+static inline void finish_row(float *y, long n, float acc, const float *scale, const float *bias) {
+    float v = scale ? acc * scale[n] : acc;
+    y[n] = bias ? v + bias[n] : v;
+}
+
+/* ---------------------------------------------------------------- int8 */
+
+static void q8_tile(const float *x, int K, const int8_t *w, long n0, int rows, const float *scale,
+                    const float *bias, float *y) {
+    __m512 acc[ROWS];
+    for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
+    int k = 0;
+    if (rows == ROWS) {
+        const int8_t *w0 = w + (n0 + 0) * (long)K, *w1 = w + (n0 + 1) * (long)K;
+        const int8_t *w2 = w + (n0 + 2) * (long)K, *w3 = w + (n0 + 3) * (long)K;
+        for (; k + 16 <= K; k += 16) {
+            __m512 xv = _mm512_loadu_ps(x + k);
+            acc[0] = _mm512_fmadd_ps(xv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w0 + k)))), acc[0]);
+            acc[1] = _mm512_fmadd_ps(xv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w1 + k)))), acc[1]);
+            acc[2] = _mm512_fmadd_ps(xv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w2 + k)))), acc[2]);
+            acc[3] = _mm512_fmadd_ps(xv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w3 + k)))), acc[3]);
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        const int8_t *wr = w + (n0 + r) * (long)K;
+        float tail = 0.f;
+        for (int kk = k; kk < K; kk++) tail += x[kk] * (float)wr[kk];
+        finish_row(y, n0 + r, _mm512_reduce_add_ps(acc[r]) + tail, scale, bias);
+    }
+}
+
+void gemv_q8(const float *x, int M, int K, const int8_t *w, int N, const float *scale, const float *bias,
+             float *y) {
+    for (int m = 0; m < M; m++) {
+        const float *xm = x + (long)m * K;
+        float *ym = y + (long)m * N;
+#pragma omp parallel for schedule(static)
+        for (long n0 = 0; n0 < N; n0 += ROWS) {
+            int rows = N - n0 < ROWS ? (int)(N - n0) : ROWS;
+            q8_tile(xm, K, w, n0, rows, scale, bias, ym);
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- int4 */
+
+/* x is given de-interleaved: xe[j] = x[2j], xo[j] = x[2j+1], j < K/2. */
+static void q4_tile(const float *xe, const float *xo, int K2, const uint8_t *w, long n0, int rows,
+                    const float *scale, const float *bias, float *y) {
+    const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
+    __m512 acc[ROWS], acc2[ROWS];
+    for (int r = 0; r < ROWS; r++) acc[r] = acc2[r] = _mm512_setzero_ps();
+    int j = 0;
+    if (rows == ROWS) {
+        for (; j + 16 <= K2; j += 16) {
+            __m512 xev = _mm512_loadu_ps(xe + j), xov = _mm512_loadu_ps(xo + j);
+            for (int r = 0; r < ROWS; r++) {
+                __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + (n0 + r) * (long)K2 + j)));
+                /* vpermps reads only the low 4 bits of each index: the low nibble needs no mask */
+                acc[r] = _mm512_fmadd_ps(xev, _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table), acc[r]);
+                acc2[r] = _mm512_fmadd_ps(xov, _mm512_permutexvar_ps(v, table), acc2[r]);
+            }
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        const uint8_t *wr = w + (n0 + r) * (long)K2;
+        float tail = 0.f;
+        for (int jj = j; jj < K2; jj++) tail += xe[jj] * nibble_value(wr[jj] >> 4) + xo[jj] * nibble_value(wr[jj]);
+        finish_row(y, n0 + r, _mm512_reduce_add_ps(_mm512_add_ps(acc[r], acc2[r])) + tail, scale, bias);
+    }
+}
+
+void gemv_q4(const float *x, int M, int K, const uint8_t *w, int N, const float *scale, const float *bias,
+             float *y) {
+    int K2 = K / 2;
+    float *buf = (float *)malloc(sizeof(float) * (size_t)K);
+    float *xe = buf, *xo = buf + K2;
+    for (int m = 0; m < M; m++) {
+        const float *xm = x + (long)m * K;
+        float *ym = y + (long)m * N;
+        for (int j = 0; j < K2; j++) { xe[j] = xm[2 * j]; xo[j] = xm[2 * j + 1]; }
+#pragma omp parallel for schedule(static)
+        for (long n0 = 0; n0 < N; n0 += ROWS) {
+            int rows = N - n0 < ROWS ? (int)(N - n0) : ROWS;
+            q4_tile(xe, xo, K2, w, n0, rows, scale, bias, ym);
+        }
+    }
+    free(buf);
+}
+
+/* ---------------------------------------------------------------- int8 / int4 with integer dot products
+ * For bf16 models: x is quantized per row to 16 (int8 weights) or 15 (int4) bits, far finer than bf16's
+ * 8-bit mantissa, split into two byte "digits", and multiplied with the weight bytes by AVX512-VNNI
+ * vpdpbusd (64 multiply-adds per instruction, exact int32 sums). */
+#ifdef __AVX512VNNI__
+static float quantize_row(const float *x, int K, int32_t *xq, int qmax) {
+    float amax = 0.f;
+    for (int k = 0; k < K; k++) { float a = x[k] < 0 ? -x[k] : x[k]; if (a > amax) amax = a; }
+    float sx = amax > 0 ? amax / (float)qmax : 1.f, inv = 1.f / sx;
+    for (int k = 0; k < K; k++) xq[k] = (int32_t)__builtin_lrintf(x[k] * inv);
+    return sx;
+}
+
+/* int8: x_u = x_q + 32768 = 256 * hi + lo with hi, lo unsigned bytes; dot(w, x_q) = 256 dot(w, hi) +
+ * dot(w, lo) - 32768 sum(w), the last from a third vpdpbusd against ones. */
+static void q8v_tile(const uint8_t *xh, const uint8_t *xl, const int32_t *xq, int K, const int8_t *w, long n0,
+                     int rows, float sx, const float *scale, const float *bias, float *y) {
+    __m512i ah[ROWS], al[ROWS], as[ROWS];
+    const __m512i ones = _mm512_set1_epi8(1);
+    for (int r = 0; r < ROWS; r++) ah[r] = al[r] = as[r] = _mm512_setzero_si512();
+    int k = 0;
+    if (rows == ROWS) {
+        for (; k + 64 <= K; k += 64) {
+            __m512i hv = _mm512_loadu_si512((const void *)(xh + k)), lv = _mm512_loadu_si512((const void *)(xl + k));
+            for (int r = 0; r < ROWS; r++) {
+                _mm_prefetch((const char *)(w + (n0 + r + PREFETCH_ROWS) * (long)K + k), _MM_HINT_T0);
+                __m512i wv = _mm512_loadu_si512((const void *)(w + (n0 + r) * (long)K + k));
+                ah[r] = _mm512_dpbusd_epi32(ah[r], hv, wv);
+                al[r] = _mm512_dpbusd_epi32(al[r], lv, wv);
+                as[r] = _mm512_dpbusd_epi32(as[r], ones, wv);
+            }
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        const int8_t *wr = w + (n0 + r) * (long)K;
+        int64_t dot = 256 * (int64_t)_mm512_reduce_add_epi32(ah[r]) + _mm512_reduce_add_epi32(al[r]) -
+                      32768 * (int64_t)_mm512_reduce_add_epi32(as[r]);
+        for (int kk = k; kk < K; kk++) dot += (int64_t)wr[kk] * xq[kk];
+        finish_row(y, n0 + r, (float)dot * sx, scale, bias);
+    }
+}
+
+void gemv_q8v(const float *x, int M, int K, const int8_t *w, int N, const float *scale, const float *bias,
+              float *y) {
+    int32_t *xq = (int32_t *)malloc(sizeof(int32_t) * (size_t)K);
+    uint8_t *xh = (uint8_t *)malloc((size_t)K), *xl = (uint8_t *)malloc((size_t)K);
+    for (int m = 0; m < M; m++) {
+        float sx = quantize_row(x + (long)m * K, K, xq, 32767);
+        for (int k = 0; k < K; k++) { int32_t u = xq[k] + 32768; xh[k] = (uint8_t)(u >> 8); xl[k] = (uint8_t)(u & 255); }
+        float *ym = y + (long)m * N;
+#pragma omp parallel for schedule(static)
+        for (long n0 = 0; n0 < N; n0 += ROWS) {
+            int rows = N - n0 < ROWS ? (int)(N - n0) : ROWS;
+            q8v_tile(xh, xl, xq, K, w, n0, rows, sx, scale, bias, ym);
+        }
+    }
+    free(xq); free(xh); free(xl);
+}
+
+/* int4: u = nibble ^ 8 = n + 8 in 0..15 is the unsigned operand; x_q = 128 * hi + lo with hi a signed byte
+ * and lo in 0..127; dot(n, x_q) = 128 dot(u, hi) + dot(u, lo) - 8 sum(x_q). The even columns (high
+ * nibbles) meet x's even columns, the odd ones x's odd columns: the xe.. / xo.. buffers are x de-interleaved. */
+static void q4v_tile(const int8_t *xeh, const int8_t *xel, const int8_t *xoh, const int8_t *xol,
+                     const int32_t *xq, int64_t xqsum, int K2, const uint8_t *w, long n0, int rows, float sx,
+                     const float *scale, const float *bias, float *y) {
+    __m512i ah[ROWS], al[ROWS];
+    const __m512i flip = _mm512_set1_epi8((char)0x88), nib = _mm512_set1_epi8(0x0f);
+    for (int r = 0; r < ROWS; r++) ah[r] = al[r] = _mm512_setzero_si512();
+    int j = 0;
+    if (rows == ROWS) {
+        for (; j + 64 <= K2; j += 64) {
+            __m512i eh = _mm512_loadu_si512((const void *)(xeh + j)), el = _mm512_loadu_si512((const void *)(xel + j));
+            __m512i oh = _mm512_loadu_si512((const void *)(xoh + j)), ol = _mm512_loadu_si512((const void *)(xol + j));
+            for (int r = 0; r < ROWS; r++) {
+                _mm_prefetch((const char *)(w + (n0 + r + PREFETCH_ROWS) * (long)K2 + j), _MM_HINT_T0);
+                __m512i v = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + (n0 + r) * (long)K2 + j)), flip);
+                __m512i ue = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib), uo = _mm512_and_si512(v, nib);
+                ah[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(ah[r], ue, eh), uo, oh);
+                al[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(al[r], ue, el), uo, ol);
+            }
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        const uint8_t *wr = w + (n0 + r) * (long)K2;
+        int64_t dot = 0;
+        if (j) dot = 128 * (int64_t)_mm512_reduce_add_epi32(ah[r]) + _mm512_reduce_add_epi32(al[r]) - 8 * xqsum;
+        for (int jj = j; jj < K2; jj++)
+            dot += (int64_t)nibble_value(wr[jj] >> 4) * xq[2 * jj] + (int64_t)nibble_value(wr[jj]) * xq[2 * jj + 1];
+        finish_row(y, n0 + r, (float)dot * sx, scale, bias);
+    }
+}
+
+void gemv_q4v(const float *x, int M, int K, const uint8_t *w, int N, const float *scale, const float *bias,
+              float *y) {
+    int K2 = K / 2, covered = K2 / 64 * 64;
+    int32_t *xq = (int32_t *)malloc(sizeof(int32_t) * (size_t)K);
+    int8_t *buf = (int8_t *)malloc((size_t)K2 * 4);
+    int8_t *xeh = buf, *xel = buf + K2, *xoh = buf + 2 * K2, *xol = buf + 3 * K2;
+    for (int m = 0; m < M; m++) {
+        float sx = quantize_row(x + (long)m * K, K, xq, 16383);
+        int64_t xqsum = 0;
+        for (int j = 0; j < K2; j++) {
+            int32_t e = xq[2 * j], o = xq[2 * j + 1];
+            xeh[j] = (int8_t)(e >> 7); xel[j] = (int8_t)(e & 127);
+            xoh[j] = (int8_t)(o >> 7); xol[j] = (int8_t)(o & 127);
+            if (j < covered) xqsum += e + o;
+        }
+        float *ym = y + (long)m * N;
+#pragma omp parallel for schedule(static)
+        for (long n0 = 0; n0 < N; n0 += ROWS) {
+            int rows = N - n0 < ROWS ? (int)(N - n0) : ROWS;
+            q4v_tile(xeh, xel, xoh, xol, xq, xqsum, K2, w, n0, rows, sx, scale, bias, ym);
+        }
+    }
+    free(xq); free(buf);
+}
+int has_vnni(void) { return 1; }
+#else
+void gemv_q8v(const float *x, int M, int K, const int8_t *w, int N, const float *scale, const float *bias, float *y) {
+    gemv_q8(x, M, K, w, N, scale, bias, y);
+}
+void gemv_q4v(const float *x, int M, int K, const uint8_t *w, int N, const float *scale, const float *bias, float *y) {
+    gemv_q4(x, M, K, w, N, scale, bias, y);
+}
+int has_vnni(void) { return 0; }
+#endif
+
+/* ---------------------------------------------------------------- bf16 */
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {  /* round to nearest even, as torch; NaN stays NaN */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+#ifdef __AVX512BF16__
+/* x is bf16 here (xb), so the products are the exact bf16 x bf16 products a bf16 matmul forms. */
+static void bf16_tile(const uint16_t *xb, int K, const uint16_t *w, long n0, int rows, const float *bias,
+                      float *y) {
+    __m512 acc[ROWS];
+    for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
+    int k = 0;
+    if (rows == ROWS) {
+        for (; k + 32 <= K; k += 32) {
+            __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(xb + k));
+            for (int r = 0; r < ROWS; r++)
+                acc[r] = _mm512_dpbf16_ps(acc[r], xv, (__m512bh)_mm512_loadu_si512((const void *)(w + (n0 + r) * (long)K + k)));
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        const uint16_t *wr = w + (n0 + r) * (long)K;
+        float tail = 0.f;
+        for (int kk = k; kk < K; kk++) tail += bf16_to_float(xb[kk]) * bf16_to_float(wr[kk]);
+        finish_row(y, n0 + r, _mm512_reduce_add_ps(acc[r]) + tail, NULL, bias);
+    }
+}
+
+int gemv_bf16(const uint16_t *x, int M, int K, const uint16_t *w, int N, const float *bias, float *y) {
+    for (int m = 0; m < M; m++) {
+#pragma omp parallel for schedule(static)
+        for (long n0 = 0; n0 < N; n0 += ROWS) {
+            int rows = N - n0 < ROWS ? (int)(N - n0) : ROWS;
+            bf16_tile(x + (long)m * K, K, w, n0, rows, bias, y + (long)m * N);
+        }
+    }
+    return 0;
+}
+#else
+int gemv_bf16(const uint16_t *x, int M, int K, const uint16_t *w, int N, const float *bias, float *y) {
+    (void)x; (void)M; (void)K; (void)w; (void)N; (void)bias; (void)y;
+    return -1;  /* no AVX512-BF16 on this CPU: the caller uses torch */
+}
+#endif
+
+/* ---------------------------------------------------------------- de-quantization for multi-token inputs */
+
+/* out[n][k] = q[n][k] * scale[n] as bf16 (out_bf16) or float32 (out_f32), q the int8 value or nibble. */
+static inline __m512 q16_values(const uint8_t *q, int bits, int k) {  /* 16 weights from column k (k % 16 == 0) */
+    if (bits == 8) return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + k))));
+    /* 8 bytes hold columns k..k+15; byte j: column k+2j in the high nibble, k+2j+1 in the low one */
+    __m128i b = _mm_loadl_epi64((const __m128i *)(q + k / 2));
+    __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0f)), lo = _mm_and_si128(b, _mm_set1_epi8(0x0f));
+    __m128i inter = _mm_unpacklo_epi8(hi, lo);  /* column order */
+    __m512i v = _mm512_cvtepu8_epi32(inter);
+    v = _mm512_sub_epi32(_mm512_xor_si512(v, _mm512_set1_epi32(8)), _mm512_set1_epi32(8));
+    return _mm512_cvtepi32_ps(v);
+}
+
+void dequantize(const uint8_t *w, int bits, int N, int K, const float *scale, uint16_t *out_bf16, float *out_f32) {
+    long stride = bits == 8 ? K : K / 2;
+#pragma omp parallel for schedule(static)
+    for (long n = 0; n < N; n++) {
+        const uint8_t *q = w + n * stride;
+        __m512 s = _mm512_set1_ps(scale[n]);
+        int k = 0;
+        for (; k + 16 <= K; k += 16) {
+            __m512 v = _mm512_mul_ps(q16_values(q, bits, k), s);
+            if (out_f32) _mm512_storeu_ps(out_f32 + n * (long)K + k, v);
+            else {
+                /* round to nearest even like float_to_bf16 (the values are finite) */
+                __m512i u = _mm512_castps_si512(v);
+                __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                             _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+                _mm256_storeu_si256((__m256i *)(out_bf16 + n * (long)K + k), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+            }
+        }
+        for (; k < K; k++) {
+            float qv = bits == 8 ? (float)(int8_t)q[k] : nibble_value((k & 1) ? q[k / 2] : (unsigned)(q[k / 2] >> 4));
+            float v = qv * scale[n];
+            if (out_f32) out_f32[n * (long)K + k] = v;
+            else out_bf16[n * (long)K + k] = float_to_bf16(v);
+        }
+    }
+}

@@ -1,0 +1,184 @@
+"""Native CPU kernels (model/kernels.c), compiled on first use and called through ctypes.
+
+Decoding reads every weight once per token, so its speed is the speed at which the matrix-vector products
+stream the weights. torch's stock CPU kernels for these shapes are compute-bound well below the memory
+bandwidth; kernels.c reads int8, packed int4 and bf16 weights in their stored layout at close to it.
+
+The library is built with the system C compiler (`cc`, with -march=native and OpenMP) into a per-user cache
+and used only on x86-64 CPUs with AVX-512 (bf16 products also need AVX512-BF16). Anything else (no
+compiler, another CPU, CHATGLM_NATIVE_KERNELS=0) leaves `available()` False and the callers use torch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Inputs of up to this many rows (tokens) use the matrix-vector kernels, which read the weights once per row;
+# longer ones use a GEMM, which wins once the weights are reused across many rows.
+DECODE_TOKENS = 4
+
+SOURCE = Path(__file__).with_name("kernels.c")
+ABI = 6
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+_why_not = ""
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("CHATGLM_KERNEL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "chatglm-kernels")
+    return Path(root)
+
+
+def _build() -> ctypes.CDLL:
+    global _why_not
+    if os.environ.get("CHATGLM_NATIVE_KERNELS", "1") in ("0", "false", "no"):
+        raise RuntimeError("disabled by CHATGLM_NATIVE_KERNELS=0")
+    if platform.machine() not in ("x86_64", "AMD64"):
+        raise RuntimeError(f"no native kernels for {platform.machine()}")
+    flags = _cpu_flags()
+    if not {"avx512f", "avx512bw", "avx512vl"} <= flags:
+        raise RuntimeError("the CPU has no AVX-512")
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        raise RuntimeError("no C compiler (cc/gcc) found")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + compiler.encode() + " ".join(sorted(flags)).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"chatglm_kernels_{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            out = Path(tmp) / target.name
+            cmd = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-o", str(out), str(SOURCE)]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"compiling kernels.c failed: {done.stderr.strip()[-500:]}")
+            os.replace(out, target)  # atomic: concurrent builders never load a half-written file
+    lib = ctypes.CDLL(str(target))
+    if lib.chatglm_kernels_abi() != ABI:
+        raise RuntimeError("stale kernel library")
+    p, i = ctypes.c_void_p, ctypes.c_int
+    lib.gemv_q8.argtypes = [p, i, i, p, i, p, p, p]
+    lib.gemv_q4.argtypes = [p, i, i, p, i, p, p, p]
+    lib.gemv_bf16.argtypes = [p, i, i, p, i, p, p]
+    lib.gemv_bf16.restype = i
+    lib.gemv_q8v.argtypes = [p, i, i, p, i, p, p, p]
+    lib.gemv_q4v.argtypes = [p, i, i, p, i, p, p, p]
+    lib.has_vnni.restype = i
+    lib.dequantize.argtypes = [p, i, i, i, p, p, p]
+    lib.has_bf16 = "avx512_bf16" in flags
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    global _lib, _tried, _why_not
+    if not _tried:
+        with _lock:
+            if not _tried:
+                try:
+                    _lib = _build()
+                except Exception as exc:  # any failure means: use torch
+                    _why_not = str(exc)
+                    log.info("native CPU kernels unavailable (%s); using torch kernels", exc)
+                _tried = True
+    return _lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def why_unavailable() -> str:
+    library()
+    return _why_not
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
+    if x.device.type != "cpu" or weight.device.type != "cpu":
+        raise ValueError("native kernels run on CPU tensors only")
+    if not weight.is_contiguous():
+        raise ValueError("weight must be contiguous")
+
+
+def has_bf16() -> bool:
+    lib = library()
+    return bool(lib is not None and lib.has_bf16)
+
+
+def has_vnni() -> bool:
+    lib = library()
+    return bool(lib is not None and lib.has_vnni())
+
+
+def gemv_quantized(x: torch.Tensor, weight: torch.Tensor, bits: int, scale: torch.Tensor,
+                   bias: torch.Tensor | None, integer: bool = False) -> torch.Tensor:
+    """x [M, K] float32 contiguous -> [M, N] float32; scale and bias float32 [N].
+
+    integer=False: a float32 matmul with the de-quantized weight, up to summation order.
+    integer=True (CPUs with AVX512-VNNI): x is rounded per row to 16 (int8) / 15 (int4) bits and the
+    products are integer dot products: for bf16 models, whose activations carry 8 bits anyway.
+    """
+    _check(x, weight)
+    if x.dtype != torch.float32:
+        raise ValueError(f"x must be float32, got {x.dtype}")
+    lib = library()
+    m, k = x.shape
+    n = weight.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    fn = {(8, False): lib.gemv_q8, (4, False): lib.gemv_q4, (8, True): lib.gemv_q8v, (4, True): lib.gemv_q4v}
+    fn[bits, integer](x.data_ptr(), m, k, weight.data_ptr(), n, scale.data_ptr(), _ptr(bias), y.data_ptr())
+    return y
+
+
+def gemv_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] bf16 contiguous, weight [N, K] bf16 -> [M, N] float32; bias float32 [N]."""
+    _check(x, weight)
+    m, k = x.shape
+    n = weight.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    if library().gemv_bf16(x.data_ptr(), m, k, weight.data_ptr(), n, _ptr(bias), y.data_ptr()):
+        raise RuntimeError("gemv_bf16 needs AVX512-BF16")
+    return y
+
+
+def dequantize(weight: torch.Tensor, bits: int, scale: torch.Tensor, in_features: int,
+               dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The float weight [N, K] in dtype (bf16 or float32) from int8 / packed int4 and float32 scales,
+    written into `out` (contiguous [N, K] of dtype) when given."""
+    n = weight.shape[0]
+    if out is None:
+        out = torch.empty(n, in_features, dtype=dtype)
+    if out.dtype != dtype or out.shape != (n, in_features) or not out.is_contiguous():
+        raise ValueError("out must be a contiguous [N, K] tensor of the requested dtype")
+    bf16, f32 = (out, None) if dtype == torch.bfloat16 else (None, out)
+    library().dequantize(weight.data_ptr(), bits, n, in_features, scale.data_ptr(), _ptr(bf16), _ptr(f32))
+    return out

@@ -1,0 +1,155 @@
+"""The native CPU kernels (model/kernels.c) against the reference de-quantize-then-matmul path, and every
+dispatch branch of QuantizedLinear / Linear (native decode, native prefill, torch fallback)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from model import kernels
+from model.modeling import Linear
+from model.quantization import QuantizedLinear, dequantize_weight, quantize_weight
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+native = pytest.mark.skipif(not kernels.available(), reason=f"native kernels: {kernels.why_unavailable()}")
+SHAPES = [(37, 70), (64, 256), (13, 34), (9, 200), (130, 4096)]  # odd row counts and tails of every width
+
+
+def _cpu_has(*flags):
+    return set(flags) <= kernels._cpu_flags()
+
+
+def test_native_kernels_build_where_ci_expects_them():
+    """On CI's x86 AVX-512 machine the kernels must build: a silent fallback would hide a broken kernels.c."""
+    if os.environ.get("CI") and _cpu_has("avx512f", "avx512bw", "avx512vl"):
+        assert kernels.available(), kernels.why_unavailable()
+
+
+def test_unavailable_compiler_falls_back_to_torch(tmp_path):
+    code = ("from model import kernels; import sys; "
+            "print(kernels.available(), kernels.why_unavailable(), sep='|')")
+    env = dict(os.environ, CC="/bin/false", CHATGLM_KERNEL_CACHE=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    available, why = out.split("|")
+    assert available == "False" and why
+    env = dict(os.environ, CHATGLM_NATIVE_KERNELS="0")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "False|disabled by CHATGLM_NATIVE_KERNELS=0"
+
+
+def _case(bits, n, k, m, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    q, scale = quantize_weight(w, bits)
+    x = torch.randn(m, k, generator=g)
+    bias = torch.randn(n, generator=g)
+    exact = x.double() @ dequantize_weight(q, scale, bits, torch.float64).T + bias.double()
+    return q, scale, x, bias, exact
+
+
+def _rel(y, exact):
+    return ((y.double() - exact).abs().max() / exact.abs().max()).item()
+
+
+@native
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_gemv_float32_is_a_float32_matmul(bits, n, k):
+    q, scale, x, bias, exact = _case(bits, n, k, m=3)
+    y = kernels.gemv_quantized(x, q, bits, scale, bias)
+    ref = x @ dequantize_weight(q, scale, bits, torch.float32).T + bias
+    assert _rel(y, exact) < 1e-6 and _rel(ref, exact) < 1e-6
+
+
+@native
+@pytest.mark.skipif(not kernels.has_vnni(), reason="no AVX512-VNNI")
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_gemv_integer_path_is_finer_than_bf16(bits, n, k):
+    """x rounded to 16 / 15 bits per row: far closer to exact than rounding x to bf16 (the model's dtype)."""
+    q, scale, x, bias, exact = _case(bits, n, k, m=2, seed=1)
+    y = kernels.gemv_quantized(x, q, bits, scale, bias, integer=True)
+    bf16_input = x.bfloat16().double() @ dequantize_weight(q, scale, bits, torch.float64).T + bias.double()
+    assert _rel(y, exact) < 2e-4
+    assert _rel(y, exact) < _rel(bf16_input, exact)
+
+
+@native
+@pytest.mark.skipif(not kernels.has_bf16(), reason="no AVX512-BF16")
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_gemv_bf16_forms_the_bf16_products(n, k):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(n, k, generator=g).bfloat16()
+    x = torch.randn(3, k, generator=g).bfloat16()
+    bias = torch.randn(n, generator=g)
+    exact = x.double() @ w.double().T + bias.double()
+    assert _rel(kernels.gemv_bf16(x, w, bias), exact) < 1e-6
+
+
+@native
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("n,k", [(37, 70), (13, 34), (130, 4096)])
+def test_native_dequantize_is_exact(bits, n, k):
+    q, scale, *_ = _case(bits, n, k, m=1)
+    ref = dequantize_weight(q, scale, bits, torch.float32)
+    assert torch.equal(kernels.dequantize(q, bits, scale, k, torch.float32), ref)
+    assert torch.equal(kernels.dequantize(q, bits, scale, k, torch.bfloat16), ref.bfloat16())
+
+
+def _layer(bits, n=48, k=96, dtype=torch.float32):
+    g = torch.Generator().manual_seed(4)
+    linear = torch.nn.Linear(k, n, bias=True).to(dtype)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(n, k, generator=g))
+        linear.bias.copy_(torch.randn(n, generator=g))
+    return QuantizedLinear.from_linear(linear, bits)
+
+
+def _reference(layer, x):
+    w = dequantize_weight(layer.weight, layer.weight_scale, layer.bits, torch.float64)
+    return x.double() @ w.T + layer.bias.double()
+
+
+@pytest.mark.parametrize("use_native", [True, False], ids=["native", "torch"])
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("tokens", [1, 3, 9])  # decode-sized and prompt-sized inputs take different kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_linear_every_path(monkeypatch, use_native, bits, tokens, dtype):
+    if use_native and not kernels.available():
+        pytest.skip("native kernels unavailable")
+    if not use_native:
+        monkeypatch.setattr(kernels, "available", lambda: False)
+    layer = _layer(bits, dtype=dtype)
+    x = torch.randn(2, tokens, layer.in_features, generator=torch.Generator().manual_seed(5)).to(dtype)
+    y = layer(x)
+    assert y.shape == (2, tokens, layer.out_features) and y.dtype == dtype
+    exact = _reference(layer, x.reshape(-1, layer.in_features)).reshape(y.shape)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the output rounding alone is 2^-9 relative
+    assert _rel(y, exact) < tol
+
+
+def test_scale_cache_follows_the_parameter():
+    layer = _layer(8)
+    x = torch.randn(1, layer.in_features)
+    before = layer(x)
+    with torch.no_grad():
+        layer.weight_scale.mul_(2)
+        layer.bias.zero_()
+    after = layer(x)
+    torch.testing.assert_close(after, (before - _layer(8).bias) * 2, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("tokens", [1, 4, 7])
+def test_bf16_linear_matches_torch(tokens):
+    g = torch.Generator().manual_seed(6)
+    layer = Linear(200, 37, bias=True).to(torch.bfloat16)
+    x = torch.randn(tokens, 200, generator=g).bfloat16()
+    ours = layer(x)
+    theirs = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert ours.dtype == torch.bfloat16
+    # equal up to summation order, then one bf16 rounding each
+    torch.testing.assert_close(ours.float(), theirs.float(), rtol=1e-2, atol=1e-2)
