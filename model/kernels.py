@@ -56,7 +56,6 @@ def _cache_dir() -> Path:
 
 
 def _build() -> ctypes.CDLL:
-    global _why_not
     if os.environ.get("CHATGLM_NATIVE_KERNELS", "1") in ("0", "false", "no"):
         raise RuntimeError("disabled by CHATGLM_NATIVE_KERNELS=0")
     if platform.machine() not in ("x86_64", "AMD64"):

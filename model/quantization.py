@@ -17,8 +17,6 @@ Kernels, chosen per call by device, dtype and the number of tokens:
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,8 +24,6 @@ from torch import nn
 from . import kernels
 
 GEMM_BLOCK_BYTES = 4 << 20  # de-quantized weight block per GEMM for multi-token inputs: stays in cache
-
-log = logging.getLogger(__name__)
 
 QUANTIZED_LINEARS = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h",
                      "mlp.dense_4h_to_h")
