@@ -104,14 +104,12 @@ class ChatMixin:
             # On a reused cache only the new turn is sent (the original re-sends [gMASK] sop).
             input_ids = tokenizer.build_chat_ids(query, [] if cache is not None else history, role,
                                                  prefix=cache is None)
-            stop_ids = [tokenizer.eos_token_id, tokenizer.get_command("<|user|>"),
-                        tokenizer.get_command("<|observation|>")]
         else:
             if cache is not None and history:
                 input_ids = tokenizer.build_continuation_ids(query, history)
             else:
                 input_ids = tokenizer.encode(tokenizer.build_prompt(query, history))
-            stop_ids = [tokenizer.eos_token_id]
+        stop_ids = tokenizer.reply_stop_ids()
         if cache is None:
             cache = KVCache.for_model(self.config, 1, self.dtype, self.device, capacity=len(input_ids) + 256)
         context = cache.length + len(input_ids)

@@ -92,6 +92,12 @@ class ChatGLMTokenizer:
     def get_prefix_tokens(self) -> list[int]:
         return [self.get_command("[gMASK]"), self.get_command("sop")]
 
+    def reply_stop_ids(self) -> list[int]:
+        """Ids that end an assistant reply: eos, and for ChatGLM3 the next turn's <|user|> / <|observation|>."""
+        if self.family == "chatglm3":
+            return [self.eos_token_id, self.get_command("<|user|>"), self.get_command("<|observation|>")]
+        return [self.eos_token_id]
+
     def _is_control(self, i: int) -> bool:
         return i in (self.pad_token_id, self.bos_token_id, self.eos_token_id)
 

@@ -58,3 +58,53 @@ def dedup(strings):
         if not out or out[-1] != s:
             out.append(s)
     return out
+
+
+# ---- servers as real processes (shared by the server test modules) ----------------------------------
+KEY = "test-key-123"
+
+
+@pytest.fixture(scope="session")
+def v3_dir(tmp_path_factory):
+    from model.tiny import write_checkpoint
+
+    path = tmp_path_factory.mktemp("models") / "glm3-tiny"
+    write_checkpoint(str(path), "chatglm3", "tiny", "float32")  # 8192-token context: long generations possible
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def v3(v3_dir):
+    from serving import ServerProcess
+
+    server = ServerProcess("openai_api.py", v3_dir)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def v2_keyed():
+    from serving import ServerProcess
+
+    server = ServerProcess("openai_api.py", model_dir("chatglm2-tiny"), "--api-key", KEY, "--max-request-bytes",
+                           "20000", "--cors-origins", "http://allowed.example")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def basic_v2():
+    from serving import ServerProcess
+
+    server = ServerProcess("api.py", model_dir("chatglm2-tiny"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def basic_v3(v3_dir):
+    from serving import ServerProcess
+
+    server = ServerProcess("api.py", v3_dir)
+    yield server
+    server.stop()

@@ -1,0 +1,14 @@
+"""OpenAI-compatible API server: python openai_api.py --model DIR_OR_HUB_ID [--port 8000]."""
+
+import sys
+
+
+def main(argv=None) -> int:
+    from server.openai_app import create_app
+    from server.http import serve
+
+    return serve(create_app, __doc__, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""What both servers share: settings, the JSON error shape, API key, CORS, request-size cap, engine bridging."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from model.engine import EngineBusy, EngineClosed, Event, GenerationRequest, RequestHandle
+
+MiB = 1024 * 1024
+
+
+@dataclass
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None  # when set, `Authorization: Bearer <key>` is required
+    cors_origins: list[str] = field(default_factory=list)  # none: browsers on other origins are refused
+    max_request_bytes: int = 4 * MiB
+
+
+class APIError(Exception):
+    """An error answered as {"error": {"message", "type", "param", "code"}} with an HTTP status."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def error_body(status: int, message: str, type: str, code: str | None = None) -> bytes:
+    return json.dumps({"error": {"message": message, "type": type, "param": None, "code": code}}).encode()
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    msg = first.get("msg", "invalid value")
+    if first.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
+    if not loc and first.get("type") in ("model_attributes_type", "dict_type", "missing"):
+        return "the request body must be a JSON object (send it with Content-Type: application/json)", None
+    return (f"{param}: {msg}" if param else msg), param
+
+
+def install_common(app: FastAPI, settings: Settings) -> None:
+    """Error handlers, API key check, CORS and the request-size cap, in that order of precedence."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        message, param = _validation_message(exc)
+        return APIError(400, message, param=param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return APIError(exc.status_code, str(exc.detail), type=kind).response()
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception):
+        return APIError(500, f"internal error: {type(exc).__name__}", type="server_error").response()
+
+    if settings.api_key:
+        expected = f"Bearer {settings.api_key}".encode()
+
+        @app.middleware("http")
+        async def _auth(request: Request, call_next):
+            if request.method == "OPTIONS" or request.url.path == "/health":
+                return await call_next(request)
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                type="invalid_request_error", code="invalid_api_key").response()
+            return await call_next(request)
+
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+
+
+class BodySizeLimit:
+    """ASGI middleware: a body over max_bytes (declared or actually sent) is answered with 413."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        too_big = f"the request body is larger than the server's limit of {self.max_bytes} bytes"
+        if declared is not None:
+            try:
+                over = int(declared) > self.max_bytes
+            except ValueError:
+                return await _send_error(send, 400, "invalid Content-Length header")
+            if over:
+                return await _send_error(send, 413, too_big)
+            return await self.app(scope, receive, send)
+        # No declared length (chunked upload): read the body here, up to the limit, then replay it.
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                return await _send_error(send, 413, too_big)
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+async def _send_error(send, status: int, message: str) -> None:
+    body = error_body(status, message, "invalid_request_error")
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+# ---- engine bridging -----------------------------------------------------------------------------------
+def submit(engine, request: GenerationRequest) -> RequestHandle:
+    """Queue a request for the running event loop; a full queue becomes 503 with Retry-After."""
+    try:
+        return engine.submit(request, loop=asyncio.get_running_loop())
+    except EngineBusy as e:
+        raise APIError(503, f"the server is busy: {e}", type="server_error", code="overloaded",
+                       headers={"Retry-After": "1"}) from e
+    except EngineClosed as e:
+        raise APIError(503, str(e), type="server_error", code="shutting_down") from e
+    except ValueError as e:
+        raise APIError(400, str(e)) from e
+
+
+async def events_until_disconnect(handle: RequestHandle, request: Request):
+    """The handle's events; if the client goes away the generation is cancelled (and iteration ends)."""
+
+    async def watch():
+        while True:
+            if await request.is_disconnected():
+                handle.cancel()
+                return
+            await asyncio.sleep(0.2)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        async for event in handle:
+            yield event
+    finally:
+        watcher.cancel()
+        handle.cancel()  # no-op when finished; frees the slot when the consumer stopped early
+
+
+def raise_for_engine_error(event: Event) -> None:
+    if event.finish == "error":
+        raise APIError(500, f"generation failed: {event.error}", type="server_error")
+
+
+def serve(create_app, description: str, argv=None) -> int:
+    """The body of api.py / openai_api.py: flags -> model -> engine -> app -> uvicorn."""
+    from utils import build_parser, load_or_exit, model_id
+
+    args = build_parser(description, server=True).parse_args(argv)
+    import uvicorn
+
+    from model.engine import Engine
+
+    model, tokenizer = load_or_exit(args)
+    engine = Engine(model, tokenizer, model_name=args.model_name or model_id(args.model), max_queue=args.max_queue)
+    settings = Settings(host=args.host, port=args.port, api_key=args.api_key,
+                        cors_origins=[o.strip() for o in args.cors_origins.split(",") if o.strip()],
+                        max_request_bytes=args.max_request_bytes)
+    try:
+        uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level="info")
+    finally:
+        engine.close()
+    return 0

@@ -1,0 +1,139 @@
+"""The shared generation engine: same text as the model alone, cancellation, a bounded queue, penalties."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from conftest import loaded
+from model.engine import Engine, EngineBusy, GenerationRequest, occurrence_penalty
+from model.generation import SamplingParams, generate_tokens
+
+GREEDY = SamplingParams()
+
+
+def prompt(tokenizer, text="你好"):
+    if tokenizer.family == "chatglm3":
+        return tokenizer.build_chat_ids(text)
+    return tokenizer.encode(tokenizer.build_prompt(text))
+
+
+def alone(model, tokenizer, ids, n):
+    """Text the model's own stream_ids gives (no engine)."""
+    out = "".join(d for d, _ in model.stream_ids(tokenizer, ids, params=GREEDY, max_new_tokens=n,
+                                                  stop_ids=tokenizer.reply_stop_ids()))
+    return out
+
+
+def req(tokenizer, ids, n, **kwargs):
+    return GenerationRequest(ids, GREEDY, n, tuple(tokenizer.reply_stop_ids()), **kwargs)
+
+
+def collect(handle):
+    events = list(handle)
+    return "".join(e.text for e in events), events[-1]
+
+
+@pytest.fixture(params=["chatglm2-tiny", "chatglm3-tiny"])
+def engine(request):
+    model, tokenizer = loaded(request.param)
+    eng = Engine(model, tokenizer, max_queue=4)
+    yield eng
+    eng.close()
+
+
+def test_engine_text_equals_the_model_alone(engine):
+    ids = prompt(engine.tokenizer)
+    text, last = collect(engine.submit(req(engine.tokenizer, ids, 24)))
+    assert text == alone(engine.model, engine.tokenizer, ids, 24)
+    assert last.finish in ("stop", "length") and 1 <= last.completion_tokens <= 24
+    if last.finish == "length":
+        assert last.completion_tokens == 24
+
+
+def test_concurrent_requests_each_get_their_own_text(engine):
+    texts = ["你好", "hello there", "1 + 1 = ?", "天气"]
+    expected = [alone(engine.model, engine.tokenizer, prompt(engine.tokenizer, t), 16) for t in texts]
+    results = [None] * len(texts)
+
+    def worker(i):
+        handle = engine.submit(req(engine.tokenizer, prompt(engine.tokenizer, texts[i]), 16))
+        results[i] = collect(handle)[0]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(texts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == expected
+
+
+def test_cancel_stops_generation_and_frees_the_engine(engine):
+    handle = engine.submit(GenerationRequest(prompt(engine.tokenizer), GREEDY, 200))
+    first = next(iter(handle))
+    handle.cancel()
+    events = [first] + list(handle) if first.finish is None else [first]
+    assert events[-1].finish == "cancelled" and events[-1].completion_tokens < 200
+    deadline = time.monotonic() + 5
+    while engine.stats.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.stats.running == 0 and engine.stats.queued == 0
+    ids = prompt(engine.tokenizer)
+    assert collect(engine.submit(req(engine.tokenizer, ids, 8)))[0] == alone(engine.model, engine.tokenizer,
+                                                                                ids, 8)
+
+
+def test_full_queue_is_refused_not_piled_up(engine):
+    ids = prompt(engine.tokenizer)
+    gate = threading.Event()
+    # hold the worker inside the first request until the queue has been tested
+    hold = engine.model.transformer.register_forward_pre_hook(lambda module, args: gate.wait(10) and None)
+    try:
+        running = engine.submit(GenerationRequest(ids, GREEDY, 2))
+        deadline = time.monotonic() + 5
+        while engine.stats.queued and time.monotonic() < deadline:
+            time.sleep(0.01)
+        waiting = [engine.submit(GenerationRequest(ids, GREEDY, 2)) for _ in range(engine.max_queue)]
+        with pytest.raises(EngineBusy):
+            engine.submit(GenerationRequest(ids, GREEDY, 2))
+    finally:
+        gate.set()
+        hold.remove()
+    assert all(collect(h)[1].finish in ("stop", "length") for h in [running] + waiting)
+    assert engine.stats.queued == 0
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(input_ids=[]), "empty"),
+    (dict(max_new_tokens=0), "at least 1"),
+    (dict(input_ids=[5] * 300), "context"),
+    (dict(params=SamplingParams(do_sample=True, top_p=0)), "top_p"),
+])
+def test_bad_requests_are_refused_at_submit(engine, bad, message):
+    fields = dict(input_ids=prompt(engine.tokenizer), params=GREEDY, max_new_tokens=4) | bad
+    with pytest.raises(ValueError, match=message):
+        engine.submit(GenerationRequest(**fields))
+    assert engine.stats.queued == 0
+
+
+def test_presence_penalty_keeps_generated_ids_distinct(engine):
+    ids = prompt(engine.tokenizer)
+    model, tokenizer = engine.model, engine.tokenizer
+    plain = [int(t) for t in generate_tokens(model, torch.tensor([ids]), max_new_tokens=40, params=GREEDY)]
+    assert len(set(plain)) < len(plain)  # the random tiny model repeats itself when greedy
+    hook = occurrence_penalty(len(ids), 1e4, 0.0)
+    penalised = [int(t) for t in generate_tokens(model, torch.tensor([ids]), max_new_tokens=40, params=GREEDY,
+                                                 logits_hooks=[hook])]
+    assert len(set(penalised)) == len(penalised)
+    text, _ = collect(engine.submit(GenerationRequest(ids, GREEDY, 40, presence_penalty=1e4)))
+    expected = "".join(d for d, _ in model.stream_ids(tokenizer, ids, params=GREEDY, max_new_tokens=40, stop_ids=(),
+                                                      logits_processor=[hook]))
+    assert text == expected and text != alone(model, tokenizer, ids, 40)
+
+
+def test_frequency_penalty_counts_only_generated_ids():
+    logits = torch.zeros(1, 8)
+    ids = torch.tensor([[3, 3, 5, 5, 5, 3, 1]])  # prompt of 3, then 5, 5, 3, 1
+    out = occurrence_penalty(3, presence=0.5, frequency=1.0)(ids, logits)
+    assert out.tolist() == [[0, -1.5, 0, -1.5, 0, -2.5, 0, 0]]

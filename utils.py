@@ -1,0 +1,56 @@
+"""What the scripts share: one set of command-line flags and model loading with a clear error."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+DEFAULT_MODEL = "THUDM/chatglm2-6b"
+
+
+def build_parser(description: str, *, server: bool = False, web: bool = False, port: int = 8000):
+    """The flags every script takes; servers and web demos add --host / --port (and the API ones)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--model", default=os.environ.get("MODEL_PATH") or DEFAULT_MODEL,
+                    help=f"checkpoint directory or Hub id (env MODEL_PATH; default {DEFAULT_MODEL})")
+    ap.add_argument("--quantize", type=int, choices=(4, 8), default=None,
+                    help="quantize the weights to int4 / int8 while loading")
+    ap.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"),
+                    help="where to run (auto: CUDA, then MPS, then CPU)")
+    ap.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
+    if server or web:
+        ap.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: everyone)")
+        ap.add_argument("--port", type=int, default=port)
+    if server:
+        ap.add_argument("--api-key", default=os.environ.get("API_KEY"),
+                        help="require 'Authorization: Bearer KEY' (env API_KEY)")
+        ap.add_argument("--cors-origins", default="",
+                        help="comma-separated origins browsers may call from (default: none)")
+        ap.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024)
+        ap.add_argument("--max-queue", type=int, default=32,
+                        help="requests that may wait; more are answered 503 (try again)")
+        ap.add_argument("--model-name", default=None, help="the model id clients see (default: from --model)")
+    return ap
+
+
+def model_id(name_or_path: str) -> str:
+    """A stable id for a checkpoint: THUDM/chatglm3-6b -> chatglm3-6b, ./models/my-glm/ -> my-glm."""
+    return os.path.basename(os.path.normpath(str(name_or_path))) or str(name_or_path)
+
+
+def load_or_exit(args):
+    """(model, tokenizer) for the parsed flags; a missing model ends the program with what to do."""
+    from model import ModelNotFoundError, UnsupportedConfigError
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        from model import load_model
+
+        return load_model(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    except (ModelNotFoundError, UnsupportedConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
