@@ -1,4 +1,4 @@
-"""What the scripts share: one set of command-line flags and model loading with a clear error."""
+"""What the scripts share: one set of command-line flags, model loading with a clear error, load_model_on_gpus."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ def build_parser(description: str, *, server: bool = False, web: bool = False, p
     ap.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"),
                     help="where to run (auto: CUDA, then MPS, then CPU)")
     ap.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
+    ap.add_argument("--num-gpus", type=int, default=1, help="split the layers over this many GPUs")
     if server or web:
         ap.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: everyone)")
@@ -48,9 +49,20 @@ def load_or_exit(args):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         from model import load_model
+        from model.multigpu import device_map_for
 
-        return load_model(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
-    except (ModelNotFoundError, UnsupportedConfigError, FileNotFoundError) as e:
+        device_map = device_map_for(args.model, args.num_gpus) if args.num_gpus > 1 else None
+        return load_model(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                          device_map=device_map)
+    except (ModelNotFoundError, UnsupportedConfigError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
+
+
+def load_model_on_gpus(checkpoint_path: str, num_gpus: int = 2, device_map: dict | None = None, **kwargs):
+    """The original helper: the model with its 28 layers spread over num_gpus GPUs (word embeddings, final norm
+    and output layer on GPU 0); a given device_map overrides the split; num_gpus < 2 loads on one device."""
+    from model.multigpu import load_model_on_gpus as load
+
+    return load(checkpoint_path, num_gpus=num_gpus, device_map=device_map, **kwargs)

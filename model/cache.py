@@ -53,6 +53,9 @@ class KVCache:
     def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write (B, g, T, d) key/value at the current end; return layer's keys/values up to and including them."""
         end = self.length + key.shape[2]
+        if self.keys[layer].device != key.device:  # layers split over devices: keep each layer's cache beside it
+            self.keys[layer] = self.keys[layer].to(key.device)
+            self.values[layer] = self.values[layer].to(key.device)
         self.keys[layer][:, :, self.length:end] = key
         self.values[layer][:, :, self.length:end] = value
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]

@@ -147,12 +147,16 @@ def assign_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 def load_weights(name_or_path: str, device=None, dtype=None, family: str | None = None,
-                 revision: str | None = None, quantize: int | None = None, progress: bool = True):
+                 revision: str | None = None, quantize: int | None = None, progress: bool = True,
+                 device_map: dict | None = None):
     """Load a ChatGLM checkpoint (dir or Hub id) into a ready model in eval mode.
 
     quantize=4|8 quantizes a float checkpoint tensor by tensor while it is read, so the float model never
-    sits in memory whole; a checkpoint with quantization_bit is loaded as it is stored.
+    sits in memory whole; a checkpoint with quantization_bit is loaded as it is stored. device_map (module
+    name -> GPU index or device) puts each tensor straight on its module's device and installs the hooks
+    that move activations between devices.
     """
+    from .multigpu import as_torch_device, clean_device_map, device_for, dispatch
     from .quantization import quantize_weight, swap_linears
 
     path = resolve_model_dir(name_or_path, revision=revision)
@@ -160,9 +164,12 @@ def load_weights(name_or_path: str, device=None, dtype=None, family: str | None 
     stored_bits = config.quantization_bit
     if quantize and stored_bits and quantize != stored_bits:
         raise ValueError(f"{path} is stored with {stored_bits}-bit weights; it cannot be loaded as {quantize}-bit")
+    model = build_empty_model(config)
+    if device_map is not None:
+        device_map = clean_device_map(device_map, model)
+        device = as_torch_device(device_for("transformer.embedding.word_embeddings.weight", device_map))
     device = pick_device(device)
     dtype = pick_dtype(dtype, device)
-    model = build_empty_model(config)
     bits = stored_bits or quantize
     if bits:
         swap_linears(model, bits, quantize_values=False)
@@ -178,15 +185,16 @@ def load_weights(name_or_path: str, device=None, dtype=None, family: str | None 
         if name not in expected:
             logger.warning("%s: ignoring unexpected tensor %s", path, name)
             continue
+        target = device if device_map is None else as_torch_device(device_for(name, device_map))
         if name in quantize_now:
             q, scale = quantize_weight(tensor.to(dtype), bits)  # same result as quantize() after loading
-            assign_tensor(model, name, q.to(device))
+            assign_tensor(model, name, q.to(target))
             name, tensor = name + "_scale", scale
             seen.add(name.removesuffix("_scale"))
         if tensor.is_floating_point():
-            tensor = tensor.to(device=device, dtype=dtype)
+            tensor = tensor.to(device=target, dtype=dtype)
         else:
-            tensor = tensor.to(device=device)
+            tensor = tensor.to(device=target)
         assign_tensor(model, name, tensor)
         seen.add(name)
     bar.close()
@@ -194,6 +202,8 @@ def load_weights(name_or_path: str, device=None, dtype=None, family: str | None 
     if missing:
         raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
     model.eval()
+    if device_map is not None:
+        model = dispatch(model, device_map)
     model.name_or_path = str(name_or_path)
     model.config._name_or_path = str(name_or_path)
     return model
@@ -206,17 +216,20 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def load_model(name_or_path: str, device: str | torch.device | None = None, dtype=None,
-               family: str | None = None, revision: str | None = None, quantize: int | None = None):
+               family: str | None = None, revision: str | None = None, quantize: int | None = None,
+               device_map: dict | None = None):
     """(model, tokenizer) for a ChatGLM checkpoint directory or Hub id.
 
     device: "cpu", "cuda", "cuda:1", "mps" or None/"auto"; dtype: a torch dtype, its name, or None/"auto";
     family: "chatglm2" / "chatglm3" when the checkpoint does not tell; quantize: 4 or 8 for weight-only
-    quantization while loading.
+    quantization while loading; device_map: module name -> device, to split the layers over GPUs
+    (see model.multigpu).
     """
     from .tokenizer import ChatGLMTokenizer
 
     path = resolve_model_dir(name_or_path, revision=revision)  # one Hub round trip for weights and tokenizer
-    model = load_weights(path, device=device, dtype=dtype, family=family, quantize=quantize)
+    model = load_weights(path, device=device, dtype=dtype, family=family, quantize=quantize,
+                         device_map=device_map)
     model.name_or_path = model.config._name_or_path = str(name_or_path)
     tokenizer = ChatGLMTokenizer.from_pretrained(path, family=model.config.family)
     tokenizer.name_or_path = str(name_or_path)
