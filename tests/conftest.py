@@ -108,3 +108,13 @@ def basic_v3(v3_dir):
     server = ServerProcess("api.py", v3_dir)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    from browser import launch_browser
+
+    pw, chromium = launch_browser()
+    yield chromium
+    chromium.close()
+    pw.stop()

@@ -20,13 +20,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float = 120.0) -> None:
+def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float = 120.0, path: str = "/health") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{proc.stdout.read()}")
         try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+            if httpx.get(f"{url}{path}", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -37,7 +37,7 @@ def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float 
 class ServerProcess:
     """`python SCRIPT --model DIR --port P [args]` from the repository root; .url once healthy."""
 
-    def __init__(self, script: str, model_dir: str, *args: str):
+    def __init__(self, script: str, model_dir: str, *args: str, ready_path: str = "/health"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
@@ -45,7 +45,7 @@ class ServerProcess:
                                       "--device", "cpu", "--dtype", "float32", *args],
                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
-            wait_healthy(self.url, self.proc)
+            wait_healthy(self.url, self.proc, path=ready_path)
         except Exception:
             self.stop()
             raise

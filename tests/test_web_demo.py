@@ -1,0 +1,100 @@
+"""web_demo.py (Gradio) in headless Chromium: streamed reply, Stop, Regenerate, Clear, one history per session."""
+
+import os
+
+import pytest
+
+from browser import wait_until
+from conftest import ROOT
+from serving import ServerProcess
+
+SHOTS = os.path.join(ROOT, "resources")
+
+
+@pytest.fixture(scope="module")
+def web(v3_dir):
+    server = ServerProcess("web_demo.py", v3_dir, ready_path="/")
+    yield server
+    server.stop()
+
+
+def bot_texts(page) -> list[str]:
+    return page.locator("#chatbot .message.bot").all_inner_texts()
+
+
+def user_texts(page) -> list[str]:
+    return page.locator("#chatbot .message.user").all_inner_texts()
+
+
+def set_slider(page, elem_id: str, value: str) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(value)
+    box.press("Enter")
+
+
+def open_page(browser, url):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(url, timeout=60_000)
+    page.locator("#user-input textarea").wait_for()
+    return page
+
+
+def test_chat_streams_regenerates_and_clears(web, browser):
+    page = open_page(browser, web.url)
+    page.locator("#user-input textarea").fill("你好，请介绍一下你自己")
+    page.locator("#submit").click()
+    lengths = set()
+    wait_until(page, lambda: bot_texts(page) and lengths.add(len(bot_texts(page)[-1])) is None
+               and len(lengths) >= 3, what="a streamed reply (several lengths seen)")
+    assert user_texts(page)[-1].strip() == "你好，请介绍一下你自己"
+    assert page.locator("#user-input textarea").input_value() == ""  # the box is free for the next message
+    wait_until(page, lambda: page.locator("#chatbot .pending").count() == 0 and _stable(page), timeout_s=60,
+               what="the reply to finish")
+    os.makedirs(SHOTS, exist_ok=True)
+    page.screenshot(path=os.path.join(SHOTS, "web_demo.png"))
+
+    first = bot_texts(page)[-1]
+    set_slider(page, "temperature", "0.9")
+    page.locator("#regenerate").click()
+    wait_until(page, lambda: bot_texts(page) and bot_texts(page)[-1] != first, what="a regenerated reply")
+    assert len(user_texts(page)) == 1  # regenerate replaces the reply, it does not add a turn
+
+    page.locator("#clear").click()
+
+    wait_until(page, lambda: not bot_texts(page) and not user_texts(page), what="the history to clear")
+
+
+def _stable(page) -> bool:
+    before = bot_texts(page)
+    page.wait_for_timeout(700)
+    return before == bot_texts(page)
+
+
+def test_stop_ends_a_long_reply(web, browser):
+    page = open_page(browser, web.url)
+    set_slider(page, "temperature", "0")  # greedy: this random model then loops and never ends on its own
+    page.locator("#user-input textarea").fill("Write a very long story")
+    page.locator("#submit").click()
+    wait_until(page, lambda: bot_texts(page) and len(bot_texts(page)[-1]) > 40, what="the reply to start")
+    growing = len(bot_texts(page)[-1])
+    wait_until(page, lambda: len(bot_texts(page)[-1]) > growing, what="the reply to keep growing")
+    page.locator("#stop").click()
+    page.wait_for_timeout(500)
+    stopped = bot_texts(page)[-1]
+    page.wait_for_timeout(1500)
+    assert bot_texts(page)[-1] == stopped  # nothing more arrives
+    page.screenshot(path=os.path.join(SHOTS, "web_demo_stopped.png"))
+    page.locator("#user-input textarea").fill("hi")  # and the demo takes the next message
+    page.locator("#submit").click()
+    wait_until(page, lambda: len(user_texts(page)) == 2 and len(bot_texts(page)) == 2, what="a second reply")
+    page.locator("#stop").click()
+
+
+def test_each_browser_session_has_its_own_history(web, browser):
+    a, b = open_page(browser, web.url), open_page(browser, web.url)
+    a.locator("#user-input textarea").fill("only in session A")
+    a.locator("#submit").click()
+    wait_until(a, lambda: bot_texts(a), what="a reply in session A")
+    a.locator("#stop").click()
+    b.wait_for_timeout(500)
+    assert user_texts(b) == [] and bot_texts(b) == []

@@ -1,0 +1,154 @@
+"""Chat with ChatGLM in the browser (Gradio): python web_demo.py [--model DIR_OR_HUB_ID] [--port 7860] [--share]."""
+
+
+import os
+import sys
+
+from utils import build_parser, load_or_exit, model_id
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
+
+LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False},
+         {"left": "\\(", "right": "\\)", "display": False}, {"left": "\\[", "right": "\\]", "display": True}]
+
+
+def reply_stream(engine, history: list[dict], system: str, max_length: int, top_p: float, temperature: float,
+                 on_start=None):
+    """Yield the assistant's reply text as it grows, for a history ending in the user's message.
+
+    on_start(handle) receives the engine handle, so a Stop button elsewhere can cancel the generation.
+    """
+    from model.conversation import Message, ReplyParser, build_prompt_ids
+    from model.engine import GenerationRequest
+    from model.generation import SamplingParams
+
+    messages = [Message("system", system)] if system.strip() and engine.family == "chatglm3" else []
+    messages += [Message(m["role"], _text(m["content"])) for m in history]
+    ids = build_prompt_ids(engine.tokenizer, messages)
+    limit = min(int(max_length), engine.context_length)
+    if len(ids) >= limit:
+        raise ValueError(f"the conversation is {len(ids)} tokens, over the maximum length {limit}: "
+                         f"clear the history or raise Maximum length")
+    greedy = temperature <= 0 or top_p <= 0  # the sliders' zero ends: always the most likely token
+    params = SamplingParams(do_sample=not greedy, temperature=1.0 if greedy else temperature,
+                            top_p=1.0 if greedy else top_p)
+    handle = engine.submit(GenerationRequest(ids, params, limit - len(ids), tuple(engine.tokenizer.reply_stop_ids())))
+    if on_start is not None:
+        on_start(handle)
+    parser, text = ReplyParser(engine.family), ""
+    try:
+        for event in handle:
+            if event.finish == "error":
+                raise RuntimeError(event.error)
+            parts = parser.feed(event.text) + (parser.finish() if event.finish else [])
+            delta = "".join(p.content for p in parts)
+            if delta:
+                text += delta
+                yield text
+    finally:
+        handle.cancel()  # Stop button, closed tab, or finished: the engine moves on
+
+
+def _text(content) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # Gradio's normalised form: [{"type": "text", "text": ...}]
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return str(content or "")
+
+
+def create_demo(engine):
+    import gradio as gr
+
+    from model.engine import EngineBusy
+
+    v3 = engine.family == "chatglm3"
+    active = {}  # browser session -> the handle of the reply being generated for it
+
+    def cancel_reply(request: gr.Request):
+        handle = active.pop(request.session_hash, None)
+        if handle is not None:
+            handle.cancel()
+
+    def add_user(message: str, history: list):
+        if not message.strip():
+            return message, history  # nothing to send: keep the box as it is
+        return "", history + [{"role": "user", "content": message}]
+
+    def bot(history: list, system: str, max_length: int, top_p: float, temperature: float, request: gr.Request):
+        if not history or history[-1]["role"] != "user":
+            return
+        cancel_reply(request)  # one reply at a time per session
+
+        def started(handle):
+            active[request.session_hash] = handle
+
+        try:
+            for text in reply_stream(engine, history, system or "", max_length, top_p, temperature, started):
+                yield history + [{"role": "assistant", "content": text}]
+        except EngineBusy:
+            raise gr.Error("The model is busy with other users; try again in a moment.")
+        except ValueError as e:
+            raise gr.Error(str(e))
+
+    def drop_last_reply(history: list):
+        while history and history[-1]["role"] == "assistant":
+            history = history[:-1]
+        return history
+
+    with gr.Blocks(title=f"ChatGLM — {engine.model_name}") as demo:
+        gr.HTML(f'<h1 align="center">ChatGLM</h1><p align="center">{engine.model_name}</p>')
+        chatbot = gr.Chatbot(label="Chat", latex_delimiters=LATEX, height=480, elem_id="chatbot")
+        with gr.Row():
+            with gr.Column(scale=4):
+                system = gr.Textbox(label="System prompt", lines=1, visible=v3, elem_id="system")
+                user_input = gr.Textbox(show_label=False, placeholder="Input...", lines=4, elem_id="user-input")
+                with gr.Row():
+                    submit_btn = gr.Button("Submit", variant="primary", elem_id="submit")
+                    stop_btn = gr.Button("Stop", elem_id="stop")
+                    regen_btn = gr.Button("Regenerate", elem_id="regenerate")
+            with gr.Column(scale=1):
+                clear_btn = gr.Button("Clear History", elem_id="clear")
+                max_length = gr.Slider(0, 32768, value=8192, step=1.0, label="Maximum length", interactive=True)
+                top_p = gr.Slider(0, 1, value=0.8, step=0.01, label="Top P", interactive=True)
+                temperature = gr.Slider(0, 1, value=0.95, step=0.01, label="Temperature", interactive=True,
+                                        elem_id="temperature")
+        settings = [chatbot, system, max_length, top_p, temperature]
+        sent = submit_btn.click(add_user, [user_input, chatbot], [user_input, chatbot], queue=False)
+        sent_reply = sent.then(bot, settings, chatbot)
+        entered = user_input.submit(add_user, [user_input, chatbot], [user_input, chatbot], queue=False)
+        entered_reply = entered.then(bot, settings, chatbot)
+        regen = regen_btn.click(drop_last_reply, [chatbot], [chatbot], queue=False)
+        regen_reply = regen.then(bot, settings, chatbot)
+        replies = [sent_reply, entered_reply, regen_reply]
+        # Stop and Clear end the generation in the engine and cancel the Gradio event streaming it.
+        stop_btn.click(cancel_reply, None, None, cancels=replies, queue=False)
+
+        def clear(request: gr.Request):
+            cancel_reply(request)
+            return []
+
+        clear_btn.click(clear, None, [chatbot], cancels=replies, queue=False)
+    demo.queue(default_concurrency_limit=engine.max_queue)
+    return demo
+
+
+def main(argv=None) -> int:
+    ap = build_parser(__doc__, web=True, port=7860)
+    ap.add_argument("--share", action="store_true", help="also publish a public gradio.live link")
+    args = ap.parse_args(argv)
+    import gradio as gr
+
+    from model.engine import Engine
+
+    model, tokenizer = load_or_exit(args)
+    engine = Engine(model, tokenizer, model_name=model_id(args.model))
+    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                              font_mono=["ui-monospace", "monospace"])  # no web fonts: works offline
+    create_demo(engine).launch(server_name=args.host, server_port=args.port, share=args.share, inbrowser=False,
+                               theme=theme)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
