@@ -42,8 +42,12 @@ def model_id(name_or_path: str) -> str:
     return os.path.basename(os.path.normpath(str(name_or_path))) or str(name_or_path)
 
 
-def load_or_exit(args):
-    """(model, tokenizer) for the parsed flags; a missing model ends the program with what to do."""
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; the message says what to do."""
+
+
+def load_from_args(args):
+    """(model, tokenizer) for the parsed flags; ModelLoadError with what to do when that fails."""
     from model import ModelNotFoundError, UnsupportedConfigError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -55,10 +59,16 @@ def load_or_exit(args):
         return load_model(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
                           device_map=device_map)
     except (ModelNotFoundError, UnsupportedConfigError, FileNotFoundError, RuntimeError) as e:
+        raise ModelLoadError(str(e)) from e
+
+
+def load_or_exit(args):
+    """load_from_args, ending the program with the explanation on failure."""
+    try:
+        return load_from_args(args)
+    except ModelLoadError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-
-
 
 def load_model_on_gpus(checkpoint_path: str, num_gpus: int = 2, device_map: dict | None = None, **kwargs):
     """The original helper: the model with its 28 layers spread over num_gpus GPUs (word embeddings, final norm

@@ -37,12 +37,18 @@ def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float 
 class ServerProcess:
     """`python SCRIPT --model DIR --port P [args]` from the repository root; .url once healthy."""
 
-    def __init__(self, script: str, model_dir: str, *args: str, ready_path: str = "/health"):
+    def __init__(self, script: str, model_dir: str, *args: str, ready_path: str = "/health", streamlit=False):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
-        self.proc = subprocess.Popen([sys.executable, script, "--model", model_dir, "--port", str(self.port),
-                                      "--device", "cpu", "--dtype", "float32", *args],
+        model_args = ["--model", model_dir, "--device", "cpu", "--dtype", "float32", *args]
+        if streamlit:  # streamlit run SCRIPT [streamlit options] -- [script flags]
+            argv = [sys.executable, "-m", "streamlit", "run", script, "--server.port", str(self.port),
+                    "--server.address", "127.0.0.1", "--server.headless", "true",
+                    "--browser.gatherUsageStats", "false", "--", *model_args]
+        else:
+            argv = [sys.executable, script, "--port", str(self.port), *model_args]
+        self.proc = subprocess.Popen(argv,
                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             wait_healthy(self.url, self.proc, path=ready_path)
