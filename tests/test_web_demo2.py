@@ -37,9 +37,17 @@ def streaming_length(page) -> int:
 
 
 def bubble_texts(page) -> list[str]:
-    frames = page.locator("iframe[title='streamlit_chat.streamlit_chat']")
-    return [page.frame_locator("iframe[title='streamlit_chat.streamlit_chat']").nth(i).locator("body").inner_text()
-            for i in range(frames.count())]
+    """Text of each chat bubble (an iframe each); a bubble being redrawn reads as "" (callers poll)."""
+    from playwright.sync_api import Error
+
+    selector = "iframe[title='streamlit_chat.streamlit_chat']"
+    texts = []
+    for i in range(page.locator(selector).count()):
+        try:
+            texts.append(page.frame_locator(selector).nth(i).locator("body").inner_text(timeout=2000))
+        except Error:  # the page re-ran and this iframe went away or is not loaded yet
+            texts.append("")
+    return texts
 
 
 def test_reply_streams_then_shows_as_a_bubble_and_clear_removes_it(st_demo, browser):
@@ -47,8 +55,8 @@ def test_reply_streams_then_shows_as_a_bubble_and_clear_removes_it(st_demo, brow
     send(page, "你好")
     wait_until(page, lambda: streaming_length(page) > 0 or len(bubble_texts(page)) == 2,
                what="the reply to appear")
-    wait_until(page, lambda: len(bubble_texts(page)) == 2 and bubble_texts(page)[1].strip(), timeout_s=90,
-               what="the finished reply in a chat bubble")
+    wait_until(page, lambda: len(bubble_texts(page)) == 2 and all(t.strip() for t in bubble_texts(page)),
+               timeout_s=90, what="the finished reply in a chat bubble")
     assert bubble_texts(page)[0].strip() == "你好"
     page.wait_for_timeout(500)
     os.makedirs(SHOTS, exist_ok=True)
