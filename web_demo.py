@@ -40,6 +40,8 @@ def reply_stream(engine, history: list[dict], system: str, max_length: int, top_
         for event in handle:
             if event.finish == "error":
                 raise RuntimeError(event.error)
+            if event.finish == "cancelled":
+                return  # Stop / Clear: nothing more may reach the page
             parts = parser.feed(event.text) + (parser.finish() if event.finish else [])
             delta = "".join(p.content for p in parts)
             if delta:
@@ -80,11 +82,16 @@ def create_demo(engine):
             return
         cancel_reply(request)  # one reply at a time per session
 
+        mine = []
+
         def started(handle):
             active[request.session_hash] = handle
+            mine.append(handle)
 
         try:
             for text in reply_stream(engine, history, system or "", max_length, top_p, temperature, started):
+                if mine[0].cancelled:  # Stop / Clear came while this text was on its way
+                    return
                 yield history + [{"role": "assistant", "content": text}]
         except EngineBusy:
             raise gr.Error("The model is busy with other users; try again in a moment.")

@@ -58,6 +58,8 @@ def test_chat_streams_regenerates_and_clears(web, browser):
     page.locator("#regenerate").click()
     wait_until(page, lambda: bot_texts(page) and bot_texts(page)[-1] != first, what="a regenerated reply")
     assert len(user_texts(page)) == 1  # regenerate replaces the reply, it does not add a turn
+    wait_until(page, lambda: page.locator("#chatbot .pending").count() == 0 and _stable(page), timeout_s=60,
+               what="the regenerated reply to finish")
 
     page.locator("#clear").click()
 
