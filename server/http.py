@@ -37,12 +37,13 @@ class APIError(Exception):
         self.headers = headers
 
     def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
+        return JSONResponse(error_json(self.message, self.type, self.param, self.code), status_code=self.status,
+                            headers=self.headers)
 
 
-def error_body(status: int, message: str, type: str, code: str | None = None) -> bytes:
-    return json.dumps({"error": {"message": message, "type": type, "param": None, "code": code}}).encode()
+def error_json(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
+    """The OpenAI error shape, used by every error either server sends."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -144,7 +145,7 @@ class BodySizeLimit:
 
 
 async def _send_error(send, status: int, message: str) -> None:
-    body = error_body(status, message, "invalid_request_error")
+    body = json.dumps(error_json(message, "invalid_request_error")).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})

@@ -14,7 +14,8 @@ from model.conversation import ConversationError, Message, ReplyParser, build_pr
 from model.engine import GenerationRequest, RequestHandle
 from model.generation import SamplingParams
 
-from .http import APIError, Settings, events_until_disconnect, install_common, raise_for_engine_error, submit
+from .http import (APIError, Settings, error_json, events_until_disconnect, install_common, raise_for_engine_error,
+                   submit)
 from .protocol import MAX_STOP, ChatCompletionRequest, ChatMessage
 
 DEFAULT_TEMPERATURE = 0.8  # ChatGLM's own defaults (the original chat() and demos)
@@ -265,8 +266,7 @@ async def stream_chunks(engine, plan: Plan, handles: list[RequestHandle]):
                 completion += part[2]
                 yield chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": part[1]}])
             elif kind == "error":
-                err = {"error": {"message": part[1], "type": "server_error", "param": None, "code": None}}
-                yield f"data: {json.dumps(err)}\n\n"
+                yield f"data: {json.dumps(error_json(part[1], 'server_error'))}\n\n"
         if plan.include_usage:
             yield chunk([], usage(plan.prompt_tokens, completion))
         yield "data: [DONE]\n\n"

@@ -73,41 +73,32 @@ def v3_dir(tmp_path_factory):
     return str(path)
 
 
-@pytest.fixture(scope="session")
-def v3(v3_dir):
+def _serve(script: str, model: str, *args: str):
     from serving import ServerProcess
 
-    server = ServerProcess("openai_api.py", v3_dir)
-    yield server
-    server.stop()
+    with ServerProcess(script, model, *args) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def v3(v3_dir):
+    yield from _serve("openai_api.py", v3_dir)
 
 
 @pytest.fixture(scope="session")
 def v2_keyed():
-    from serving import ServerProcess
-
-    server = ServerProcess("openai_api.py", model_dir("chatglm2-tiny"), "--api-key", KEY, "--max-request-bytes",
-                           "20000", "--cors-origins", "http://allowed.example")
-    yield server
-    server.stop()
+    yield from _serve("openai_api.py", model_dir("chatglm2-tiny"), "--api-key", KEY, "--max-request-bytes", "20000",
+                      "--cors-origins", "http://allowed.example")
 
 
 @pytest.fixture(scope="session")
 def basic_v2():
-    from serving import ServerProcess
-
-    server = ServerProcess("api.py", model_dir("chatglm2-tiny"))
-    yield server
-    server.stop()
+    yield from _serve("api.py", model_dir("chatglm2-tiny"))
 
 
 @pytest.fixture(scope="session")
 def basic_v3(v3_dir):
-    from serving import ServerProcess
-
-    server = ServerProcess("api.py", v3_dir)
-    yield server
-    server.stop()
+    yield from _serve("api.py", v3_dir)
 
 
 @pytest.fixture(scope="session")

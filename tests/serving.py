@@ -56,6 +56,12 @@ class ServerProcess:
             self.stop()
             raise
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     def alive(self) -> bool:
         return self.proc.poll() is None
 

@@ -13,9 +13,8 @@ SHOTS = os.path.join(ROOT, "resources")
 
 @pytest.fixture(scope="module")
 def web(v3_dir):
-    server = ServerProcess("web_demo.py", v3_dir, ready_path="/")
-    yield server
-    server.stop()
+    with ServerProcess("web_demo.py", v3_dir, ready_path="/") as server:
+        yield server
 
 
 def bot_texts(page) -> list[str]:

@@ -13,9 +13,8 @@ SHOTS = os.path.join(ROOT, "resources")
 
 @pytest.fixture(scope="module")
 def st_demo(v3_dir):
-    server = ServerProcess("web_demo2.py", v3_dir, ready_path="/_stcore/health", streamlit=True)
-    yield server
-    server.stop()
+    with ServerProcess("web_demo2.py", v3_dir, ready_path="/_stcore/health", streamlit=True) as server:
+        yield server
 
 
 def open_page(browser, url):
