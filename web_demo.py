@@ -97,11 +97,16 @@ def create_demo(engine):
             raise gr.Error("The model is busy with other users; try again in a moment.")
         except ValueError as e:
             raise gr.Error(str(e))
+        finally:
+            if mine and active.get(request.session_hash) is mine[0]:
+                del active[request.session_hash]  # finished: nothing left to stop
 
-    def drop_last_reply(history: list):
+    def regenerate(history: list, system: str, max_length: int, top_p: float, temperature: float,
+                   request: gr.Request):
         while history and history[-1]["role"] == "assistant":
             history = history[:-1]
-        return history
+        yield history
+        yield from bot(history, system, max_length, top_p, temperature, request)
 
     with gr.Blocks(title=f"ChatGLM — {engine.model_name}") as demo:
         gr.HTML(f'<h1 align="center">ChatGLM</h1><p align="center">{engine.model_name}</p>')
@@ -125,17 +130,16 @@ def create_demo(engine):
         sent_reply = sent.then(bot, settings, chatbot)
         entered = user_input.submit(add_user, [user_input, chatbot], [user_input, chatbot], queue=False)
         entered_reply = entered.then(bot, settings, chatbot)
-        regen = regen_btn.click(drop_last_reply, [chatbot], [chatbot], queue=False)
-        regen_reply = regen.then(bot, settings, chatbot)
+        # One queued event for Regenerate, so Clear or Stop can never fall between dropping the reply and
+        # starting the new one.
+        regen_reply = regen_btn.click(regenerate, settings, chatbot)
         replies = [sent_reply, entered_reply, regen_reply]
         # Stop and Clear end the generation in the engine and cancel the Gradio event streaming it.
         stop_btn.click(cancel_reply, None, None, cancels=replies, queue=False)
-
-        def clear(request: gr.Request):
-            cancel_reply(request)
-            return []
-
-        clear_btn.click(clear, None, [chatbot], cancels=replies, queue=False)
+        # Clear first ends the reply (as Stop does), then empties the chat in a queued step: that step's result
+        # travels on the same ordered stream as the reply's updates, after any already on their way, so a late
+        # update cannot bring the history back.
+        clear_btn.click(cancel_reply, None, None, cancels=replies, queue=False).then(lambda: [], None, chatbot)
     demo.queue(default_concurrency_limit=engine.max_queue)
     return demo
 
