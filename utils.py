@@ -10,8 +10,12 @@ import sys
 DEFAULT_MODEL = "THUDM/chatglm2-6b"
 
 
-def build_parser(description: str, *, server: bool = False, web: bool = False, port: int = 8000):
-    """The flags every script takes; servers and web demos add --host / --port (and the API ones)."""
+def build_parser(description: str, *, server: bool = False, web: bool = False, engine: bool = False,
+                 port: int = 8000):
+    """The flags every script takes; servers and web demos add --host / --port (and the API ones).
+
+    Scripts serving several users (server, web, or engine=True) also take --max-batch.
+    """
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--model", default=os.environ.get("MODEL_PATH") or DEFAULT_MODEL,
                     help=f"checkpoint directory or Hub id (env MODEL_PATH; default {DEFAULT_MODEL})")
@@ -25,6 +29,9 @@ def build_parser(description: str, *, server: bool = False, web: bool = False, p
         ap.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: everyone)")
         ap.add_argument("--port", type=int, default=port)
+    if server or web or engine:
+        ap.add_argument("--max-batch", type=int, default=8,
+                        help="requests decoded together (continuous batching); more wait in the queue")
     if server:
         ap.add_argument("--api-key", default=os.environ.get("API_KEY"),
                         help="require 'Authorization: Bearer KEY' (env API_KEY)")

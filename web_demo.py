@@ -3,10 +3,15 @@
 
 import os
 import sys
+import time
 
 from utils import build_parser, load_or_exit, model_id
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
+
+# A fast model (or a GPU) can produce hundreds of tokens a second; redrawing the chat for each one would flood
+# the browser. Updates closer together than this are merged (a slow model still shows every token at once).
+UPDATE_INTERVAL_S = 0.05
 
 LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False},
          {"left": "\\(", "right": "\\)", "display": False}, {"left": "\\[", "right": "\\]", "display": True}]
@@ -89,10 +94,16 @@ def create_demo(engine):
             mine.append(handle)
 
         try:
-            for text in reply_stream(engine, history, system or "", max_length, top_p, temperature, started):
+            shown, latest, last_shown = "", "", 0.0
+            for latest in reply_stream(engine, history, system or "", max_length, top_p, temperature, started):
                 if mine[0].cancelled:  # Stop / Clear came while this text was on its way
                     return
-                yield history + [{"role": "assistant", "content": text}]
+                now = time.monotonic()
+                if now - last_shown >= UPDATE_INTERVAL_S:
+                    shown, last_shown = latest, now
+                    yield history + [{"role": "assistant", "content": latest}]
+            if latest != shown and not mine[0].cancelled:
+                yield history + [{"role": "assistant", "content": latest}]
         except EngineBusy:
             raise gr.Error("The model is busy with other users; try again in a moment.")
         except ValueError as e:
@@ -153,7 +164,7 @@ def main(argv=None) -> int:
     from model.engine import Engine
 
     model, tokenizer = load_or_exit(args)
-    engine = Engine(model, tokenizer, model_name=model_id(args.model))
+    engine = Engine(model, tokenizer, model_name=model_id(args.model), max_batch=args.max_batch)
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])  # no web fonts: works offline
     create_demo(engine).launch(server_name=args.host, server_port=args.port, share=args.share, inbrowser=False,

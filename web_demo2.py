@@ -21,9 +21,9 @@ def get_engine(argv: tuple):
     """One model and engine per process, shared by every browser session."""
     from model.engine import Engine
 
-    args = build_parser(__doc__).parse_args(list(argv))
+    args = build_parser(__doc__, engine=True).parse_args(list(argv))
     model, tokenizer = load_from_args(args)
-    return Engine(model, tokenizer, model_name=model_id(args.model))
+    return Engine(model, tokenizer, model_name=model_id(args.model), max_batch=args.max_batch)
 
 
 def to_html(text: str) -> str:

@@ -73,3 +73,137 @@ class KVCache:
 
     def __iter__(self):
         return (self[i] for i in range(self.num_layers))
+
+
+class BatchCache:
+    """The cache of up to max_batch sequences decoded together, each at its own length.
+
+    Rows 0..rows-1 are in use; row r holds its sequence at positions 0..lengths[r]-1. A decode step feeds one
+    token per row: update() writes each row's key at that row's own length, and the caller masks every key
+    past it. Storage starts zeroed (masked slots must never hold NaN) and grows geometrically; release()
+    shrinks it back when nothing runs, so memory stays bounded however many requests pass through.
+    """
+
+    def __init__(self, config, max_batch: int, dtype: torch.dtype, device, capacity: int = 256):
+        self.num_layers = config.num_layers
+        self.max_capacity = config.seq_length
+        self.initial_capacity = min(capacity, config.seq_length)
+        self._shape = (max_batch, config.num_kv_heads, config.kv_channels)
+        self.dtype, self.device = dtype, torch.device(device)
+        self.lengths = [0] * max_batch
+        self.rows = 0
+        self._allocate(self.initial_capacity)
+
+    def _allocate(self, capacity: int) -> None:
+        b, g, d = self._shape
+        self.keys = [torch.zeros(b, g, capacity, d, dtype=self.dtype, device=self.device)
+                     for _ in range(self.num_layers)]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    @property
+    def max_batch(self) -> int:
+        return self._shape[0]
+
+    @property
+    def length(self) -> int:
+        return max(self.lengths[: self.rows], default=0)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def grow(self, need: int) -> None:
+        """Make every row able to hold `need` positions."""
+        if need <= self.capacity:
+            return
+        if need > self.max_capacity:
+            raise ValueError(f"context of {need} tokens exceeds the model's limit of {self.max_capacity}")
+        new_cap = min(max(need, 2 * self.capacity), self.max_capacity)
+        keep = self.length if self.rows else 0
+        for store in (self.keys, self.values):
+            for i, old in enumerate(store):
+                grown = old.new_zeros(old.shape[:2] + (new_cap,) + old.shape[3:])
+                grown[:, :, :keep] = old[:, :, :keep]
+                store[i] = grown
+
+    def release(self) -> None:
+        """With no rows in use, give back storage grown beyond the initial capacity."""
+        if self.rows == 0 and self.capacity > self.initial_capacity:
+            self._allocate(self.initial_capacity)
+
+    def add_row(self) -> "RowCache":
+        """Claim the next free row (empty) and return a single-sequence view for prefilling it."""
+        if self.rows >= self.max_batch:
+            raise RuntimeError("no free row in the batch cache")
+        row = self.rows
+        self.rows += 1
+        self.lengths[row] = 0
+        return RowCache(self, row)
+
+    def remove_row(self, row: int) -> None:
+        """Free a row; the last row moves into its place, so rows in use stay 0..rows-1."""
+        last = self.rows - 1
+        if row != last:
+            n = self.lengths[last]
+            for store in (self.keys, self.values):
+                for t in store:
+                    t[row, :, :n] = t[last, :, :n]
+            self.lengths[row] = n
+        self.lengths[last] = 0
+        self.rows = last
+
+    # ---- the interface the model uses during a batched decode step (one new token per row) -------------
+    def reserve(self, new_tokens: int) -> None:
+        self.grow(self.length + new_tokens)
+
+    def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if key.shape[2] != 1 or key.shape[0] != self.rows:
+            raise ValueError("a batched step feeds exactly one token for every row in use")
+        if self.keys[layer].device != key.device:  # layers split over devices: keep each layer's cache beside it
+            self.keys[layer] = self.keys[layer].to(key.device)
+            self.values[layer] = self.values[layer].to(key.device)
+        rows = torch.arange(self.rows, device=key.device)
+        at = torch.tensor(self.lengths[: self.rows], device=key.device)
+        self.keys[layer][rows, :, at] = key[:, :, 0]
+        self.values[layer][rows, :, at] = value[:, :, 0]
+        end = self.length + 1
+        return self.keys[layer][: self.rows, :, :end], self.values[layer][: self.rows, :, :end]
+
+    def advance(self, tokens: int) -> None:
+        for r in range(self.rows):
+            self.lengths[r] += tokens
+
+    def step_mask(self) -> torch.Tensor:
+        """(rows, 1, 1, S) bool for the next step: row r sees its own keys and the one being added."""
+        lengths = torch.tensor(self.lengths[: self.rows], device=self.device)
+        return (torch.arange(self.length + 1, device=self.device)[None, :] <= lengths[:, None])[:, None, None, :]
+
+
+class RowCache:
+    """One row of a BatchCache seen as a batch-1 cache, for prefilling a sequence into its row."""
+
+    def __init__(self, batch: BatchCache, row: int):
+        self.batch, self.row = batch, row
+
+    @property
+    def length(self) -> int:
+        return self.batch.lengths[self.row]
+
+    def reserve(self, new_tokens: int) -> None:
+        self.batch.grow(self.length + new_tokens)
+
+    def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, r, start = self.batch, self.row, self.length
+        end = start + key.shape[2]
+        if b.keys[layer].device != key.device:
+            b.keys[layer] = b.keys[layer].to(key.device)
+            b.values[layer] = b.values[layer].to(key.device)
+        b.keys[layer][r:r + 1, :, start:end] = key
+        b.values[layer][r:r + 1, :, start:end] = value
+        return b.keys[layer][r:r + 1, :, :end], b.values[layer][r:r + 1, :, :end]
+
+    def advance(self, tokens: int) -> None:
+        self.batch.lengths[self.row] += tokens

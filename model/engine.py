@@ -1,8 +1,10 @@
-"""The generation engine the servers share: one worker thread owns the model, requests queue, text streams back.
+"""The generation engine the servers share: continuous batching on one worker thread that owns the model.
 
 Front ends submit a `GenerationRequest` (prompt ids, sampling parameters, limits) and read `Event`s (text deltas,
 then one event with a finish reason) from the returned `RequestHandle`, synchronously or with `async for`.
-A handle can be cancelled at any time (client gone, Stop button); its generation ends at the next step.
+Running requests are decoded together, one batched forward pass per step; a new request is prefilled into a
+free row of the batch KV cache and joins at the next step. A handle can be cancelled at any time (client gone,
+Stop button); its row is freed at the next step and the others go on unchanged.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cache import KVCache
-from .generation import SamplingParams, generate_tokens
+from .cache import BatchCache
+from .generation import (SamplingParams, apply_repetition_penalty, guard_non_finite, make_generator,
+                         next_token)
 from .tokenizer import StreamDecoder
 
 logger = logging.getLogger(__name__)
@@ -120,17 +123,59 @@ class RequestHandle:
                 return
 
 
-class Engine:
-    """Serialises generation on one worker thread; requests wait in a bounded FIFO queue."""
+class _Sequence:
+    """A request being decoded: its row in the batch, sampling state and text decoder."""
 
-    def __init__(self, model, tokenizer, *, model_name: str | None = None, max_queue: int = 32):
+    def __init__(self, handle: RequestHandle, engine: "Engine", device):
+        request = handle.request
+        self.handle = handle
+        self.params = request.params
+        self.stop_ids = set(request.stop_ids)
+        self.budget = min(request.max_new_tokens, engine.context_length - len(request.input_ids))
+        self.history = list(request.input_ids)  # prompt and generated ids, for penalties
+        self.generator = make_generator(request.params.seed, device)
+        self.decoder = StreamDecoder(engine.tokenizer)
+        self.hooks = []
+        if request.presence_penalty or request.frequency_penalty:
+            self.hooks.append(occurrence_penalty(len(request.input_ids), request.presence_penalty,
+                                                 request.frequency_penalty))
+        self.count = 0
+        self.next_id: int | None = None  # the sampled id to feed at the next step
+
+    def sample(self, logits: torch.Tensor) -> int:
+        """(1, vocab) float logits of this sequence -> its next id (exactly as generate_tokens does)."""
+        if self.hooks or self.params.repetition_penalty != 1.0:
+            seen = torch.tensor([self.history], device=logits.device)
+            for hook in self.hooks:
+                logits = hook(seen, logits)
+            if self.params.repetition_penalty != 1.0:
+                logits = apply_repetition_penalty(logits, seen, self.params.repetition_penalty)
+        return int(next_token(guard_non_finite(logits), self.params, self.generator)[0])
+
+
+class Engine:
+    """Continuous batching on one worker thread.
+
+    Requests wait in a bounded FIFO queue. Up to max_batch sequences are decoded together, one batched forward
+    pass per step; a new request is prefilled into a free row of the batch cache and joins at the next step,
+    and a finished or cancelled one leaves without disturbing the others. Each keeps its own sampling
+    parameters, seed, stop ids, penalties and token budget, so its text is the text it would get alone.
+    """
+
+    def __init__(self, model, tokenizer, *, model_name: str | None = None, max_queue: int = 32,
+                 max_batch: int = 8):
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
         self.model = model
         self.tokenizer = tokenizer
         self.model_name = model_name or getattr(model, "name_or_path", None) or "chatglm"
         self.family = tokenizer.family
         self.context_length = model.config.seq_length
         self.max_queue = max_queue
+        self.max_batch = max_batch
         self.stats = EngineStats()
+        self.cache = BatchCache(model.config, max_batch, model.dtype, model.device)
+        self._running: list[_Sequence] = []  # index = row in self.cache
         self._queue: queue.Queue[RequestHandle | None] = queue.Queue()
         self._lock = threading.Lock()
         self._closed = False
@@ -167,26 +212,34 @@ class Engine:
 
     # ---- the worker ---------------------------------------------------------------------------------
     def _run(self) -> None:
-        while True:
-            handle = self._queue.get()
+        try:
+            while True:
+                if not self._admit():
+                    break
+                if self._running:
+                    self._decode_step()
+        finally:
+            for seq in list(reversed(self._running)):
+                self._finish(seq, Event(finish="cancelled", error="the engine was shut down"))
+            self._drain()
+
+    def _admit(self) -> bool:
+        """Prefill waiting requests into free rows (blocking while nothing runs); False once closed."""
+        while len(self._running) < self.max_batch:
+            try:
+                handle = self._queue.get() if not self._running else self._queue.get_nowait()
+            except queue.Empty:
+                return True
             if handle is None:
-                self._drain()
-                return
+                return False
             with self._lock:
                 self.stats.queued -= 1
-                self.stats.running += 1
-            try:
-                if handle.cancelled:
-                    handle._put(Event(finish="cancelled"))
-                else:
-                    self._generate(handle)
-            except Exception as e:  # a bug or an out-of-memory: fail this request, keep serving
-                logger.exception("generation failed")
-                handle._put(Event(finish="error", error=f"{type(e).__name__}: {e}"))
-            finally:
+            if handle.cancelled:
                 handle.done = True
-                with self._lock:
-                    self.stats.running -= 1
+                handle._put(Event(finish="cancelled"))
+                continue
+            self._prefill(handle)
+        return True
 
     def _drain(self) -> None:
         while True:
@@ -198,43 +251,86 @@ class Engine:
                 handle._put(Event(finish="cancelled", error="the engine was shut down"))
 
     @torch.inference_mode()
-    def _generate(self, handle: RequestHandle) -> None:
-        request, model = handle.request, self.model
+    def _prefill(self, handle: RequestHandle) -> None:
+        model = self.model
+        seq = _Sequence(handle, self, model.device)
+        row = self.cache.add_row()
+        self._running.append(seq)
         with self._lock:
-            self.stats.prompt_tokens += len(request.input_ids)
-        budget = min(request.max_new_tokens, self.context_length - len(request.input_ids))
-        ids = torch.tensor([request.input_ids], dtype=torch.long, device=model.device)
-        cache = KVCache.for_model(model.config, 1, model.dtype, model.device, capacity=ids.shape[1] + budget)
-        decoder = StreamDecoder(self.tokenizer)
-        stop_ids = set(request.stop_ids)
-        count, finish = 0, "length"
-        hooks = []
-        if request.presence_penalty or request.frequency_penalty:
-            hooks.append(occurrence_penalty(ids.shape[1], request.presence_penalty, request.frequency_penalty))
-        tokens = generate_tokens(model, ids, max_new_tokens=budget, params=request.params,
-                                 stop_ids=sorted(stop_ids), cache=cache, logits_hooks=hooks)
+            self.stats.running = len(self._running)
+            self.stats.prompt_tokens += len(seq.history)
         try:
-            for token in tokens:
-                token_id = int(token[0])
-                count += 1
-                if handle.first_token_at is None:
-                    handle.first_token_at = time.monotonic()
-                    self._record_ttft(handle.first_token_at - handle.submitted)
-                with self._lock:
-                    self.stats.tokens_generated += 1
-                if token_id in stop_ids:
-                    finish = "stop"
-                    break
-                if handle.cancelled:
-                    finish = "cancelled"
-                    break
-                delta = decoder.put(token_id)
-                if delta:
-                    handle._put(Event(text=delta, completion_tokens=count))
-        finally:
-            tokens.close()
-        handle._put(Event(text="" if finish == "cancelled" else decoder.flush(), finish=finish,
-                          completion_tokens=count))
+            ids = torch.tensor([seq.history], dtype=torch.long, device=model.device)
+            out = model.transformer(ids, None, None, row, last_logits_only=True)
+            self._take(seq, seq.sample(out.logits[:, -1].float()))
+        except Exception as e:  # a bug or an out-of-memory: fail this request, keep serving the others
+            logger.exception("prefill failed")
+            self._fail(seq, e)
+
+    @torch.inference_mode()
+    def _decode_step(self) -> None:
+        for seq in [s for s in self._running if s.handle.cancelled]:
+            self._finish(seq, Event(finish="cancelled", completion_tokens=seq.count))
+        if not self._running:
+            return
+        device = self.model.device
+        running = list(self._running)
+        try:
+            ids = torch.tensor([[s.next_id] for s in running], dtype=torch.long, device=device)
+            positions = torch.tensor([[n] for n in self.cache.lengths[: len(running)]], device=device)
+            mask = self.cache.step_mask()
+            logits = self.model.transformer(ids, positions, mask, self.cache, last_logits_only=True).logits
+            logits = logits[:, -1].float()
+            chosen = [seq.sample(logits[i:i + 1]) for i, seq in enumerate(running)]
+        except Exception as e:
+            logger.exception("decode step failed")
+            for seq in reversed(running):
+                self._fail(seq, e)
+            return
+        for seq, token_id in zip(running, chosen):
+            self._take(seq, token_id)
+
+    def _take(self, seq: _Sequence, token_id: int) -> None:
+        """Handle one generated id: stream its text, or end the sequence (stop id, budget, cancel)."""
+        handle = seq.handle
+        seq.count += 1
+        if handle.first_token_at is None:
+            handle.first_token_at = time.monotonic()
+            self._record_ttft(handle.first_token_at - handle.submitted)
+        with self._lock:
+            self.stats.tokens_generated += 1
+        if token_id in seq.stop_ids:
+            self._finish(seq, Event(text=seq.decoder.flush(), finish="stop", completion_tokens=seq.count))
+            return
+        if handle.cancelled:
+            self._finish(seq, Event(finish="cancelled", completion_tokens=seq.count))
+            return
+        delta = seq.decoder.put(token_id)
+        if seq.count >= seq.budget:
+            self._finish(seq, Event(text=delta + seq.decoder.flush(), finish="length", completion_tokens=seq.count))
+            return
+        if delta:
+            handle._put(Event(text=delta, completion_tokens=seq.count))
+        seq.history.append(token_id)
+        seq.next_id = token_id
+
+    def _fail(self, seq: _Sequence, error: Exception) -> None:
+        self._finish(seq, Event(finish="error", error=f"{type(error).__name__}: {error}",
+                                completion_tokens=seq.count))
+
+    def _finish(self, seq: _Sequence, event: Event) -> None:
+        """Send the last event and free the sequence's row (the last row moves into it)."""
+        row = self._running.index(seq)
+        self.cache.remove_row(row)
+        last = self._running.pop()
+        if last is not seq:
+            self._running[row] = last
+        if not self._running:
+            self.cache.release()
+        seq.handle.done = True
+        with self._lock:
+            self.stats.running = len(self._running)
+        seq.handle._put(event)
 
     def _record_ttft(self, seconds: float) -> None:
         with self._lock:

@@ -203,7 +203,10 @@ class ChatGLMModel(nn.Module):
         if cache is not None:
             cache.reserve(T)
         cos, sin = rotary_cos_sin(self.config, position_ids, x.dtype)
-        mask = build_attention_mask(attention_mask, past, T, input_ids.device)
+        if attention_mask is not None and attention_mask.dim() == 4:  # (B, 1, T, S) bool, built by the caller
+            mask = attention_mask
+        else:
+            mask = build_attention_mask(attention_mask, past, T, input_ids.device)
         x = self.encoder(x, cos, sin, mask, cache)
         if cache is not None:
             cache.advance(T)

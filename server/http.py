@@ -199,7 +199,8 @@ def serve(create_app, description: str, argv=None) -> int:
     from model.engine import Engine
 
     model, tokenizer = load_or_exit(args)
-    engine = Engine(model, tokenizer, model_name=args.model_name or model_id(args.model), max_queue=args.max_queue)
+    engine = Engine(model, tokenizer, model_name=args.model_name or model_id(args.model), max_queue=args.max_queue,
+                    max_batch=args.max_batch)
     settings = Settings(host=args.host, port=args.port, api_key=args.api_key,
                         cors_origins=[o.strip() for o in args.cors_origins.split(",") if o.strip()],
                         max_request_bytes=args.max_request_bytes)

@@ -137,3 +137,113 @@ def test_frequency_penalty_counts_only_generated_ids():
     ids = torch.tensor([[3, 3, 5, 5, 5, 3, 1]])  # prompt of 3, then 5, 5, 3, 1
     out = occurrence_penalty(3, presence=0.5, frequency=1.0)(ids, logits)
     assert out.tolist() == [[0, -1.5, 0, -1.5, 0, -2.5, 0, 0]]
+
+
+class BatchSizes:
+    """Records the batch size of every forward pass (a pre-hook on the transformer)."""
+
+    def __init__(self, model):
+        self.sizes = []
+        self._hook = model.transformer.register_forward_pre_hook(
+            lambda module, args: self.sizes.append(args[0].shape[0]) and None)
+
+    def remove(self):
+        self._hook.remove()
+
+
+def alone_events(model, tokenizer, request):
+    """Text and finish reason of one request run by itself through generate_tokens (no engine)."""
+    hooks = []
+    if request.presence_penalty or request.frequency_penalty:
+        hooks.append(occurrence_penalty(len(request.input_ids), request.presence_penalty, request.frequency_penalty))
+    pieces = list(model.stream_ids(tokenizer, request.input_ids, params=request.params,
+                                   max_new_tokens=request.max_new_tokens, stop_ids=request.stop_ids,
+                                   logits_processor=hooks))
+    return "".join(d for d, _ in pieces), pieces[-1][1]
+
+
+def run_staggered(engine, requests, waves):
+    """Submit requests in waves; each wave goes in once the previous wave's requests have started streaming."""
+    handles, results = {}, {}
+
+    def consume(i):
+        events = list(handles[i])
+        results[i] = ("".join(e.text for e in events), events[-1].finish)
+
+    threads = []
+    for wave in waves:
+        for i in wave:
+            handles[i] = engine.submit(requests[i])
+            threads.append(threading.Thread(target=consume, args=(i,)))
+            threads[-1].start()
+        deadline = time.monotonic() + 10
+        while any(handles[i].first_token_at is None for i in wave) and time.monotonic() < deadline:
+            time.sleep(0.002)
+    for t in threads:
+        t.join(60)
+    return [results[i] for i in range(len(requests))]
+
+
+@pytest.fixture(params=["chatglm2-tiny", "chatglm3-tiny"])
+def batch_engine(request):
+    model, tokenizer = loaded(request.param)
+    eng = Engine(model, tokenizer, max_queue=16, max_batch=4)
+    yield eng
+    eng.close()
+
+
+def test_batched_output_equals_each_request_alone(batch_engine):
+    """Mixed prompt lengths, budgets, sampling settings and arrival times: every text is the text it gets alone."""
+    eng = batch_engine
+    tok = eng.tokenizer
+    stops = tuple(tok.reply_stop_ids())
+    texts = ["你好", "Tell me a long story about the sea and the mountains, please", "1 + 1 = ?", "天气怎么样",
+             "hi", "Explain attention in transformers step by step", "写一首诗"]
+    sampled = SamplingParams(do_sample=True, temperature=0.9, top_p=0.8, seed=7)
+    requests = [
+        GenerationRequest(prompt(tok, texts[0]), GREEDY, 30, stops),
+        GenerationRequest(prompt(tok, texts[1]), GREEDY, 12, stops),
+        GenerationRequest(prompt(tok, texts[2]), sampled, 25, stops),
+        GenerationRequest(prompt(tok, texts[3]), SamplingParams(repetition_penalty=1.3), 20, stops),
+        GenerationRequest(prompt(tok, texts[4]), GREEDY, 40, (), presence_penalty=2.0),
+        GenerationRequest(prompt(tok, texts[5]), SamplingParams(do_sample=True, top_k=5, seed=3), 18, stops),
+        GenerationRequest(prompt(tok, texts[6]), GREEDY, 3, stops),
+    ]
+    expected = [alone_events(eng.model, tok, r) for r in requests]
+    sizes = BatchSizes(eng.model)
+    try:
+        got = run_staggered(eng, requests, [[0, 1], [2], [3, 4, 5], [6]])
+    finally:
+        sizes.remove()
+    assert got == expected
+    assert max(sizes.sizes) == eng.max_batch  # requests really were decoded together
+    assert eng.stats.running == 0 and eng.cache.rows == 0
+
+
+def test_cancelling_one_request_leaves_the_others_unchanged(batch_engine):
+    eng, tok = batch_engine, batch_engine.tokenizer
+    requests = [GenerationRequest(prompt(tok, t), GREEDY, 30, ()) for t in ["你好", "hello there", "天气"]]
+    expected = [alone_events(eng.model, tok, r)[0] for r in requests]
+    victim = eng.submit(GenerationRequest(prompt(tok, "cancel me"), GREEDY, 200))
+    handles = [eng.submit(r) for r in requests]
+    first = next(iter(victim))
+    victim.cancel()
+    rest = list(victim) if first.finish is None else []
+    assert ([first] + rest)[-1].finish == "cancelled"
+    assert [collect(h)[0] for h in handles] == expected
+
+
+def test_the_batch_cache_is_reused_not_grown(batch_engine):
+    """Many requests of growing length pass through: the cache returns to its initial size when idle."""
+    eng, tok = batch_engine, batch_engine.tokenizer
+    initial = eng.cache.nbytes()
+    for round_ in range(3):
+        handles = [eng.submit(GenerationRequest(prompt(tok, "x" * (20 * i + round_)), GREEDY, 150 + 50 * i))
+                   for i in range(6)]
+        for h in handles:
+            collect(h)
+    deadline = time.monotonic() + 5
+    while eng.stats.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert eng.cache.rows == 0 and eng.stats.running == 0 and eng.stats.queued == 0
+    assert eng.cache.nbytes() == initial
