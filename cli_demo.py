@@ -36,14 +36,22 @@ class Conversation:
         shown, before = "", self.history
         sampling = dict(do_sample=self.args.temperature > 0, temperature=self.args.temperature or 1.0,
                         top_p=self.args.top_p, max_length=self.args.max_length)
-        stream = self.model.stream_chat(self.tokenizer, query, before, past_key_values=self.cache,
+        from model.conversation import PUNCTUATION_MARKS
+
+        v1 = self.tokenizer.family == "chatglm1"  # re-reads the whole conversation each turn (no cache reuse)
+        stream = self.model.stream_chat(self.tokenizer, query, before, past_key_values=None if v1 else self.cache,
                                         return_past_key_values=True, **sampling)
+        response = ""
         try:
             for response, history, cache in stream:
-                if isinstance(response, str) and response.startswith(shown) and len(response) > len(shown):
-                    yield response[len(shown):]
-                    shown = response
+                # ChatGLM-6B rewrites a last , ! : ; ? once the next character is known: print it then.
+                stable = response[:-1] if v1 and response[-1:] in PUNCTUATION_MARKS else response
+                if isinstance(stable, str) and stable.startswith(shown) and len(stable) > len(shown):
+                    yield stable[len(shown):]
+                    shown = stable
                 self.history, self.cache = history, cache
+            if isinstance(response, str) and response.startswith(shown) and len(response) > len(shown):
+                yield response[len(shown):]
         except KeyboardInterrupt:
             stream.close()
             self.cache = None  # it holds the interrupted tokens; the next turn re-reads the history instead
@@ -62,7 +70,8 @@ def main(argv=None) -> int:
     except ImportError:
         pass
     model, tokenizer = load_or_exit(args)
-    name = {"chatglm3": "ChatGLM3-6B", "chatglm2": "ChatGLM2-6B"}.get(tokenizer.family, "ChatGLM")
+    name = {"chatglm3": "ChatGLM3-6B", "chatglm2": "ChatGLM2-6B", "chatglm1": "ChatGLM-6B"}.get(tokenizer.family,
+                                                                                                "ChatGLM")
     conversation = Conversation(model, tokenizer, args)
     print(WELCOME.format(name=name))
     while True:

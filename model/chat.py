@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import re
 from typing import Iterator
 
 import torch
@@ -17,6 +18,25 @@ TRAINING_TIME = ("[[训练时间]]", "2023年")
 
 def process_response_v2(text: str) -> str:
     return text.strip().replace(*TRAINING_TIME)
+
+
+_CJK = "\u4e00-\u9fff"
+_PUNCTUATION = ((",", "，"), ("!", "！"), (":", "："), (";", "；"), ("?", "？"))
+
+
+def process_response_v1(text: str) -> str:
+    """ChatGLM-6B: strip, then ASCII , ! : ; ? next to a CJK character become their full-width forms."""
+    return widen_punctuation(text.strip().replace(*TRAINING_TIME))
+
+
+def widen_punctuation(text: str) -> str:
+    """The original's rewrite, mark by mark: after a CJK character, then before one. Each character's result
+    depends only on its two neighbours and the length never changes, which lets a stream rewrite as it goes."""
+    for ascii_mark, wide in _PUNCTUATION:
+        mark = re.escape(ascii_mark)
+        text = re.sub(f"([{_CJK}]){mark}", lambda m: m.group(1) + wide, text)
+        text = re.sub(f"{mark}([{_CJK}])", lambda m: wide + m.group(1), text)
+    return text
 
 
 def parse_tool_call(code: str) -> dict | None:
@@ -56,7 +76,9 @@ def process_response_v3(output: str, history: list[dict]) -> tuple[str | dict, l
 
 
 class ChatMixin:
-    """chat(), stream_chat() and generate() for ChatGLMForConditionalGeneration."""
+    """chat(), stream_chat() and generate() for the ChatGLM models."""
+
+    CHAT_DEFAULTS = {"top_p": 0.8, "temperature": 0.8}  # ChatGLM2/3; ChatGLM-6B: 0.7 / 0.95
 
     # ---- the shared streaming core --------------------------------------------------------------
     def stream_ids(self, tokenizer: ChatGLMTokenizer, input_ids: list[int], *, params: SamplingParams,
@@ -85,6 +107,8 @@ class ChatMixin:
     def _chat_params(self, do_sample, top_p, temperature, num_beams, kwargs) -> tuple[SamplingParams, int | None]:
         if num_beams != 1:
             raise NotImplementedError("beam search is not supported; use num_beams=1")
+        top_p = self.CHAT_DEFAULTS["top_p"] if top_p is None else top_p  # the original's defaults per family
+        temperature = self.CHAT_DEFAULTS["temperature"] if temperature is None else temperature
         params = SamplingParams(do_sample=do_sample, temperature=temperature, top_p=top_p,
                                 top_k=kwargs.pop("top_k", 50), repetition_penalty=kwargs.pop("repetition_penalty", 1.0),
                                 seed=kwargs.pop("seed", None))
@@ -100,7 +124,11 @@ class ChatMixin:
         history = list(history or [])
         v3 = tokenizer.family == "chatglm3"
         cache = past_key_values
-        if v3:
+        if tokenizer.family == "chatglm1":
+            if cache is not None:
+                raise ValueError("ChatGLM-6B re-reads the whole conversation each turn: pass past_key_values=None")
+            input_ids = tokenizer.encode(tokenizer.build_prompt(query, history))
+        elif v3:
             # On a reused cache only the new turn is sent (the original re-sends [gMASK] sop).
             input_ids = tokenizer.build_chat_ids(query, [] if cache is not None else history, role,
                                                  prefix=cache is None)
@@ -131,14 +159,14 @@ class ChatMixin:
         history = list(history or [])
         if tokenizer.family == "chatglm3":
             return process_response_v3(text, history + [{"role": role, "content": query}])
-        response = process_response_v2(text)
+        response = process_response_v1(text) if tokenizer.family == "chatglm1" else process_response_v2(text)
         return response, history + [(query, response)]
 
     # ---- the original API -----------------------------------------------------------------------
     @torch.inference_mode()
     def stream_chat(self, tokenizer, query: str, history=None, role: str = "user", past_key_values=None,
-                    max_length: int | None = None, do_sample: bool = True, top_p: float = 0.8,
-                    temperature: float = 0.8, logits_processor=None, return_past_key_values: bool = False,
+                    max_length: int | None = None, do_sample: bool = True, top_p: float | None = None,
+                    temperature: float | None = None, logits_processor=None, return_past_key_values: bool = False,
                     num_beams: int = 1, **kwargs):
         """Yield (response, history) — plus the KV cache when return_past_key_values — as the reply grows.
 
@@ -160,8 +188,8 @@ class ChatMixin:
 
     @torch.inference_mode()
     def chat(self, tokenizer, query: str, history=None, role: str = "user", max_length: int | None = None,
-             num_beams: int = 1, do_sample: bool = True, top_p: float = 0.8, temperature: float = 0.8,
-             logits_processor=None, **kwargs):
+             num_beams: int = 1, do_sample: bool = True, top_p: float | None = None,
+             temperature: float | None = None, logits_processor=None, **kwargs):
         """Return (response, history) for query after history (ChatGLM2: (query, response) pairs;
         ChatGLM3: role dicts, response a dict for tool calls)."""
         params, max_new = self._chat_params(do_sample, top_p, temperature, num_beams, kwargs)
@@ -175,6 +203,8 @@ class ChatMixin:
         """The original post-processing: ChatGLM2 takes only the text, ChatGLM3 also the history."""
         if self.config.family == "chatglm3":
             return process_response_v3(output, history or [])
+        if self.config.family == "chatglm1":
+            return process_response_v1(output)
         return process_response_v2(output)
 
     @torch.inference_mode()
@@ -192,6 +222,8 @@ class ChatMixin:
         if kwargs:
             raise TypeError(f"unexpected generate arguments: {', '.join(sorted(kwargs))}")
         input_ids = input_ids.to(self.device)
+        if attention_mask is not None and attention_mask.dim() == 4:  # ChatGLM-6B's (B, 1, T, T), 1 = blocked
+            attention_mask = (~attention_mask[:, 0, -1, :].bool()).long()  # -> the keys each row may see
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)
             if bool(attention_mask.all()):

@@ -151,6 +151,13 @@ class ChatGLMConfig(PretrainedConfig):
         if os.path.isfile(tok_path):
             with open(tok_path, encoding="utf-8") as f:
                 tok_dict = json.load(f)
+        from .config_v1 import ChatGLM1Config, is_v1_config
+
+        if family == "chatglm1" or (family is None and is_v1_config(config_dict)):
+            config_dict.update(overrides)
+            config = ChatGLM1Config.from_dict(config_dict)
+            config.validate()
+            return config
         if family is None:
             family, reason = infer_family(config_dict, tok_dict)
             if family is None:
@@ -160,7 +167,7 @@ class ChatGLMConfig(PretrainedConfig):
             else:
                 logger.info("%s: ChatGLM family %s (%s)", path, family, reason)
         elif family not in FAMILIES:
-            raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+            raise ValueError(f"family must be one of {FAMILIES + ('chatglm1',)}, got {family!r}")
         config_dict.update(overrides)
         config_dict["family"] = family
         config = cls.from_dict(config_dict)

@@ -11,10 +11,11 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from .chat import TRAINING_TIME, parse_tool_call
+from .chat import TRAINING_TIME, parse_tool_call, widen_punctuation
 
 ASSISTANT_MARK = "<|assistant|>"
 DEFAULT_TOOL_PROMPT = "Answer the following questions as best as you can. You have access to the following tools:"
+PUNCTUATION_MARKS = ",!:;?"  # rewritten by ChatGLM-6B's post-processing, depending on the next character
 _NAME_CHARS = re.compile(r"[\w.\-]*", re.ASCII)  # what a metadata (tool name) line may hold
 
 
@@ -140,6 +141,9 @@ class ReplyParser:
     def __init__(self, family: str, stop: list[str] | None = None, tool_names: list[str] | None = None,
                  forced_tool: str | None = None):
         self.v3 = family == "chatglm3"
+        self.v1 = family == "chatglm1"
+        self.raw = ""  # ChatGLM-6B: the content so far, before its punctuation rewrite
+        self.sent = 0  # ... and how much of it has been returned
         self.stop = [s for s in (stop or []) if s]
         self.tool_names = set(tool_names or [])
         self.state = "content"
@@ -183,6 +187,7 @@ class ReplyParser:
             self._end_tool(out)
         self._emit(self.pending.rstrip(), out)
         self.pending = ""
+        self._release(out, final=True)
         return out
 
     # ---- states -----------------------------------------------------------------------------------
@@ -251,12 +256,31 @@ class ReplyParser:
     def _emit(self, text: str, out: list[ReplyPart]) -> None:
         if not self.started:
             text = text.lstrip()
-        if text:
-            self.started = True
-            if out and out[-1].tool_call is None:
-                out[-1].content += text
-            else:
-                out.append(ReplyPart(content=text))
+        if not text:
+            return
+        self.started = True
+        if self.v1:
+            self.raw += text
+            self._release(out)
+        else:
+            self._add(text, out)
+
+    def _release(self, out: list[ReplyPart], final: bool = False) -> None:
+        """ChatGLM-6B: return the rewritten content, except a last mark whose next character is still unknown."""
+        if not self.v1:
+            return
+        end = len(self.raw) if final or self.raw[-1:] not in PUNCTUATION_MARKS else len(self.raw) - 1
+        if end > self.sent:
+            start = max(0, self.sent - 1)  # one character of context before: the rewrite looks one back
+            self._add(widen_punctuation(self.raw[start:end + 1])[self.sent - start:end - start], out)
+            self.sent = end
+
+    @staticmethod
+    def _add(text: str, out: list[ReplyPart]) -> None:
+        if out and out[-1].tool_call is None:
+            out[-1].content += text
+        else:
+            out.append(ReplyPart(content=text))
 
 
 def _overlap(text: str, marker: str) -> int:

@@ -20,7 +20,7 @@ import torch
 
 from .cache import BatchCache
 from .generation import (SamplingParams, apply_repetition_penalty, guard_non_finite, make_generator,
-                         next_token)
+                         next_position_ids, next_token, prompt_position_ids)
 from .tokenizer import StreamDecoder
 
 logger = logging.getLogger(__name__)
@@ -141,6 +141,7 @@ class _Sequence:
                                                  request.frequency_penalty))
         self.count = 0
         self.next_id: int | None = None  # the sampled id to feed at the next step
+        self.position: torch.Tensor | None = None  # position ids of the last token fed
 
     def sample(self, logits: torch.Tensor) -> int:
         """(1, vocab) float logits of this sequence -> its next id (exactly as generate_tokens does)."""
@@ -261,7 +262,9 @@ class Engine:
             self.stats.prompt_tokens += len(seq.history)
         try:
             ids = torch.tensor([seq.history], dtype=torch.long, device=model.device)
-            out = model.transformer(ids, None, None, row, last_logits_only=True)
+            positions = prompt_position_ids(model, ids)
+            seq.position = positions[..., -1:]
+            out = model.transformer(ids, positions, None, row, last_logits_only=True)
             self._take(seq, seq.sample(out.logits[:, -1].float()))
         except Exception as e:  # a bug or an out-of-memory: fail this request, keep serving the others
             logger.exception("prefill failed")
@@ -277,7 +280,8 @@ class Engine:
         running = list(self._running)
         try:
             ids = torch.tensor([[s.next_id] for s in running], dtype=torch.long, device=device)
-            positions = torch.tensor([[n] for n in self.cache.lengths[: len(running)]], device=device)
+            steps = [next_position_ids(self.model, s.position) for s in running]
+            positions = torch.cat(steps)
             mask = self.cache.step_mask()
             logits = self.model.transformer(ids, positions, mask, self.cache, last_logits_only=True).logits
             logits = logits[:, -1].float()
@@ -287,7 +291,8 @@ class Engine:
             for seq in reversed(running):
                 self._fail(seq, e)
             return
-        for seq, token_id in zip(running, chosen):
+        for seq, step, token_id in zip(running, steps, chosen):
+            seq.position = step
             self._take(seq, token_id)
 
     def _take(self, seq: _Sequence, token_id: int) -> None:

@@ -82,6 +82,21 @@ def make_generator(seed: int | None, device) -> torch.Generator | None:
     return gen
 
 
+def prompt_position_ids(model, input_ids: torch.Tensor, past: int = 0) -> torch.Tensor:
+    """Position ids of a prompt after `past` cached tokens: (B, T), or (B, 2, T) for ChatGLM-6B's 2-D ones."""
+    own = getattr(model, "prompt_position_ids", None)
+    if own is not None:
+        return own(input_ids, past)
+    B, T = input_ids.shape
+    return torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+
+
+def next_position_ids(model, positions: torch.Tensor) -> torch.Tensor:
+    """Position ids of the token that follows `positions` (only the last one is read)."""
+    own = getattr(model, "next_position_ids", None)
+    return own(positions) if own is not None else positions[..., -1:] + 1
+
+
 LogitsHook = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ids so far (B, L), logits (B, V)) -> logits
 
 
@@ -106,7 +121,7 @@ def generate_tokens(model, input_ids: torch.Tensor, *, max_new_tokens: int, para
         raise ValueError(f"the input is {past + T} tokens long; this model's context is {limit} tokens")
     max_new_tokens = min(max_new_tokens, limit - past - T + 1)
     if position_ids is None:
-        position_ids = torch.arange(past, past + T, device=device).expand(B, T)
+        position_ids = prompt_position_ids(model, input_ids, past)
     if attention_mask is not None and attention_mask.shape[-1] == T and past:
         attention_mask = torch.cat([attention_mask.new_ones(B, past), attention_mask], dim=-1)
     generator = make_generator(params.seed, device)
@@ -133,7 +148,7 @@ def generate_tokens(model, input_ids: torch.Tensor, *, max_new_tokens: int, para
         if step == max_new_tokens - 1 or bool(finished.all()):
             return
         ids = token[:, None]
-        positions = positions[:, -1:] + 1
+        positions = next_position_ids(model, positions)
         if attention_mask is not None:
             attention_mask = torch.cat([attention_mask, (~finished).long()[:, None]], dim=-1)
         if need_history:

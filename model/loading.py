@@ -129,10 +129,13 @@ def checkpoint_nbytes(path: str) -> int:
 # ---- building and filling the model -------------------------------------------------------------
 def build_empty_model(config: ChatGLMConfig):
     """The model with every parameter on the meta device (no memory), ready for assign_tensor."""
-    from .modeling import ChatGLMForConditionalGeneration
+    if config.family == "chatglm1":
+        from .modeling_v1 import ChatGLM1ForConditionalGeneration as model_class
+    else:
+        from .modeling import ChatGLMForConditionalGeneration as model_class
 
     with torch.device("meta"):
-        return ChatGLMForConditionalGeneration(config)
+        return model_class(config)
 
 
 def assign_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -177,10 +180,14 @@ def load_weights(name_or_path: str, device=None, dtype=None, family: str | None 
     quantize_now = {f"{n.rpartition('.')[0]}.weight" for n in expected if n.endswith(".weight_scale")} \
         if quantize and not stored_bits else set()
     seen = set()
+    stored_head = None
     bar = _progress(checkpoint_nbytes(path), f"Loading {os.path.basename(os.path.normpath(path))}", progress)
     for name, tensor in iter_checkpoint(path):
         bar.update(tensor.numel() * tensor.element_size())
-        if name in IGNORED_TENSORS:
+        if name in IGNORED_TENSORS or name.endswith(".attention.rotary_emb.inv_freq"):  # recomputed
+            continue
+        if name == "lm_head.weight" and config.family == "chatglm1":  # tied to the embedding: checked below
+            stored_head = tensor
             continue
         if name not in expected:
             logger.warning("%s: ignoring unexpected tensor %s", path, name)
@@ -201,6 +208,11 @@ def load_weights(name_or_path: str, device=None, dtype=None, family: str | None 
     missing = sorted(expected - seen)
     if missing:
         raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    if stored_head is not None:
+        embedding = model.transformer.word_embeddings.weight
+        if not torch.equal(stored_head.to(embedding.device, embedding.dtype), embedding):
+            logger.warning("%s: lm_head.weight differs from the word embeddings; ChatGLM-6B ties them and the "
+                           "embeddings are used for the output, as in the original", path)
     model.eval()
     if device_map is not None:
         model = dispatch(model, device_map)
@@ -215,6 +227,17 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not enabled, leave=False)
 
 
+def load_tokenizer(name_or_path: str, family: str | None = None, revision: str | None = None):
+    """The tokenizer of a checkpoint: ChatGLM-6B's (ice_text.model) or ChatGLM2/3's (tokenizer.model)."""
+    from .tokenizer import ChatGLMTokenizer
+    from .tokenizer_v1 import VOCAB_FILE, ChatGLM1Tokenizer
+
+    path = resolve_model_dir(name_or_path, revision=revision, weights=False)
+    if family == "chatglm1" or (family is None and os.path.isfile(os.path.join(path, VOCAB_FILE))):
+        return ChatGLM1Tokenizer.from_pretrained(path)
+    return ChatGLMTokenizer.from_pretrained(path, family=family)
+
+
 def load_model(name_or_path: str, device: str | torch.device | None = None, dtype=None,
                family: str | None = None, revision: str | None = None, quantize: int | None = None,
                device_map: dict | None = None):
@@ -225,13 +248,11 @@ def load_model(name_or_path: str, device: str | torch.device | None = None, dtyp
     quantization while loading; device_map: module name -> device, to split the layers over GPUs
     (see model.multigpu).
     """
-    from .tokenizer import ChatGLMTokenizer
-
     path = resolve_model_dir(name_or_path, revision=revision)  # one Hub round trip for weights and tokenizer
     model = load_weights(path, device=device, dtype=dtype, family=family, quantize=quantize,
                          device_map=device_map)
     model.name_or_path = model.config._name_or_path = str(name_or_path)
-    tokenizer = ChatGLMTokenizer.from_pretrained(path, family=model.config.family)
+    tokenizer = load_tokenizer(path, family=model.config.family)
     tokenizer.name_or_path = str(name_or_path)
     return model, tokenizer
 
@@ -246,7 +267,19 @@ CONFIG_KEYS = (
 )
 
 
+V1_CONFIG_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "inner_hidden_size", "vocab_size",
+                  "layernorm_epsilon", "max_sequence_length", "position_encoding_2d", "bos_token_id", "eos_token_id",
+                  "mask_token_id", "gmask_token_id", "pad_token_id", "quantization_bit")
+
+
 def config_to_json(config: ChatGLMConfig, dtype: torch.dtype) -> dict:
+    if config.family == "chatglm1":
+        d = {"_name_or_path": config._name_or_path or "local/chatglm1", "model_type": "chatglm",
+             "architectures": ["ChatGLMModel"], "torch_dtype": str(dtype).removeprefix("torch."), "use_cache": True}
+        d.update({k: getattr(config, k) for k in V1_CONFIG_KEYS})
+        if not d["quantization_bit"]:
+            del d["quantization_bit"]
+        return d
     d = {"_name_or_path": config._name_or_path or f"local/{config.family}", "model_type": "chatglm",
          "architectures": ["ChatGLMModel"], "torch_dtype": str(dtype).removeprefix("torch."),
          "tie_word_embeddings": False, "use_cache": True}
@@ -263,9 +296,17 @@ def save_checkpoint(model, directory: str, max_shard_size: int = 2 * 1024**3) ->
     os.makedirs(directory, exist_ok=True)
     config = model.config
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    dtype = model.transformer.embedding.word_embeddings.weight.dtype
-    rot = config.kv_channels // 2
-    state[IGNORED_TENSORS[0]] = (1.0 / 10000 ** (torch.arange(0, rot, 2).float() / rot)).to(dtype)
+    if config.family == "chatglm1":  # the original layout: a copy of the embedding as lm_head, per-layer inv_freq
+        dtype = model.transformer.word_embeddings.weight.dtype
+        state["lm_head.weight"] = state["transformer.word_embeddings.weight"].clone()
+        r = config.kv_channels // 2
+        inv_freq = (1.0 / 10000 ** (torch.arange(0, r, 2).float() / r)).half().to(dtype)
+        for i in range(config.num_layers):
+            state[f"transformer.layers.{i}.attention.rotary_emb.inv_freq"] = inv_freq.clone()
+    else:
+        dtype = model.transformer.embedding.word_embeddings.weight.dtype
+        rot = config.kv_channels // 2
+        state[IGNORED_TENSORS[0]] = (1.0 / 10000 ** (torch.arange(0, rot, 2).float() / rot)).to(dtype)
     shards, current, size = [], {}, 0
     for name, t in state.items():
         nbytes = t.numel() * t.element_size()

@@ -27,13 +27,16 @@ GEMM_BLOCK_BYTES = 4 << 20  # de-quantized weight block per GEMM for multi-token
 
 QUANTIZED_LINEARS = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h",
                      "mlp.dense_4h_to_h")
+QUANTIZED_LINEARS_V1 = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 
 
 def quantize_weight(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(q int8 in checkpoint layout, scale [out]) for a float weight [out, in]."""
     qmax = 2 ** (bits - 1) - 1
-    # In the weight's dtype as the original (fp16); bf16 has too few mantissa bits to round to 1/127.
-    work = weight.float() if weight.dtype == torch.bfloat16 else weight
+    # In fp16 as the original (the official int4 / int8 checkpoints were made from fp16 weights), also for
+    # float32 weights; bf16 has too few mantissa bits to round to 1/127, so it works in float32.
+    work = {torch.bfloat16: torch.float32, torch.float32: torch.float16}.get(weight.dtype, weight.dtype)
+    work = weight.to(work)
     scale = work.abs().amax(dim=-1) / qmax
     q = torch.round(work / scale[:, None]).to(torch.int8)  # round half to even
     if bits == 4:
@@ -143,8 +146,9 @@ class QuantizedLinear(nn.Module):
 
 def swap_linears(model: nn.Module, bits: int, quantize_values: bool) -> None:
     """Replace the four linears of every block by QuantizedLinear (quantizing their values if asked)."""
-    for layer in model.transformer.encoder.layers:
-        for path in QUANTIZED_LINEARS:
+    v1 = model.config.family == "chatglm1"
+    for layer in (model.transformer.layers if v1 else model.transformer.encoder.layers):
+        for path in (QUANTIZED_LINEARS_V1 if v1 else QUANTIZED_LINEARS):
             parent_name, _, attr = path.rpartition(".")
             parent = layer.get_submodule(parent_name)
             linear = getattr(parent, attr)

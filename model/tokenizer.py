@@ -21,11 +21,33 @@ ROLES = ("system", "user", "assistant", "observation")
 VOCAB_FILE = "tokenizer.model"
 
 
-class ChatGLMTokenizer:
+class TokenizerBase:
+    """What every family's tokenizer shares on top of its own encode / decode."""
+
+    padding_side = "left"
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def batch_decode(self, sequences, skip_special_tokens: bool = False, **kwargs) -> list[str]:
+        if hasattr(sequences, "tolist"):
+            sequences = sequences.tolist()
+        return [self.decode(s, skip_special_tokens) for s in sequences]
+
+    def _save(self, save_directory: str, vocab_name: str, tokenizer_config: dict) -> None:
+        """Copy the SentencePiece file and write tokenizer_config.json."""
+        os.makedirs(save_directory, exist_ok=True)
+        target = os.path.join(save_directory, vocab_name)
+        if os.path.abspath(target) != os.path.abspath(self.vocab_file):
+            shutil.copyfile(self.vocab_file, target)
+        with open(os.path.join(save_directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(tokenizer_config, f, indent=2, ensure_ascii=False)
+
+
+class ChatGLMTokenizer(TokenizerBase):
     """Text <-> ids for ChatGLM2/3 (left padding, [gMASK] sop prefix, per-family special tokens)."""
 
     vocab_files_names = {"vocab_file": VOCAB_FILE}
-    padding_side = "left"
     model_input_names = ["input_ids", "attention_mask", "position_ids"]
 
     def __init__(self, vocab_file: str, family: str = "chatglm2", name_or_path: str = "", **kwargs):
@@ -67,21 +89,14 @@ class ChatGLMTokenizer:
         return family or "chatglm2"
 
     def save_pretrained(self, save_directory: str) -> None:
-        os.makedirs(save_directory, exist_ok=True)
-        target = os.path.join(save_directory, VOCAB_FILE)
-        if os.path.abspath(target) != os.path.abspath(self.vocab_file):
-            shutil.copyfile(self.vocab_file, target)
-        with open(os.path.join(save_directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-            json.dump({"name_or_path": self.name_or_path, "remove_space": False, "do_lower_case": False,
-                       "tokenizer_class": "ChatGLMTokenizer", "padding_side": "left"}, f, indent=2)
+        self._save(save_directory, VOCAB_FILE, {"name_or_path": self.name_or_path, "remove_space": False,
+                                                "do_lower_case": False, "tokenizer_class": "ChatGLMTokenizer",
+                                                "padding_side": "left"})
 
     # ---- vocabulary -----------------------------------------------------------------------------
     @property
     def vocab_size(self) -> int:
         return self.n_sp + len(self.special_tokens)
-
-    def __len__(self) -> int:
-        return self.vocab_size
 
     def get_command(self, token: str) -> int:
         """Id of a special token such as '[gMASK]', 'sop' or '<|user|>'."""
@@ -221,11 +236,6 @@ class ChatGLMTokenizer:
             elif i < self.n_sp and not self._is_control(i):
                 buffer.append(i)
         return text
-
-    def batch_decode(self, sequences, skip_special_tokens: bool = False, **kwargs) -> list[str]:
-        if hasattr(sequences, "tolist"):
-            sequences = sequences.tolist()
-        return [self.decode(s, skip_special_tokens) for s in sequences]
 
     # ---- chat prompts ---------------------------------------------------------------------------
     def build_prompt(self, query: str, history: list | None = None) -> str:

@@ -68,10 +68,11 @@ def test_quantized_chat_matches_reference():
 
 
 def test_quantization_error_is_that_of_round_to_nearest():
-    """Per-row relative error of the dequantized weights stays within half a quantization step."""
+    """Per-row error of the dequantized weights stays within half a quantization step (plus the fp16 rounding
+    of the weight and of the quotient, since scales and quotients are computed in fp16 as in the original)."""
     model, _ = loaded("chatglm2-tiny")
     for bits in (4, 8):
         w = model.transformer.encoder.layers[0].mlp.dense_h_to_4h.weight.detach()
         q, scale = quantize_weight(w, bits)
         err = (dequantize_weight(q, scale, bits, torch.float32) - w).abs()
-        assert bool((err <= scale[:, None] / 2 + 1e-6).all())
+        assert bool((err <= scale[:, None] / 2 + w.abs() * 2**-10 + 1e-6).all())

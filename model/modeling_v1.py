@@ -1,0 +1,236 @@
+"""The ChatGLM-6B (first generation) network: GLM blocks with 2-D rotary positions and a prefix-LM mask.
+
+Module attribute names equal the checkpoint tensor names (`transformer.layers.N.attention.query_key_value`, ...).
+Per block, with alpha = sqrt(2 * 28) (see GLMBlock): a = LN(x); h = a * alpha + attention(a); m = LN(h);
+x = m * alpha + mlp(m). The output projection is the word-embedding matrix (the stored lm_head is a copy).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+from .chat import ChatMixin
+from .config_v1 import ChatGLM1Config
+from .modeling import Linear, ModelOutput
+from .cache import KVCache
+
+
+ALPHA_LAYERS = 28
+
+
+def rotary_cos_sin(head_dim: int, positions: torch.Tensor, dtype: torch.dtype):
+    """cos, sin (B, 1, T, r) for one half of the head (r = head_dim / 2), in rotate-half order."""
+    r = head_dim // 2
+    # The frequencies are rounded to fp16, as the trained model saw them; the angles are then fp32.
+    inv_freq = (1.0 / 10000 ** (torch.arange(0, r, 2, dtype=torch.float32, device=positions.device) / r)).half().float()
+    angles = positions.float()[..., None] * inv_freq  # (B, T, r/2)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+def apply_rotary_2d(x: torch.Tensor, rope) -> torch.Tensor:
+    """First half of each head rotated by position, second half by block position."""
+    (cos_p, sin_p), (cos_b, sin_b) = rope
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos_p + rotate_half(x1) * sin_p, x2 * cos_b + rotate_half(x2) * sin_b), dim=-1)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ChatGLM1Config, layer_number: int, dtype=None, device=None):
+        super().__init__()
+        self.layer_number = layer_number
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.kv_channels
+        self.query_key_value = Linear(config.hidden_size, 3 * config.hidden_size, bias=True, dtype=dtype,
+                                      device=device)
+        self.dense = Linear(config.hidden_size, config.hidden_size, bias=True, dtype=dtype, device=device)
+
+    def forward(self, x, rope, mask, cache):
+        B, T, _ = x.shape
+        qkv = self.query_key_value(x).view(B, T, self.num_heads, 3 * self.head_dim).transpose(1, 2)
+        q, k, v = qkv.split(self.head_dim, dim=-1)  # per head: [q | k | v]
+        q, k = apply_rotary_2d(q, rope), apply_rotary_2d(k, rope)
+        if cache is not None:
+            k, v = cache.update(self.layer_number, k.contiguous(), v.contiguous())
+        if T == 1:  # decode: scores are one row per head, so spell them out (closer to the original's sums)
+            scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(self.head_dim)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            out = scores.softmax(-1).to(v.dtype) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.dense(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ChatGLM1Config, dtype=None, device=None):
+        super().__init__()
+        self.dense_h_to_4h = Linear(config.hidden_size, config.inner_hidden_size, bias=True, dtype=dtype,
+                                    device=device)
+        self.dense_4h_to_h = Linear(config.inner_hidden_size, config.hidden_size, bias=True, dtype=dtype,
+                                    device=device)
+
+    def forward(self, x):
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
+
+
+class GLMBlock(nn.Module):
+    def __init__(self, config: ChatGLM1Config, layer_number: int, dtype=None, device=None):
+        super().__init__()
+        eps = config.layernorm_epsilon
+        # sqrt(2 * 28) whatever num_layers says: the original never passes num_layers to its blocks, whose
+        # default is 28 (the golden 2-layer model agrees only with 28).
+        self.alpha = math.sqrt(2 * ALPHA_LAYERS)
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=eps, dtype=dtype, device=device)
+        self.attention = SelfAttention(config, layer_number, dtype, device)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=eps, dtype=dtype, device=device)
+        self.mlp = MLP(config, dtype, device)
+
+    def forward(self, x, rope, mask, cache):
+        a = self.input_layernorm(x)
+        h = a * self.alpha + self.attention(a, rope, mask, cache)
+        m = self.post_attention_layernorm(h)
+        return m * self.alpha + self.mlp(m)
+
+
+class ChatGLM1Model(nn.Module):
+    """Embedding -> GLM blocks -> final LayerNorm -> logits through the embedding (the `transformer.` prefix)."""
+
+    def __init__(self, config: ChatGLM1Config, dtype=None, device=None):
+        super().__init__()
+        self.config = config
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(GLMBlock(config, i, dtype, device) for i in range(config.num_layers))
+        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon, dtype=dtype,
+                                            device=device)
+
+    # ---- positions and masks ----------------------------------------------------------------------
+    def prompt_position_ids(self, input_ids: torch.Tensor, past: int = 0) -> torch.Tensor:
+        """(B, 2, T) position and block position ids of prompts (left padding allowed: pads get 0, 0)."""
+        if past:
+            raise ValueError("ChatGLM-6B prompts are read whole: pass position_ids to continue from a cache")
+        cfg = self.config
+        rows = []
+        for ids in input_ids.tolist():
+            start = 0
+            while start < len(ids) and ids[start] == cfg.pad_token_id:
+                start += 1
+            real = ids[start:]
+            context = real.index(cfg.bos_token_id) if cfg.bos_token_id in real else len(real)
+            mask_id = cfg.gmask_token_id if cfg.gmask_token_id in real else cfg.mask_token_id
+            mask_at = real.index(mask_id) if mask_id in real else context
+            positions = [0] * start + [j if j < context else mask_at for j in range(len(real))]
+            blocks = [0] * start + [0 if j < context else j - context + 1 for j in range(len(real))]
+            rows.append([positions, blocks])
+        return torch.tensor(rows, dtype=torch.long, device=input_ids.device)
+
+    @staticmethod
+    def next_position_ids(last: torch.Tensor) -> torch.Tensor:
+        """(B, 2, 1) ids of the token after `last` (..., -1:): same position, next block position."""
+        last = last[..., -1:]
+        return torch.cat((last[:, :1], last[:, 1:] + 1), dim=1)
+
+    def _mask(self, input_ids, attention_mask, past: int) -> torch.Tensor | None:
+        """Boolean (B, 1, T, S), True = may attend: the prompt's context sees itself, the rest is causal."""
+        B, T = input_ids.shape
+        S = past + T
+        if attention_mask is not None and attention_mask.dim() == 4:
+            return attention_mask
+        device = input_ids.device
+        q = torch.arange(past, S, device=device)[:, None]
+        k = torch.arange(S, device=device)[None, :]
+        allowed = (k <= q)[None].expand(B, T, S)
+        if past == 0 and T > 1:
+            bos = (input_ids == self.config.bos_token_id).int()
+            context = torch.where(bos.any(1), bos.argmax(1), torch.full((B,), T, device=device))
+            allowed = allowed | (k[None] < context[:, None, None])
+        if attention_mask is not None:  # (B, S) key padding: 0 at pads
+            allowed = allowed & attention_mask[:, None, :].bool()
+        if attention_mask is None and (T == 1 or bool(allowed.all())):
+            return None
+        return (allowed | (k == q)[None])[:, None]  # a padded query row still sees itself
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None, past_key_values: KVCache | None = None,
+                use_cache: bool = True, last_logits_only: bool = False) -> ModelOutput:
+        B, T = input_ids.shape
+        x = self.word_embeddings(input_ids)
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = KVCache.for_model(self.config, B, x.dtype, x.device, capacity=max(T, 256))
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = self.prompt_position_ids(input_ids, past)
+        if cache is not None:
+            cache.reserve(T)
+        rope = (rotary_cos_sin(self.config.kv_channels, position_ids[:, 0], x.dtype),
+                rotary_cos_sin(self.config.kv_channels, position_ids[:, 1], x.dtype))
+        mask = self._mask(input_ids, attention_mask, past)
+        for layer in self.layers:
+            x = layer(x, rope, mask, cache)
+        if cache is not None:
+            cache.advance(T)
+        if last_logits_only:
+            x = x[:, -1:]
+        x = self.final_layernorm(x)
+        return ModelOutput(logits=F.linear(x, self.word_embeddings.weight),
+                           past_key_values=cache if use_cache else None)
+
+
+class ChatGLM1ForConditionalGeneration(ChatMixin, PreTrainedModel):
+    """ChatGLM-6B with chat(), stream_chat() and generate(); load it with load_model() or from_pretrained()."""
+
+    config_class = ChatGLM1Config
+    base_model_prefix = "transformer"
+    main_input_name = "input_ids"
+    _no_split_modules = ["GLMBlock"]
+    CHAT_DEFAULTS = {"max_length": 2048, "top_p": 0.7, "temperature": 0.95}
+
+    def __init__(self, config: ChatGLM1Config, dtype=None, device=None):
+        super().__init__(config)
+        self.transformer = ChatGLM1Model(config, dtype, device)
+
+    @property
+    def blocks(self):
+        return self.transformer.layers
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None, past_key_values=None,
+                use_cache: bool = True, return_last_logit: bool = False, **kwargs) -> ModelOutput:
+        """As the original: attention_mask is its (B, 1, T, T) mask with True (or 1) = blocked."""
+        if attention_mask is not None and attention_mask.dim() == 4:
+            attention_mask = ~attention_mask[:, 0, -1, :].bool()  # the keys the last real query may see
+        return self.transformer(input_ids, position_ids, attention_mask, past_key_values, use_cache,
+                                last_logits_only=return_last_logit)
+
+    def prompt_position_ids(self, input_ids, past: int = 0):
+        return self.transformer.prompt_position_ids(input_ids, past)
+
+    def next_position_ids(self, last):
+        return self.transformer.next_position_ids(last)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, dtype=None, torch_dtype=None, device=None,
+                        revision=None, **kwargs):
+        from .loading import load_weights
+
+        return load_weights(pretrained_model_name_or_path, device=device, dtype=dtype or torch_dtype,
+                            family="chatglm1", revision=revision, quantize=kwargs.get("quantize"))
+
+    def quantize(self, bits: int, **kwargs):
+        from .quantization import quantize
+
+        return quantize(self, bits)
+
+    def save_pretrained(self, save_directory: str, max_shard_size: int = 2 * 1024**3, **kwargs) -> None:
+        from .loading import save_checkpoint
+
+        save_checkpoint(self, save_directory, max_shard_size=max_shard_size)
