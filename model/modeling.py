@@ -18,8 +18,9 @@ class Linear(nn.Linear):
 
     For a few rows of bf16 input on a CPU with AVX512-BF16, model/kernels.c streams the bf16 weight through
     vdpbf16ps: the same bf16 products summed in float32 as torch's bf16 matmul, at about the memory
-    bandwidth, where torch's matrix-vector path for these shapes is compute-bound. float32 on a CPU goes through
-    oneDNN (kernels.onednn_linear). Anything else: nn.Linear.
+    bandwidth, where torch's matrix-vector path for these shapes is compute-bound. float32 on a CPU: a few rows
+    through kernels_f32.c on AVX2 CPUs (kernels.linear_f32), else oneDNN (kernels.onednn_linear). Anything
+    else: nn.Linear.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -32,7 +33,9 @@ class Linear(nn.Linear):
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         if (x.dtype == torch.float32 and self.weight.dtype == torch.float32 and x.device.type == "cpu"
                 and not torch.is_grad_enabled()):
-            y = kernels.onednn_linear(x, self.weight, self.bias)
+            y = kernels.linear_f32(x, self.weight, self.bias)
+            if y is None:
+                y = kernels.onednn_linear(x, self.weight, self.bias)
             if y is not None:
                 return y
         return super().forward(x)

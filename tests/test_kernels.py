@@ -153,3 +153,51 @@ def test_bf16_linear_matches_torch(tokens):
     assert ours.dtype == torch.bfloat16
     # equal up to summation order, then one bf16 rounding each
     torch.testing.assert_close(ours.float(), theirs.float(), rtol=1e-2, atol=1e-2)
+
+
+# ---- float32 linears: the AVX2 few-row kernel and oneDNN ---------------------------------------------
+f32_native = pytest.mark.skipif(kernels.f32_library() is None, reason="no AVX2 float32 kernel on this CPU")
+
+
+def test_f32_kernel_builds_on_avx2_cpus_without_avx512():
+    if os.environ.get("CI") and _cpu_has("avx2", "fma") and not _cpu_has("avx512f"):
+        assert kernels.f32_library() is not None
+
+
+@f32_native
+@pytest.mark.parametrize("n,k", SHAPES + [(5, 3)])
+@pytest.mark.parametrize("m", [1, 2, 3, 7, 16])
+def test_f32_kernel_equals_a_float64_matmul(n, k, m):
+    g = torch.Generator().manual_seed(n * k + m)
+    w, x, bias = torch.randn(n, k, generator=g), torch.randn(m, k, generator=g), torch.randn(n, generator=g)
+    exact = x.double() @ w.double().T + bias.double()
+    y = kernels.linear_f32(x, w, bias)
+    assert y.shape == (m, n) and _rel(y, exact) < 1e-5
+    assert _rel(kernels.linear_f32(x, w, None), exact - bias.double()) < 1e-5
+
+
+@f32_native
+def test_f32_kernel_gives_each_row_the_same_bits_alone_or_in_a_batch():
+    """Batched decoding must not change a sequence's numbers: row i of a batch equals row i computed alone."""
+    g = torch.Generator().manual_seed(1)
+    w, x, bias = torch.randn(300, 520, generator=g), torch.randn(13, 520, generator=g), torch.randn(300, generator=g)
+    batch = kernels.linear_f32(x, w, bias)
+    for i in range(13):
+        assert torch.equal(kernels.linear_f32(x[i:i + 1], w, bias)[0], batch[i])
+
+
+def test_float32_linear_paths_agree_with_torch():
+    """Linear's float32 CPU routes (AVX2 kernel for few rows, oneDNN, or plain F.linear) give F.linear's result."""
+    layer = Linear(96, 40)
+    with torch.no_grad():
+        layer.weight.normal_(), layer.bias.normal_()
+    for rows in (1, 5, 16, 17, 64):
+        x = torch.randn(2, rows, 96)
+        with torch.inference_mode():
+            torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias),
+                                       atol=1e-4, rtol=1e-5)
+    if kernels.onednn_linear_enabled():
+        x = torch.randn(33, 96)
+        torch.testing.assert_close(kernels.onednn_linear(x, layer.weight.detach(), layer.bias.detach()),
+                                   torch.nn.functional.linear(x, layer.weight.detach(), layer.bias.detach()),
+                                   atol=1e-4, rtol=1e-5)
