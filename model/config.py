@@ -105,6 +105,15 @@ class ChatGLMConfig(PretrainedConfig):
         self.family = family
         super().__init__(eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
 
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """A ChatGLM-6B config.json gives a ChatGLM1Config (all three families share model_type "chatglm")."""
+        from .config_v1 import ChatGLM1Config, is_v1_config
+
+        if cls is ChatGLMConfig and is_v1_config(config_dict):
+            return ChatGLM1Config.from_dict(config_dict, **kwargs)
+        return super().from_dict(config_dict, **kwargs)
+
     # ---- derived sizes -------------------------------------------------------------------------
     @property
     def num_kv_heads(self) -> int:

@@ -74,8 +74,12 @@ def make_config(family: str, shape: str, vocab: int) -> ChatGLMConfig:
 
 
 def write_random_weights(config: ChatGLMConfig, directory: str, dtype: torch.dtype, seed: int,
-                         max_shard_size: int = 2 * 1024**3) -> int:
-    """Stream random tensors shard by shard (never the whole model in memory); returns bytes written."""
+                         max_shard_size: int = 2 * 1024**3, vocab: int | None = None) -> int:
+    """Stream random tensors shard by shard (never the whole model in memory); returns bytes written.
+
+    With vocab, output rows of ids the tokenizer cannot produce are zero (as in the golden models), so the
+    model generates real text even when padded_vocab_size is far larger than the tokenizer.
+    """
     from safetensors.torch import save_file
 
     gen = torch.Generator().manual_seed(seed)
@@ -96,6 +100,8 @@ def write_random_weights(config: ChatGLMConfig, directory: str, dtype: torch.dty
             t = torch.ones(shape, dtype=dtype)
         else:
             t = torch.empty(shape, dtype=torch.float32).normal_(0.0, 0.02, generator=gen).to(dtype)
+            if vocab is not None and name == "transformer.output_layer.weight":
+                t[vocab:] = 0
         nbytes = t.numel() * t.element_size()
         if current and size + nbytes > max_shard_size:
             flush()
@@ -131,7 +137,7 @@ def write_checkpoint(directory: str, family: str = "chatglm3", shape: str = "tin
     tokenizer.save_pretrained(directory)
     config = make_config(family, shape, tokenizer.vocab_size)
     torch_dtype = DTYPE_NAMES[dtype]
-    write_random_weights(config, directory, torch_dtype, seed)
+    write_random_weights(config, directory, torch_dtype, seed, vocab=tokenizer.vocab_size)
     with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config_to_json(config, torch_dtype), f, indent=2)
     return config

@@ -72,6 +72,10 @@ class ChatGLMTokenizer(TokenizerBase):
                         **kwargs) -> "ChatGLMTokenizer":
         """Load from a checkpoint directory or Hub id (tokenizer.model + tokenizer_config.json)."""
         path = resolve_model_dir(name_or_path, revision=revision, weights=False)
+        from .tokenizer_v1 import VOCAB_FILE as V1_VOCAB_FILE, ChatGLM1Tokenizer
+
+        if family == "chatglm1" or (family is None and os.path.isfile(os.path.join(path, V1_VOCAB_FILE))):
+            return ChatGLM1Tokenizer.from_pretrained(path)  # ChatGLM-6B (e.g. reached through AutoTokenizer)
         vocab_file = os.path.join(path, VOCAB_FILE)
         if not os.path.isfile(vocab_file):
             raise FileNotFoundError(f"{path} has no {VOCAB_FILE}")

@@ -237,3 +237,16 @@ def test_family_is_read_from_the_checkpoint():
     model, tok = loaded("chatglm1-tiny")
     assert model.config.family == tok.family == "chatglm1"
     assert model.config.seq_length == 256 and tok.reply_stop_ids() == [825]
+
+
+def test_transformers_auto_classes_without_remote_code():
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    path = model_dir("chatglm1-tiny")
+    assert type(AutoConfig.from_pretrained(path)).__name__ == "ChatGLM1Config"
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path, dtype=torch.float32)
+    assert type(model).__name__ == "ChatGLM1ForConditionalGeneration" and tokenizer.family == "chatglm1"
+    ref, tok = loaded("chatglm1-tiny")
+    ids = torch.tensor([tok.encode("你好")])
+    assert torch.equal(model.generate(ids, max_new_tokens=6), ref.generate(ids, max_new_tokens=6))
