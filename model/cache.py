@@ -92,6 +92,7 @@ class BatchCache:
         self.dtype, self.device = dtype, torch.device(device)
         self.lengths = [0] * max_batch
         self.rows = 0
+        self._index: dict = {}  # device -> this step's write index (see _write_index)
         self._allocate(self.initial_capacity)
 
     def _allocate(self, capacity: int) -> None:
@@ -157,7 +158,9 @@ class BatchCache:
 
     # ---- the interface the model uses during a batched decode step (one new token per row) -------------
     def reserve(self, new_tokens: int) -> None:
+        """Called by the model at the start of every step: room for it, and a fresh write index."""
         self.grow(self.length + new_tokens)
+        self._index = {}
 
     def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if key.shape[2] != 1 or key.shape[0] != self.rows:
@@ -165,12 +168,19 @@ class BatchCache:
         if self.keys[layer].device != key.device:  # layers split over devices: keep each layer's cache beside it
             self.keys[layer] = self.keys[layer].to(key.device)
             self.values[layer] = self.values[layer].to(key.device)
-        rows = torch.arange(self.rows, device=key.device)
-        at = torch.tensor(self.lengths[: self.rows], device=key.device)
+        rows, at = self._write_index(key.device)
         self.keys[layer][rows, :, at] = key[:, :, 0]
         self.values[layer][rows, :, at] = value[:, :, 0]
         end = self.length + 1
         return self.keys[layer][: self.rows, :, :end], self.values[layer][: self.rows, :, :end]
+
+    def _write_index(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, positions) where this step's keys go: built once per step and device, not once per layer."""
+        index = self._index.get(device)
+        if index is None:
+            index = self._index[device] = (torch.arange(self.rows, device=device),
+                                           torch.tensor(self.lengths[: self.rows], device=device))
+        return index
 
     def advance(self, tokens: int) -> None:
         for r in range(self.rows):
