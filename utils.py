@@ -32,6 +32,8 @@ def build_parser(description: str, *, server: bool = False, web: bool = False, e
     if server or web or engine:
         ap.add_argument("--max-batch", type=int, default=8,
                         help="requests decoded together (continuous batching); more wait in the queue")
+        ap.add_argument("--prefill-chunk", type=int, default=128,
+                        help="read longer prompts this many tokens per step, so running replies keep flowing")
     if server:
         ap.add_argument("--api-key", default=os.environ.get("API_KEY"),
                         help="require 'Authorization: Bearer KEY' (env API_KEY)")

@@ -164,7 +164,8 @@ def main(argv=None) -> int:
     from model.engine import Engine
 
     model, tokenizer = load_or_exit(args)
-    engine = Engine(model, tokenizer, model_name=model_id(args.model), max_batch=args.max_batch)
+    engine = Engine(model, tokenizer, model_name=model_id(args.model), max_batch=args.max_batch,
+                    prefill_chunk=args.prefill_chunk)
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])  # no web fonts: works offline
     create_demo(engine).launch(server_name=args.host, server_port=args.port, share=args.share, inbrowser=False,

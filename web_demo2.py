@@ -23,7 +23,8 @@ def get_engine(argv: tuple):
 
     args = build_parser(__doc__, engine=True).parse_args(list(argv))
     model, tokenizer = load_from_args(args)
-    return Engine(model, tokenizer, model_name=model_id(args.model), max_batch=args.max_batch)
+    return Engine(model, tokenizer, model_name=model_id(args.model), max_batch=args.max_batch,
+                  prefill_chunk=args.prefill_chunk)
 
 
 def to_html(text: str) -> str:

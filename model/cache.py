@@ -144,6 +144,17 @@ class BatchCache:
         self.lengths[row] = 0
         return RowCache(self, row)
 
+    def adopt(self, single: "KVCache") -> int:
+        """Claim the next free row and copy a batch-1 cache (a prompt read elsewhere) into it."""
+        n = single.length
+        self.grow(n)
+        row = self.add_row().row
+        for store, source in ((self.keys, single.keys), (self.values, single.values)):
+            for t, s in zip(store, source):
+                t[row, :, :n] = s[0, :, :n].to(t.device)
+        self.lengths[row] = n
+        return row
+
     def remove_row(self, row: int) -> None:
         """Free a row; the last row moves into its place, so rows in use stay 0..rows-1."""
         last = self.rows - 1

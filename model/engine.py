@@ -10,6 +10,7 @@ Stop button); its row is freed at the next step and the others go on unchanged.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import queue
 import threading
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cache import BatchCache
+from .cache import BatchCache, KVCache
 from .generation import (SamplingParams, apply_repetition_penalty, guard_non_finite, make_generator,
                          next_position_ids, next_token, prompt_position_ids)
 from .tokenizer import StreamDecoder
@@ -142,6 +143,7 @@ class _Sequence:
         self.count = 0
         self.next_id: int | None = None  # the sampled id to feed at the next step
         self.position: torch.Tensor | None = None  # position ids of the last token fed
+        self.stage: KVCache | None = None  # its own cache while a long prompt is read chunk by chunk
 
     def sample(self, logits: torch.Tensor) -> int:
         """(1, vocab) float logits of this sequence -> its next id (exactly as generate_tokens does)."""
@@ -159,12 +161,13 @@ class Engine:
 
     Requests wait in a bounded FIFO queue. Up to max_batch sequences are decoded together, one batched forward
     pass per step; a new request is prefilled into a free row of the batch cache and joins at the next step,
-    and a finished or cancelled one leaves without disturbing the others. Each keeps its own sampling
+    and a finished or cancelled one leaves without disturbing the others. A prompt longer than prefill_chunk
+    tokens is read one chunk per step, so the running streams pause for a chunk, not for the whole prompt. Each keeps its own sampling
     parameters, seed, stop ids, penalties and token budget, so its text is the text it would get alone.
     """
 
     def __init__(self, model, tokenizer, *, model_name: str | None = None, max_queue: int = 32,
-                 max_batch: int = 8):
+                 max_batch: int = 8, prefill_chunk: int | None = 128):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.model = model
@@ -177,6 +180,12 @@ class Engine:
         self.stats = EngineStats()
         self.cache = BatchCache(model.config, max_batch, model.dtype, model.device)
         self._running: list[_Sequence] = []  # index = row in self.cache
+        # Prompts longer than prefill_chunk are read a chunk per step between decode steps, one such prompt at a
+        # time, in a cache of their own that joins the batch when complete; the others wait in _pending.
+        # (ChatGLM-6B's prompt attends to itself both ways, so it is always read whole; None: never chunk.)
+        self.prefill_chunk = prefill_chunk if model.config.family != "chatglm1" else None
+        self._staged: _Sequence | None = None
+        self._pending: collections.deque[RequestHandle] = collections.deque()
         self._queue: queue.Queue[RequestHandle | None] = queue.Queue()
         self._lock = threading.Lock()
         self._closed = False
@@ -217,30 +226,59 @@ class Engine:
             while True:
                 if not self._admit():
                     break
+                if self._staged is not None:
+                    self._prefill_chunk()
                 if self._running:
                     self._decode_step()
         finally:
             for seq in list(reversed(self._running)):
                 self._finish(seq, Event(finish="cancelled", error="the engine was shut down"))
+            if self._staged is not None:
+                self._end_staged(Event(finish="cancelled", error="the engine was shut down"))
+            while self._pending:
+                self._pending.popleft()._put(Event(finish="cancelled", error="the engine was shut down"))
             self._drain()
 
+    def _slots_free(self) -> bool:
+        return len(self._running) + (self._staged is not None) < self.max_batch
+
+    def _long(self, handle: RequestHandle) -> bool:
+        return self.prefill_chunk is not None and len(handle.request.input_ids) > self.prefill_chunk
+
     def _admit(self) -> bool:
-        """Prefill waiting requests into free rows (blocking while nothing runs); False once closed."""
-        while len(self._running) < self.max_batch:
+        """Start waiting requests in free rows (blocking while nothing runs); False once closed."""
+        if self._staged is None and self._pending and self._slots_free():
+            self._start(self._pending.popleft())
+        while self._slots_free():
+            idle = not self._running and self._staged is None and not self._pending
             try:
-                handle = self._queue.get() if not self._running else self._queue.get_nowait()
+                handle = self._queue.get() if idle else self._queue.get_nowait()
             except queue.Empty:
                 return True
             if handle is None:
                 return False
-            with self._lock:
-                self.stats.queued -= 1
-            if handle.cancelled:
-                handle.done = True
-                handle._put(Event(finish="cancelled"))
+            if self._long(handle) and self._staged is not None:
+                self._pending.append(handle)  # still counted as queued
                 continue
-            self._prefill(handle)
+            self._start(handle)
         return True
+
+    def _start(self, handle: RequestHandle) -> None:
+        with self._lock:
+            self.stats.queued -= 1
+        if handle.cancelled:
+            handle.done = True
+            handle._put(Event(finish="cancelled"))
+        elif self._long(handle):
+            seq = _Sequence(handle, self, self.model.device)
+            seq.stage = KVCache.for_model(self.model.config, 1, self.model.dtype, self.model.device,
+                                          capacity=len(seq.history))
+            self._staged = seq
+            with self._lock:
+                self.stats.running += 1
+                self.stats.prompt_tokens += len(seq.history)
+        else:
+            self._prefill(handle)
 
     def _drain(self) -> None:
         while True:
@@ -258,7 +296,7 @@ class Engine:
         row = self.cache.add_row()
         self._running.append(seq)
         with self._lock:
-            self.stats.running = len(self._running)
+            self.stats.running = len(self._running) + (self._staged is not None)
             self.stats.prompt_tokens += len(seq.history)
         try:
             ids = torch.tensor([seq.history], dtype=torch.long, device=model.device)
@@ -269,6 +307,39 @@ class Engine:
         except Exception as e:  # a bug or an out-of-memory: fail this request, keep serving the others
             logger.exception("prefill failed")
             self._fail(seq, e)
+
+    @torch.inference_mode()
+    def _prefill_chunk(self) -> None:
+        """Read the next chunk of the staged long prompt; when it is complete, the sequence joins the batch."""
+        seq, model = self._staged, self.model
+        if seq.handle.cancelled:
+            self._end_staged(Event(finish="cancelled"))
+            return
+        start = seq.stage.length
+        end = min(start + self.prefill_chunk, len(seq.history))
+        try:
+            ids = torch.tensor([seq.history[start:end]], dtype=torch.long, device=model.device)
+            positions = prompt_position_ids(model, ids, start)
+            out = model.transformer(ids, positions, None, seq.stage, last_logits_only=True)
+            if end < len(seq.history):
+                return
+            self.cache.adopt(seq.stage)
+            seq.stage, seq.position, self._staged = None, positions[..., -1:], None
+            self._running.append(seq)
+            self._take(seq, seq.sample(out.logits[:, -1].float()))
+        except Exception as e:
+            logger.exception("prefill failed")
+            if self._staged is seq:
+                self._end_staged(Event(finish="error", error=f"{type(e).__name__}: {e}"))
+            elif seq in self._running:
+                self._fail(seq, e)
+
+    def _end_staged(self, event: Event) -> None:
+        seq, self._staged = self._staged, None
+        seq.handle.done = True
+        with self._lock:
+            self.stats.running -= 1
+        seq.handle._put(event)
 
     @torch.inference_mode()
     def _decode_step(self) -> None:
@@ -334,7 +405,7 @@ class Engine:
             self.cache.release()
         seq.handle.done = True
         with self._lock:
-            self.stats.running = len(self._running)
+            self.stats.running = len(self._running) + (self._staged is not None)
         seq.handle._put(event)
 
     def _record_ttft(self, seconds: float) -> None:

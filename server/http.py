@@ -200,7 +200,7 @@ def serve(create_app, description: str, argv=None) -> int:
 
     model, tokenizer = load_or_exit(args)
     engine = Engine(model, tokenizer, model_name=args.model_name or model_id(args.model), max_queue=args.max_queue,
-                    max_batch=args.max_batch)
+                    max_batch=args.max_batch, prefill_chunk=args.prefill_chunk)
     settings = Settings(host=args.host, port=args.port, api_key=args.api_key,
                         cors_origins=[o.strip() for o in args.cors_origins.split(",") if o.strip()],
                         max_request_bytes=args.max_request_bytes)

@@ -143,9 +143,10 @@ class BatchSizes:
     """Records the batch size of every forward pass (a pre-hook on the transformer)."""
 
     def __init__(self, model):
-        self.sizes = []
+        self.sizes, self.shapes = [], []
         self._hook = model.transformer.register_forward_pre_hook(
-            lambda module, args: self.sizes.append(args[0].shape[0]) and None)
+            lambda module, args: (self.sizes.append(args[0].shape[0]), self.shapes.append(tuple(args[0].shape)))
+            and None)
 
     def remove(self):
         self._hook.remove()
@@ -247,3 +248,35 @@ def test_the_batch_cache_is_reused_not_grown(batch_engine):
         time.sleep(0.01)
     assert eng.cache.rows == 0 and eng.stats.running == 0 and eng.stats.queued == 0
     assert eng.cache.nbytes() == initial
+
+
+def test_long_prompts_are_read_in_chunks_between_decode_steps():
+    """Prompts longer than prefill_chunk are read a chunk per step while the others keep decoding; every
+    text is still the text alone, and a request cancelled while its prompt is being read frees everything."""
+    model, tok = loaded("chatglm3-tiny")
+    eng = Engine(model, tok, max_queue=16, max_batch=4, prefill_chunk=8)
+    try:
+        stops = tuple(tok.reply_stop_ids())
+        texts = ["hi", "Tell me a long story about the sea and the mountains, please, with many details",
+                 "你好", "Explain attention in transformers step by step, and then explain it again",
+                 "A third long prompt that waits while another long prompt is being read in chunks"]
+        requests = [GenerationRequest(prompt(tok, t), GREEDY, 20, stops) for t in texts]
+        assert sum(len(r.input_ids) > 8 for r in requests) >= 3
+        expected = [alone_events(model, tok, r) for r in requests]
+        sizes = BatchSizes(model)
+        try:
+            got = run_staggered(eng, requests, [[0], [1, 2, 3, 4]])
+        finally:
+            sizes.remove()
+        assert got == expected
+        assert max(sizes.sizes) > 1 and (1, 8) in sizes.shapes  # batched decode steps and 8-token prompt chunks
+        victim = eng.submit(GenerationRequest(prompt(tok, "x" * 60), GREEDY, 50))
+        victim.cancel()
+        assert list(victim)[-1].finish == "cancelled"
+        assert collect(eng.submit(requests[1]))[0] == expected[1][0]
+        deadline = time.monotonic() + 5
+        while (eng.stats.running or eng.stats.queued) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert eng.stats.running == 0 and eng.stats.queued == 0 and eng.cache.rows == 0
+    finally:
+        eng.close()

@@ -209,7 +209,8 @@ def scripted(v3_dir):
         reply(call, "<|observation|>"), reply("\nIt is 21 degrees in Paris.", "</s>"),
         reply(call, "<|observation|>"),
     ])
-    engine = Engine(scripted_model, tokenizer, model_name="scripted", max_batch=1)  # the script is one stream
+    engine = Engine(scripted_model, tokenizer, model_name="scripted", max_batch=1,  # the script is one stream,
+                    prefill_chunk=None)  # with one forward pass per prompt
     from server.openai_app import create_app
 
     server = ThreadServer(create_app(engine))
