@@ -5,6 +5,13 @@ from __future__ import annotations
 import torch
 
 
+def follow_device(cache, layer: int, device: torch.device) -> None:
+    """Layers split over devices: keep each layer's keys and values on the device that layer runs on."""
+    if cache.keys[layer].device != device:
+        cache.keys[layer] = cache.keys[layer].to(device)
+        cache.values[layer] = cache.values[layer].to(device)
+
+
 class KVCache:
     """Keys (after rotary) and values of every layer, stored as (batch, kv_heads, capacity, head_dim).
 
@@ -53,9 +60,7 @@ class KVCache:
     def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write (B, g, T, d) key/value at the current end; return layer's keys/values up to and including them."""
         end = self.length + key.shape[2]
-        if self.keys[layer].device != key.device:  # layers split over devices: keep each layer's cache beside it
-            self.keys[layer] = self.keys[layer].to(key.device)
-            self.values[layer] = self.values[layer].to(key.device)
+        follow_device(self, layer, key.device)
         self.keys[layer][:, :, self.length:end] = key
         self.values[layer][:, :, self.length:end] = value
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
@@ -176,9 +181,7 @@ class BatchCache:
     def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if key.shape[2] != 1 or key.shape[0] != self.rows:
             raise ValueError("a batched step feeds exactly one token for every row in use")
-        if self.keys[layer].device != key.device:  # layers split over devices: keep each layer's cache beside it
-            self.keys[layer] = self.keys[layer].to(key.device)
-            self.values[layer] = self.values[layer].to(key.device)
+        follow_device(self, layer, key.device)
         rows, at = self._write_index(key.device)
         self.keys[layer][rows, :, at] = key[:, :, 0]
         self.values[layer][rows, :, at] = value[:, :, 0]
@@ -219,9 +222,7 @@ class RowCache:
     def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, r, start = self.batch, self.row, self.length
         end = start + key.shape[2]
-        if b.keys[layer].device != key.device:
-            b.keys[layer] = b.keys[layer].to(key.device)
-            b.values[layer] = b.values[layer].to(key.device)
+        follow_device(b, layer, key.device)
         b.keys[layer][r:r + 1, :, start:end] = key
         b.values[layer][r:r + 1, :, start:end] = value
         return b.keys[layer][r:r + 1, :, :end], b.values[layer][r:r + 1, :, :end]

@@ -239,8 +239,12 @@ class Engine:
                 self._pending.popleft()._put(Event(finish="cancelled", error="the engine was shut down"))
             self._drain()
 
+    def _in_progress(self) -> int:
+        """Sequences holding a slot: decoding, plus the long prompt being read."""
+        return len(self._running) + (self._staged is not None)
+
     def _slots_free(self) -> bool:
-        return len(self._running) + (self._staged is not None) < self.max_batch
+        return self._in_progress() < self.max_batch
 
     def _long(self, handle: RequestHandle) -> bool:
         return self.prefill_chunk is not None and len(handle.request.input_ids) > self.prefill_chunk
@@ -296,7 +300,7 @@ class Engine:
         row = self.cache.add_row()
         self._running.append(seq)
         with self._lock:
-            self.stats.running = len(self._running) + (self._staged is not None)
+            self.stats.running = self._in_progress()
             self.stats.prompt_tokens += len(seq.history)
         try:
             ids = torch.tensor([seq.history], dtype=torch.long, device=model.device)
@@ -405,7 +409,7 @@ class Engine:
             self.cache.release()
         seq.handle.done = True
         with self._lock:
-            self.stats.running = len(self._running) + (self._staged is not None)
+            self.stats.running = self._in_progress()
         seq.handle._put(event)
 
     def _record_ttft(self, seconds: float) -> None:
