@@ -1,12 +1,14 @@
-"""Native CPU kernels (model/kernels.c), compiled on first use and called through ctypes.
+"""Native CPU kernels, compiled on first use and called through ctypes.
 
 Decoding reads every weight once per token, so its speed is the speed at which the matrix-vector products
 stream the weights. torch's stock CPU kernels for these shapes are compute-bound well below the memory
-bandwidth; kernels.c reads int8, packed int4 and bf16 weights in their stored layout at close to it.
+bandwidth; our kernels read int8, packed int4 and bf16 weights in their stored layout at close to it.
 
-The library is built with the system C compiler (`cc`, with -march=native and OpenMP) into a per-user cache
-and used only on x86-64 CPUs with AVX-512 (bf16 products also need AVX512-BF16). Anything else (no
-compiler, another CPU, CHATGLM_NATIVE_KERNELS=0) leaves `available()` False and the callers use torch.
+Two builds of the same functions: model/kernels.c for x86-64 CPUs with AVX-512 (bf16 products need
+AVX512-BF16, integer products AVX512-VNNI), model/kernels_avx2.c for those with only AVX2 and FMA (most
+laptops and many servers). Each is built with the system C compiler (`cc`, -march=native, OpenMP) into a
+per-user cache. Anything else (no compiler, another CPU, CHATGLM_NATIVE_KERNELS=0) leaves `available()` False
+and the callers use torch. CHATGLM_NATIVE_KERNELS=avx2 uses the AVX2 build on AVX-512 CPUs too.
 """
 
 from __future__ import annotations
@@ -26,11 +28,14 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# Inputs of up to this many rows (tokens) use the matrix-vector kernels, which read the weights once per row;
-# longer ones use a GEMM, which wins once the weights are reused across many rows.
+# Inputs of up to this many rows (tokens) use the matrix-vector kernels; longer ones use a GEMM, which wins once
+# the weights are reused across many rows. kernels.c reads the weights once per row (so few rows);
+# kernels_avx2.c multiplies each weight tile with several rows at once and says how many rows it is good for.
 DECODE_TOKENS = 4
 
 SOURCE = Path(__file__).with_name("kernels.c")
+AVX2_SOURCE = Path(__file__).with_name("kernels_avx2.c")
+AVX512 = {"avx512f", "avx512bw", "avx512vl"}
 ABI = 6
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -83,8 +88,13 @@ def _compile(source_path: Path, required_flags: set[str], what: str) -> ctypes.C
 
 
 def _build() -> ctypes.CDLL:
-    lib = _compile(SOURCE, {"avx512f", "avx512bw", "avx512vl"}, "AVX-512")
     flags = _cpu_flags()
+    # CHATGLM_NATIVE_KERNELS=avx2 picks the AVX2 build on an AVX-512 CPU too (to test or compare it)
+    avx512 = AVX512 <= flags and os.environ.get("CHATGLM_NATIVE_KERNELS") != "avx2"
+    if avx512 or platform.machine() not in ("x86_64", "AMD64"):
+        lib = _compile(SOURCE, AVX512, "AVX-512")
+    else:
+        lib = _compile(AVX2_SOURCE, {"avx2", "fma"}, "AVX-512 or AVX2 with FMA")
     if lib.chatglm_kernels_abi() != ABI:
         raise RuntimeError("stale kernel library")
     p, i = ctypes.c_void_p, ctypes.c_int
@@ -95,8 +105,12 @@ def _build() -> ctypes.CDLL:
     lib.gemv_q8v.argtypes = [p, i, i, p, i, p, p, p]
     lib.gemv_q4v.argtypes = [p, i, i, p, i, p, p, p]
     lib.has_vnni.restype = i
+    if hasattr(lib, "linear_f32"):
+        lib.linear_f32.argtypes = [p, i, i, p, i, p, p]
     lib.dequantize.argtypes = [p, i, i, i, p, p, p]
-    lib.has_bf16 = "avx512_bf16" in flags
+    # the AVX2 build widens bf16 to float32 in registers (exact), the AVX-512 one needs vdpbf16ps
+    lib.has_bf16 = "avx512_bf16" in flags or not avx512
+    lib.rows = lib.decode_rows() if hasattr(lib, "decode_rows") else DECODE_TOKENS
     return lib
 
 
@@ -134,12 +148,19 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
         raise ValueError("weight must be contiguous")
 
 
+def decode_rows() -> int:
+    """Inputs of up to this many rows go to the matrix-vector kernels (0 without native kernels)."""
+    lib = library()
+    return 0 if lib is None else lib.rows
+
+
 def has_bf16() -> bool:
     lib = library()
     return bool(lib is not None and lib.has_bf16)
 
 
-def has_vnni() -> bool:
+def has_integer_kernels() -> bool:
+    """The integer-product kernels (AVX512-VNNI in kernels.c, vpmaddwd in kernels_avx2.c) for bf16 inputs."""
     lib = library()
     return bool(lib is not None and lib.has_vnni())
 
@@ -189,6 +210,47 @@ def dequantize(weight: torch.Tensor, bits: int, scale: torch.Tensor, in_features
     return out
 
 
+# ---- prompts: GEMMs over a weight made block by block ---------------------------------------------------
+GEMM_BLOCK_BYTES = 4 << 20  # one block of the float weight: stays in cache between its fill and its GEMM
+_native_bf16_gemm: bool | None = None
+
+
+def native_bf16_gemm() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 / AMX). Without it torch's bf16 GEMM
+    is several times slower than float32 (measured on an AVX2 EPYC: 1.46 s against 0.30 s for 128 rows of a
+    27392x4096 weight), so bf16 prompts are multiplied in float32: the same bf16 products, summed in float32
+    as a bf16 GEMM does."""
+    global _native_bf16_gemm
+    if _native_bf16_gemm is None:
+        try:
+            _native_bf16_gemm = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except Exception:
+            _native_bf16_gemm = False
+    return _native_bf16_gemm
+
+
+def gemm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a CPU GEMM for inputs of `dtype` runs in."""
+    if dtype == torch.bfloat16:
+        return torch.bfloat16 if native_bf16_gemm() else torch.float32
+    return dtype if dtype == torch.float32 else torch.float32
+
+
+def blocked_gemm(rows: torch.Tensor, n_out: int, fill, work: torch.dtype) -> torch.Tensor:
+    """rows [M, K] @ W^T -> [M, n_out] in `work`, for a weight W that is written GEMM_BLOCK_BYTES at a time by
+    fill(n0, n1, buffer) (rows n0..n1 of W into buffer, returned) and never exists whole: no weight-sized
+    temporaries and no page faults per call."""
+    k = rows.shape[1]
+    block = max(64, (GEMM_BLOCK_BYTES // (k * torch.finfo(work).bits // 8)) // 64 * 64)
+    xt = rows.to(work).t()
+    out = torch.empty(n_out, rows.shape[0], dtype=work)
+    buffer = torch.empty(min(block, n_out), k, dtype=work)
+    for n0 in range(0, n_out, block):
+        n1 = min(n0 + block, n_out)
+        torch.mm(fill(n0, n1, buffer[: n1 - n0]), xt, out=out[n0:n1])
+    return out.t()
+
+
 # ---- float32 linears through oneDNN ------------------------------------------------------------------
 # torch sends float32 F.linear on the CPU to MKL's sgemm. On CPUs MKL does not tune for (measured on a 2-core
 # AMD EPYC with AVX2, torch 2.13) that is far from the memory bound: for a 27392x4096 weight, 36 ms for one row
@@ -223,34 +285,17 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-# ---- float32 linears for a few rows on AVX2 CPUs without AVX-512 (model/kernels_f32.c) --------------------
+# ---- float32 linears for a few rows on AVX2 CPUs without AVX-512 (linear_f32 in model/kernels_avx2.c) -------
 # Rows up to this many use it; it matched or beat oneDNN from 1 to 16 rows on the 2-core AMD EPYC (AVX2) we
 # measured (27392x4096 weight: 19.6 / 32.6 / 51.7 ms for 1 / 8 / 16 rows against oneDNN's 22.3 / 61.0 / 75.7).
 # CPUs with AVX-512 keep oneDNN, which we have not measured against it there.
 F32_ROWS = 16
-F32_SOURCE = Path(__file__).with_name("kernels_f32.c")
-_f32_lib: ctypes.CDLL | None = None
-_f32_tried = False
 
 
 def f32_library() -> ctypes.CDLL | None:
-    global _f32_lib, _f32_tried
-    if not _f32_tried:
-        with _lock:
-            if not _f32_tried:
-                try:
-                    if {"avx512f", "avx512bw", "avx512vl"} <= _cpu_flags():
-                        raise RuntimeError("AVX-512 CPUs use oneDNN for float32 linears")
-                    lib = _compile(F32_SOURCE, {"avx2", "fma"}, "AVX2 and FMA")
-                    if lib.chatglm_f32_abi() != 1:
-                        raise RuntimeError("stale kernel library")
-                    p, i = ctypes.c_void_p, ctypes.c_int
-                    lib.linear_f32.argtypes = [p, i, i, p, i, p, p]
-                    _f32_lib = lib
-                except Exception as exc:
-                    log.info("native float32 kernel unavailable (%s)", exc)
-                _f32_tried = True
-    return _f32_lib
+    """The AVX2 build when it is the one in use (it has linear_f32), else None."""
+    lib = library()
+    return lib if lib is not None and hasattr(lib, "linear_f32") else None
 
 
 def linear_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
@@ -262,5 +307,5 @@ def linear_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     n = weight.shape[0]
     y = torch.empty(rows.shape[0], n, dtype=torch.float32)
     bias = None if bias is None else bias.contiguous()
-    _f32_lib.linear_f32(rows.data_ptr(), rows.shape[0], rows.shape[1], weight.data_ptr(), n, _ptr(bias), y.data_ptr())
+    library().linear_f32(rows.data_ptr(), rows.shape[0], rows.shape[1], weight.data_ptr(), n, _ptr(bias), y.data_ptr())
     return y.reshape(*x.shape[:-1], n)

@@ -14,25 +14,33 @@ from .config import ChatGLMConfig
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters and state dict) whose decode-time products use the native bf16 kernel.
+    """nn.Linear (same parameters and state dict) with faster CPU paths for inference.
 
-    For a few rows of bf16 input on a CPU with AVX512-BF16, model/kernels.c streams the bf16 weight through
-    vdpbf16ps: the same bf16 products summed in float32 as torch's bf16 matmul, at about the memory
-    bandwidth, where torch's matrix-vector path for these shapes is compute-bound. float32 on a CPU: a few rows
-    through kernels_f32.c on AVX2 CPUs (kernels.linear_f32), else oneDNN (kernels.onednn_linear). Anything
-    else: nn.Linear.
+    bf16 on a CPU: a few rows (decoding) through the native matrix-vector kernels (kernels.gemv_bf16: bf16
+    products summed in float32, as torch's bf16 matmul, at about the memory bandwidth, where torch's
+    matrix-vector path for these shapes is compute-bound); more rows on CPUs without native bf16 GEMMs
+    through float32 GEMMs over the weight widened block by block (kernels.blocked_gemm). float32 on a CPU: a
+    few rows through kernels_avx2.c on AVX2 CPUs (kernels.linear_f32), else oneDNN (kernels.onednn_linear).
+    Anything else: nn.Linear.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16 and x.device.type == "cpu"
-                and x.numel() <= kernels.DECODE_TOKENS * self.in_features and self.weight.is_contiguous()
-                and kernels.has_bf16()):
-            rows = x.reshape(-1, self.in_features).contiguous()
+        if torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != self.weight.dtype:
+            return super().forward(x)
+        if x.dtype == torch.bfloat16 and self.weight.is_contiguous():
+            rows = x.reshape(-1, self.in_features)
             bias = None if self.bias is None else self.bias.float()
-            y = kernels.gemv_bf16(rows, self.weight, bias)
+            if rows.shape[0] <= kernels.decode_rows() and kernels.has_bf16():
+                y = kernels.gemv_bf16(rows.contiguous(), self.weight, bias)
+            elif kernels.gemm_dtype(x.dtype) == torch.float32:
+                y = kernels.blocked_gemm(rows, self.out_features,
+                                         lambda n0, n1, buffer: buffer.copy_(self.weight[n0:n1]), torch.float32)
+                if bias is not None:
+                    y = y + bias
+            else:
+                return super().forward(x)
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        if (x.dtype == torch.float32 and self.weight.dtype == torch.float32 and x.device.type == "cpu"
-                and not torch.is_grad_enabled()):
+        if x.dtype == torch.float32:
             y = kernels.linear_f32(x, self.weight, self.bias)
             if y is None:
                 y = kernels.onednn_linear(x, self.weight, self.bias)

@@ -5,10 +5,12 @@ both in the float checkpoint dtype. int8 stores q as [out, in]; int4 packs two v
 the even column in the high nibble. The stored layout is also the layout every kernel reads.
 
 Kernels, chosen per call by device, dtype and the number of tokens:
-- CPU, up to kernels.DECODE_TOKENS tokens (decoding): model/kernels.c reads the packed weights directly (float32
-  inputs exactly; bf16 inputs through integer dot products on CPUs with AVX512-VNNI).
-- CPU, longer inputs (prompts): the layer is de-quantized to the input dtype by the native kernel and
-  multiplied with a regular GEMM, which beats any matrix-vector kernel once there are many tokens.
+- CPU, up to kernels.decode_rows() tokens (decoding, also a batch of sequences): the native kernels
+  (model/kernels.c with AVX-512, model/kernels_avx2.c with AVX2) read the packed weights directly (float32
+  inputs exactly; bf16 inputs through integer dot products).
+- CPU, longer inputs (prompts): the layer is de-quantized block by block by the native kernel (to bf16 where
+  the CPU has native bf16 GEMMs, else float32) and multiplied with a regular GEMM, which beats any
+  matrix-vector kernel once there are many tokens.
 - CPU without the native kernels: torch's `_weight_int8pack_mm` for int8, de-quantize + GEMM otherwise.
 - CUDA and MPS: de-quantize with torch, then the vendor GEMM. (cpm_kernels ships no weight-only int4 / int8
   kernel of its own: the original's extraction kernels are a CUDA binary embedded in its source that it
@@ -22,8 +24,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-
-GEMM_BLOCK_BYTES = 4 << 20  # de-quantized weight block per GEMM for multi-token inputs: stays in cache
 
 QUANTIZED_LINEARS = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h",
                      "mlp.dense_4h_to_h")
@@ -91,7 +91,11 @@ class QuantizedLinear(nn.Module):
         param = getattr(self, name)
         if param is None:
             return None
-        key = (param.data_ptr(), param._version)
+        try:
+            version = param._version
+        except RuntimeError:  # made under torch.inference_mode(): such tensors carry no version counter
+            version = None
+        key = (param.data_ptr(), version)
         cached = self.__dict__.get("_f32_cache", {}).get(name)
         if cached is None or cached[0] != key:
             cached = (key, param.detach().float().contiguous())
@@ -102,7 +106,7 @@ class QuantizedLinear(nn.Module):
         shape = x.shape[:-1]
         rows = x.reshape(-1, self.in_features)
         if x.device.type == "cpu" and kernels.available() and self.weight.is_contiguous():
-            if rows.shape[0] <= kernels.DECODE_TOKENS:
+            if rows.shape[0] <= kernels.decode_rows():
                 y = self._gemv_native(rows)
             else:
                 y = self._blocked_gemm(rows)
@@ -117,27 +121,21 @@ class QuantizedLinear(nn.Module):
         return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
 
     def _blocked_gemm(self, rows: torch.Tensor) -> torch.Tensor:
-        """Many tokens: de-quantize a block of output rows at a time into a cache-sized buffer and multiply it
-        with a GEMM. The float weight never exists whole (no 200 MB temporaries, no page faults per call)."""
-        work = rows.dtype if rows.dtype in (torch.float32, torch.bfloat16) else torch.float32
-        n_out, k = self.out_features, self.in_features
-        block = max(64, (GEMM_BLOCK_BYTES // (k * torch.finfo(work).bits // 8)) // 64 * 64)
-        xt = rows.to(work).t()
-        out = torch.empty(n_out, rows.shape[0], dtype=work)
-        buffer = torch.empty(min(block, n_out), k, dtype=work)
+        """Many tokens: de-quantize a cache-sized block of output rows at a time and multiply it with a GEMM."""
+        work = kernels.gemm_dtype(rows.dtype)
         scale = self._f32("weight_scale")
-        for n0 in range(0, n_out, block):
-            n1 = min(n0 + block, n_out)
-            w = kernels.dequantize(self.weight[n0:n1], self.bits, scale[n0:n1], k, work, out=buffer[: n1 - n0])
-            torch.mm(w, xt, out=out[n0:n1])
-        y = out.t()
+
+        def fill(n0, n1, buffer):
+            return kernels.dequantize(self.weight[n0:n1], self.bits, scale[n0:n1], self.in_features, work, out=buffer)
+
+        y = kernels.blocked_gemm(rows, self.out_features, fill, work)
         if self.bias is not None:
             y = y + self.bias.to(work)
         return y
 
     def _gemv_native(self, rows: torch.Tensor) -> torch.Tensor:
         scale, bias = self._f32("weight_scale"), self._f32("bias")
-        integer = rows.dtype == torch.bfloat16 and kernels.has_vnni()
+        integer = rows.dtype == torch.bfloat16 and kernels.has_integer_kernels()
         return kernels.gemv_quantized(rows.float().contiguous(), self.weight, self.bits, scale, bias, integer)
 
     def extra_repr(self) -> str:

@@ -22,9 +22,23 @@ def _cpu_has(*flags):
 
 
 def test_native_kernels_build_where_ci_expects_them():
-    """On CI's x86 AVX-512 machine the kernels must build: a silent fallback would hide a broken kernels.c."""
-    if os.environ.get("CI") and _cpu_has("avx512f", "avx512bw", "avx512vl"):
+    """On CI's x86 machines the kernels must build (kernels.c with AVX-512, kernels_avx2.c with AVX2): a
+    silent fallback would hide a broken kernel source."""
+    if os.environ.get("CI") and (_cpu_has("avx512f", "avx512bw", "avx512vl") or _cpu_has("avx2", "fma")):
         assert kernels.available(), kernels.why_unavailable()
+        assert kernels.decode_rows() >= 4 and kernels.has_integer_kernels() in (True, False)
+
+
+@pytest.mark.skipif(not (_cpu_has("avx512f", "avx512bw", "avx512vl") and _cpu_has("avx2", "fma")),
+                    reason="this run already tests the only build this CPU uses")
+def test_avx2_build_on_an_avx512_cpu(tmp_path):
+    """AVX-512 CPUs use kernels.c; kernels_avx2.c (what AVX2-only CPUs use) gets the same kernel tests here."""
+    env = dict(os.environ, CHATGLM_NATIVE_KERNELS="avx2", CHATGLM_KERNEL_CACHE=str(tmp_path))
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                           "gemv or dequantize or every_path or bf16_linear"], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert " passed" in done.stdout
 
 
 def test_unavailable_compiler_falls_back_to_torch(tmp_path):
@@ -66,7 +80,7 @@ def test_gemv_float32_is_a_float32_matmul(bits, n, k):
 
 
 @native
-@pytest.mark.skipif(not kernels.has_vnni(), reason="no AVX512-VNNI")
+@pytest.mark.skipif(not kernels.has_integer_kernels(), reason="no integer-product kernels")
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("n,k", SHAPES)
 def test_gemv_integer_path_is_finer_than_bf16(bits, n, k):
@@ -88,6 +102,32 @@ def test_gemv_bf16_forms_the_bf16_products(n, k):
     bias = torch.randn(n, generator=g)
     exact = x.double() @ w.double().T + bias.double()
     assert _rel(kernels.gemv_bf16(x, w, bias), exact) < 1e-6
+
+
+@native
+@pytest.mark.parametrize("integer", [False, True], ids=["float", "integer"])
+@pytest.mark.parametrize("bits", [8, 4, 16])
+def test_gemv_gives_each_row_the_same_bits_alone_or_in_a_batch(bits, integer):
+    """Batched decoding must not change a sequence's numbers: row i of a batch of up to decode_rows() rows
+    equals row i computed alone, for every weight format and both product kinds."""
+    if integer and (bits == 16 or not kernels.has_integer_kernels()):
+        pytest.skip("no integer products for this case")
+    if bits == 16 and not kernels.has_bf16():
+        pytest.skip("no native bf16 kernel")
+    m = max(kernels.decode_rows(), 1)
+    g = torch.Generator().manual_seed(7)
+    w, x, bias = torch.randn(301, 4098, generator=g), torch.randn(m, 4098, generator=g), torch.randn(301, generator=g)
+    if bits == 16:
+        w, x = w.bfloat16(), x.bfloat16()
+        run = lambda rows: kernels.gemv_bf16(rows, w, bias)  # noqa: E731
+    else:
+        q, scale = quantize_weight(w, bits)
+        run = lambda rows: kernels.gemv_quantized(rows, q, bits, scale.float(), bias, integer)  # noqa: E731
+    batch = run(x)
+    for i in range(m):
+        assert torch.equal(run(x[i:i + 1].contiguous())[0], batch[i]), f"row {i} of {m}"
+    for lo, hi in ((1, 3), (2, m)):  # other batch sizes and offsets within the batch
+        assert torch.equal(run(x[lo:hi].contiguous()), batch[lo:hi])
 
 
 @native
@@ -116,7 +156,7 @@ def _reference(layer, x):
 
 @pytest.mark.parametrize("use_native", [True, False], ids=["native", "torch"])
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("tokens", [1, 3, 9])  # decode-sized and prompt-sized inputs take different kernels
+@pytest.mark.parametrize("tokens", [1, 3, 9, 20])  # decode-sized and prompt-sized inputs take different kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quantized_linear_every_path(monkeypatch, use_native, bits, tokens, dtype):
     if use_native and not kernels.available():
@@ -143,12 +183,24 @@ def test_scale_cache_follows_the_parameter():
     torch.testing.assert_close(after, (before - _layer(8).bias) * 2, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("tokens", [1, 4, 7])
-def test_bf16_linear_matches_torch(tokens):
+def test_layer_quantized_under_inference_mode_runs():
+    """Parameters made under torch.inference_mode() have no version counter; the scale cache must cope."""
+    linear = torch.nn.Linear(64, 24)
+    x = torch.randn(5, 64)
+    with torch.inference_mode():
+        layer = QuantizedLinear.from_linear(linear, 8)
+        for rows in (x[:1], x):
+            torch.testing.assert_close(layer(rows).double(), _reference(layer, rows), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [1, 4, 7, 17, 40])  # matrix-vector kernel; GEMM (blocked where no native bf16)
+def test_bf16_linear_matches_torch(tokens, monkeypatch):
+    monkeypatch.setattr(kernels, "GEMM_BLOCK_BYTES", 1)  # blocks of 64 output rows: 3 blocks, the last short
     g = torch.Generator().manual_seed(6)
-    layer = Linear(200, 37, bias=True).to(torch.bfloat16)
+    layer = Linear(200, 150, bias=True).to(torch.bfloat16)
     x = torch.randn(tokens, 200, generator=g).bfloat16()
-    ours = layer(x)
+    with torch.inference_mode():
+        ours = layer(x)
     theirs = torch.nn.functional.linear(x, layer.weight, layer.bias)
     assert ours.dtype == torch.bfloat16
     # equal up to summation order, then one bf16 rounding each
