@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import struct
 from typing import Iterator
@@ -11,6 +12,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from . import kernels
 from .config import ChatGLMConfig
 from .hub import resolve_model_dir
 
@@ -41,13 +43,6 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device(device)
 
 
-def cpu_has_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:
-        return False
-
-
 def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """'auto'/None -> bf16 (or fp16) on GPU, fp16 on MPS, bf16 on CPUs with native bf16, else fp32."""
     if isinstance(dtype, torch.dtype):
@@ -57,7 +52,7 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         if device.type == "mps":
             return torch.float16
-        return torch.bfloat16 if cpu_has_bf16() else torch.float32
+        return torch.bfloat16 if kernels.native_bf16_gemm() else torch.float32
     name = str(dtype).removeprefix("torch.")
     if name not in DTYPE_NAMES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(DTYPE_NAMES)}")
@@ -84,16 +79,37 @@ def checkpoint_files(path: str) -> list[str]:
         f"pytorch_model.bin.index.json)")
 
 
-def read_safetensors(filename: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield the tensors of a .safetensors file, each read straight into its own buffer (no mmap, no copy)."""
+def mmap_enabled() -> bool:
+    return os.environ.get("CHATGLM_MMAP", "1") not in ("0", "false", "no")
+
+
+def read_safetensors(filename: str, zero_copy=None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield the tensors of a .safetensors file.
+
+    A tensor for which zero_copy(name, dtype) is true is a view of a private (copy-on-write) memory map of
+    the file: nothing is read until it is used, and its memory is the page cache's, so a checkpoint loads in
+    about the time it takes to read its header and is never held twice (file cache + copy) in memory. Writes
+    to such a tensor change only this process's copy. Every other tensor is read straight into its own buffer.
+    """
     with open(filename, "rb", buffering=0) as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(header_len))
         base = 8 + header_len
         header.pop("__metadata__", None)
+        mapped = None
         for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             start, end = info["data_offsets"]
-            tensor = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            if end > start and zero_copy is not None and zero_copy(name, dtype):
+                if mapped is None:
+                    mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                    if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_WILLNEED"):
+                        mapped.madvise(mmap.MADV_WILLNEED)  # start reading ahead in the background
+                itemsize = torch.empty((), dtype=dtype).element_size()
+                tensor = torch.frombuffer(mapped, dtype=dtype, count=(end - start) // itemsize, offset=base + start)
+                yield name, tensor.view(info["shape"])
+                continue
+            tensor = torch.empty(info["shape"], dtype=dtype)
             if end > start:
                 f.seek(base + start)
                 view = memoryview(tensor.view(-1).view(torch.uint8).numpy())
@@ -116,10 +132,13 @@ def read_bin(filename: str) -> Iterator[tuple[str, torch.Tensor]]:
         del state
 
 
-def iter_checkpoint(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_checkpoint(path: str, zero_copy=None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every weight; zero_copy: see read_safetensors (.bin files are memory-mapped anyway)."""
     for filename in checkpoint_files(path):
-        reader = read_safetensors if filename.endswith(".safetensors") else read_bin
-        yield from reader(filename)
+        if filename.endswith(".safetensors"):
+            yield from read_safetensors(filename, zero_copy)
+        else:
+            yield from read_bin(filename)
 
 
 def checkpoint_nbytes(path: str) -> int:
@@ -181,8 +200,14 @@ def load_weights(name_or_path: str, device=None, dtype=None, family: str | None 
         if quantize and not stored_bits else set()
     seen = set()
     stored_head = None
+    # Tensors that are used exactly as stored (same dtype, on the CPU, not quantized now) stay in the file's
+    # memory map: see read_safetensors.
+    zero_copy = None
+    if mmap_enabled() and device_map is None and device.type == "cpu":
+        def zero_copy(name, stored_dtype):
+            return name not in quantize_now and (stored_dtype == dtype or not stored_dtype.is_floating_point)
     bar = _progress(checkpoint_nbytes(path), f"Loading {os.path.basename(os.path.normpath(path))}", progress)
-    for name, tensor in iter_checkpoint(path):
+    for name, tensor in iter_checkpoint(path, zero_copy):
         bar.update(tensor.numel() * tensor.element_size())
         if name in IGNORED_TENSORS or name.endswith(".attention.rotary_emb.inv_freq"):  # recomputed
             continue
@@ -316,13 +341,19 @@ def save_checkpoint(model, directory: str, max_shard_size: int = 2 * 1024**3) ->
         current[name] = t
         size += nbytes
     shards.append(current)
+    def save(shard, fname):
+        # through a temporary name: a model loaded from this directory may still map the old file
+        target = os.path.join(directory, fname)
+        save_file(shard, target + ".tmp", metadata={"format": "pt"})
+        os.replace(target + ".tmp", target)
+
     if len(shards) == 1:
-        save_file(shards[0], os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+        save(shards[0], "model.safetensors")
     else:
         weight_map = {}
         for i, shard in enumerate(shards, 1):
             fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(directory, fname), metadata={"format": "pt"})
+            save(shard, fname)
             weight_map.update({k: fname for k in shard})
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
                  "weight_map": weight_map}

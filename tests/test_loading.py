@@ -112,6 +112,43 @@ def test_save_pretrained_round_trip(tmp_path, reference):
     assert torch.equal(logits_of(again, tok), expected)
 
 
+def _mapped(path):
+    with open("/proc/self/maps") as f:
+        return os.path.realpath(path) in f.read()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/self/maps")
+def test_safetensors_weights_stay_in_the_file_mapping(tmp_path, reference, monkeypatch):
+    """Weights used as stored are views of a private memory map of the file: loading reads no weight bytes,
+    writes to a parameter never reach the file, and saving over the mapped checkpoint is safe."""
+    model, tokenizer, expected = reference
+    model.save_pretrained(str(tmp_path))
+    tokenizer.save_pretrained(str(tmp_path))
+    weights = os.path.join(tmp_path, "model.safetensors")
+    before = open(weights, "rb").read()
+    mapped, tok = load_model(str(tmp_path), device="cpu", dtype="float32")
+    assert _mapped(weights)
+    assert torch.equal(logits_of(mapped, tok), expected)
+    with torch.no_grad():
+        mapped.transformer.output_layer.weight.zero_()  # copy-on-write: this process only
+    assert open(weights, "rb").read() == before
+    mapped.save_pretrained(str(tmp_path))  # over the file it maps: replaced, not rewritten in place
+    assert not torch.equal(logits_of(mapped, tok), expected)  # the mapping (and the zeroed layer) is intact
+    again, _ = load_model(str(tmp_path), device="cpu", dtype="float32")
+    assert torch.equal(logits_of(again, tok), logits_of(mapped, tok))
+    del mapped, again
+    # a dtype change needs a converted copy; CHATGLM_MMAP=0 reads every tensor into memory
+    as_bf16, _ = load_model(str(tmp_path), device="cpu", dtype="bfloat16")
+    assert as_bf16.transformer.output_layer.weight.dtype == torch.bfloat16
+    monkeypatch.setenv("CHATGLM_MMAP", "0")
+    read, _ = load_model(str(tmp_path), device="cpu", dtype="float32")
+    del as_bf16
+    import gc
+    gc.collect()
+    assert not _mapped(weights)
+    assert not logits_of(read, tok).any()  # the saved checkpoint has the zeroed output layer
+
+
 @pytest.mark.parametrize("flag,value", [("pre_seq_len", 128), ("rmsnorm", False), ("fp32_residual_connection", True),
                                         ("quantization_bit", 3), ("multi_query_group_num", 3)])
 def test_unsupported_flags_are_named(flag, value):
