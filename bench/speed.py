@@ -1,18 +1,26 @@
 """Speed and memory of the normal loading and generation path on a random checkpoint of a real shape.
 
-    python bench/speed.py --shape 6b --modes bf16,int8,int4 --prefill 128,512,2048 --batch 1,8
-    python bench/speed.py --shape mid --modes bf16,int4 --json out.json    # a quicker look
+    python bench/speed.py --shape 6b --modes bf16,int8,int4                 # the whole table (slow on 2 cores)
+    python bench/speed.py --shape mid --modes bf16,int4 --prefill 128 --json out.json    # a quicker look
+    python bench/speed.py --shape 6b --modes int4 --prefill 0 --batch 1 --context 8192   # long-context memory
 
 Writes a random-weight chatglm2 checkpoint of the shape (bf16 safetensors) under --dir (default: a
 temporary directory), and for int8 / int4 a pre-quantized checkpoint made from it through
 `load_model(..., quantize=bits)` + `save_pretrained` (the chatglm2-6b-int4 layout). Each mode then runs in a
 fresh process that loads its checkpoint through `load_model` and measures:
 
-- load seconds and the process's peak RSS after loading (VmHWM; the torch import baseline is shown apart);
+- load seconds and the process's peak RSS after loading (VmHWM; the torch import baseline is shown apart).
+  Weights used as stored stay in the checkpoint's memory map (model/loading.py), so loading reads little and
+  the first forward pass faults the weights in: its time ("first token") is shown next to the load time;
 - prefill: one forward over a P-token prompt with an empty KV cache, median (min-max) of --runs runs;
 - decode: tokens/s of greedy generation after a 16-token prompt, per batch size, from the time between the
   first and the last token of --decode-tokens tokens, median (min-max) of --runs runs;
+- with --context N: one sequence's prompt grown to N tokens, read 1024 tokens per forward pass (as the
+  engine's chunked prefill does), then 8 tokens decoded; the RSS after each chunk gives the memory per 1K
+  tokens of context (least-squares slope), and the decode speed at that length is shown;
 - the peak RSS at the end (weights + KV cache + activations).
+
+It ends with one table of every mode; --json writes all numbers (compare them between commits).
 
 The cost of a forward pass does not depend on the weights' values, so random weights give real timings.
 """
@@ -35,11 +43,14 @@ CHILD = r"""
 import json, statistics, sys, time
 import torch
 
-def peak_rss():  # VmHWM of this process image (ru_maxrss would include the parent's peak)
+def status(key):
     for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
     return 0
+
+def peak_rss():  # VmHWM of this process image (ru_maxrss would include the parent's peak)
+    return status("VmHWM")
 
 args = json.loads(sys.argv[1])
 from model import load_model
@@ -54,6 +65,10 @@ out = {"load_s": time.perf_counter() - t, "baseline_rss": base, "load_rss": peak
        "native_kernels": kernels.available(), "threads": torch.get_num_threads()}
 vocab = model.config.padded_vocab_size
 gen = torch.Generator().manual_seed(0)
+with torch.inference_mode():
+    t = time.perf_counter()
+    model.transformer(torch.tensor([[100]]), torch.tensor([[0]]), None, None, last_logits_only=True)
+    out["first_token_s"] = time.perf_counter() - t
 
 def stats(xs):
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
@@ -82,6 +97,29 @@ with torch.inference_mode():
             rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
         decode[str(b)] = stats(rates)
     out["decode_tok_s"] = decode
+    if args["context"]:
+        n, chunk = args["context"], 1024
+        cache = KVCache.for_model(model.config, 1, model.dtype, "cpu")
+        base_rss, points, t = status("VmRSS"), [], time.perf_counter()
+        for start in range(0, n, chunk):
+            ids = torch.randint(100, vocab - 100, (1, min(chunk, n - start)), generator=gen)
+            pos = torch.arange(start, start + ids.shape[1])[None]
+            logits = model.transformer(ids, pos, None, cache, last_logits_only=True).logits
+            points.append((cache.length, status("VmRSS")))
+        prefill_s = time.perf_counter() - t
+        stamps = []
+        for step in range(8):
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            logits = model.transformer(nxt, torch.tensor([[cache.length]]), None, cache, last_logits_only=True).logits
+            stamps.append(time.perf_counter())
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        var = sum((x - mx) ** 2 for x in xs)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0
+        out["context"] = {"tokens": cache.length, "prefill_s": prefill_s, "rss_before": base_rss,
+                          "rss_after": ys[-1], "bytes_per_1k_tokens": slope * 1000,
+                          "kv_cache_bytes": sum(k.numel() * k.element_size() * 2 for k in cache.keys),
+                          "decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]), "points": points}
 out["peak_rss"] = peak_rss()
 print(json.dumps(out))
 """
@@ -126,12 +164,31 @@ def fmt(s: dict, scale: float = 1.0, digits: int = 2) -> str:
     return f"{s['median'] * scale:.{digits}f} ({s['min'] * scale:.{digits}f}-{s['max'] * scale:.{digits}f})"
 
 
+def table(results: dict) -> list[str]:
+    """One markdown table of every mode: medians (spread in the JSON)."""
+    modes = results["modes"]
+    prefills = sorted({int(p) for r in modes.values() for p in r["prefill_s"]})
+    batches = sorted({int(b) for r in modes.values() for b in r["decode_tok_s"]})
+    head = (["mode", "load s", "first token s", "peak RSS GB"] + [f"prefill {p} s" for p in prefills]
+            + [f"decode b={b} tok/s" for b in batches])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for mode, r in modes.items():
+        cells = [mode, f"{r['load_s']:.1f}", f"{r['first_token_s']:.1f}", gb(r["peak_rss"])]
+        cells += [f"{r['prefill_s'][str(p)]['median']:.1f}" if str(p) in r["prefill_s"] else "-" for p in prefills]
+        cells += [f"{r['decode_tok_s'][str(b)]['median']:.2f}" if str(b) in r["decode_tok_s"] else "-"
+                  for b in batches]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="6b", choices=["tiny", "small", "mid", "6b"])
     ap.add_argument("--modes", default="bf16,int8,int4", help="comma list of " + ", ".join(MODES))
-    ap.add_argument("--prefill", default="128,512", help="prompt lengths, comma separated")
-    ap.add_argument("--batch", default="1", help="decode batch sizes, comma separated")
+    ap.add_argument("--prefill", default="128,512,2048", help="prompt lengths, comma separated (0: none)")
+    ap.add_argument("--batch", default="1,8", help="decode batch sizes, comma separated")
+    ap.add_argument("--context", type=int, default=0, help="also grow one prompt to this many tokens and "
+                                                          "report memory per 1K tokens of context")
     ap.add_argument("--decode-tokens", type=int, default=24)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--dir", help="keep checkpoints here and reuse them (default: a temporary directory)")
@@ -162,12 +219,13 @@ def main() -> None:
                 if not os.path.isfile(os.path.join(directory, "config.json")):
                     extra = run_child(QUANTIZE, {"src": float_dir, "dst": directory, "bits": bits})
             payload = {"dir": directory, "dtype": dtype, "runs": args.runs, "decode_tokens": args.decode_tokens,
-                       "prefill": [int(p) for p in args.prefill.split(",") if p],
+                       "context": args.context, "prefill": [int(p) for p in args.prefill.split(",") if int(p or 0)],
                        "batch": [int(b) for b in args.batch.split(",") if b]}
             r = run_child(CHILD, payload)
             r.update(extra, checkpoint_bytes=checkpoint_nbytes(directory))
             results["modes"][mode] = r
             line = (f"{mode:5s} checkpoint {gb(r['checkpoint_bytes'])} GB  load {r['load_s']:.1f} s  "
+                    f"first token {r['first_token_s']:.1f} s  "
                     f"RSS after load {gb(r['load_rss'])} GB (torch alone {gb(r['baseline_rss'])})  "
                     f"peak {gb(r['peak_rss'])} GB")
             if "quantize_load_s" in r:
@@ -177,8 +235,14 @@ def main() -> None:
                 print(f"      prefill {p:>5s} tokens: {fmt(s)} s", flush=True)
             for b, s in r["decode_tok_s"].items():
                 print(f"      decode batch {b}: {fmt(s)} tokens/s per sequence", flush=True)
+            if "context" in r:
+                c = r["context"]
+                print(f"      context {c['tokens']} tokens: read in {c['prefill_s']:.0f} s, RSS {gb(c['rss_before'])} -> "
+                      f"{gb(c['rss_after'])} GB, {c['bytes_per_1k_tokens'] / 1e6:.1f} MB per 1K tokens (KV cache "
+                      f"{gb(c['kv_cache_bytes'])} GB), then decode {c['decode_tok_s']:.2f} tokens/s", flush=True)
         print(f"native kernels: {next(iter(results['modes'].values()))['native_kernels']}, "
-              f"threads: {next(iter(results['modes'].values()))['threads']}")
+              f"threads: {next(iter(results['modes'].values()))['threads']}\n")
+        print("\n".join(table(results)))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=1)
