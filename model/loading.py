@@ -102,13 +102,19 @@ def read_safetensors(filename: str, zero_copy=None) -> Iterator[tuple[str, torch
             dtype = SAFETENSORS_DTYPES[info["dtype"]]
             if end > start and zero_copy is not None and zero_copy(name, dtype):
                 if mapped is None:
-                    mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-                    if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_WILLNEED"):
-                        mapped.madvise(mmap.MADV_WILLNEED)  # start reading ahead in the background
-                itemsize = torch.empty((), dtype=dtype).element_size()
-                tensor = torch.frombuffer(mapped, dtype=dtype, count=(end - start) // itemsize, offset=base + start)
-                yield name, tensor.view(info["shape"])
-                continue
+                    try:
+                        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                        if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_WILLNEED"):
+                            mapped.madvise(mmap.MADV_WILLNEED)  # start reading ahead in the background
+                    except (OSError, ValueError) as exc:  # a file system without mmap: read instead
+                        logger.info("%s: cannot map (%s); reading it", filename, exc)
+                        zero_copy = None
+                if mapped is not None and zero_copy is not None:
+                    itemsize = torch.empty((), dtype=dtype).element_size()
+                    tensor = torch.frombuffer(mapped, dtype=dtype, count=(end - start) // itemsize,
+                                              offset=base + start)
+                    yield name, tensor.view(info["shape"])
+                    continue
             tensor = torch.empty(info["shape"], dtype=dtype)
             if end > start:
                 f.seek(base + start)

@@ -149,6 +149,21 @@ def test_safetensors_weights_stay_in_the_file_mapping(tmp_path, reference, monke
     assert not logits_of(read, tok).any()  # the saved checkpoint has the zeroed output layer
 
 
+def test_a_file_that_cannot_be_mapped_is_read(tmp_path, reference, monkeypatch):
+    import model.loading as loading
+
+    model, tokenizer, expected = reference
+    model.save_pretrained(str(tmp_path))
+    tokenizer.save_pretrained(str(tmp_path))
+
+    def refuse(*args, **kwargs):
+        raise OSError("mmap not supported")
+
+    monkeypatch.setattr(loading.mmap, "mmap", refuse)
+    again, tok = load_model(str(tmp_path), device="cpu", dtype="float32")
+    assert torch.equal(logits_of(again, tok), expected)
+
+
 @pytest.mark.parametrize("flag,value", [("pre_seq_len", 128), ("rmsnorm", False), ("fp32_residual_connection", True),
                                         ("quantization_bit", 3), ("multi_query_group_num", 3)])
 def test_unsupported_flags_are_named(flag, value):
