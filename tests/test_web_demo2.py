@@ -31,8 +31,10 @@ def send(page, text):
 
 
 def streaming_length(page) -> int:
-    reply = page.locator("#streaming-reply")
-    return len(reply.inner_text()) if reply.count() else -1
+    """Length of the reply being streamed, -1 when there is none. One read in the page: counting the element
+    and then reading it raced with the rerun that removes it (the read then waited 30 s for it)."""
+    return page.evaluate("() => { const r = document.querySelector('#streaming-reply');"
+                         " return r ? r.innerText.length : -1; }")
 
 
 def bubble_texts(page) -> list[str]:
