@@ -42,7 +42,6 @@ from model import load_model  # noqa: E402
 from model.quantization import QUANTIZED_LINEARS, QuantizedLinear, dequantize_weight  # noqa: E402
 
 GOLDEN = os.path.join(ROOT, "tests", "golden")
-GOLDEN_TEXTS = 4
 
 
 def rel(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -150,12 +149,13 @@ def evaluate(label: str, directory: str, dtype: str, bits_list: list[int], exact
         float_logits.append(logits[rows])
     per_linear = linear_errors(inputs, bits_list, exact_dtype)
     del model, inputs
-    return {"model": label, "dtype": dtype, "tokens": sum(ids.shape[1] for ids, _ in prompts), "linears": per_linear,
+    return {"model": label, "dtype": dtype, "prompts": len(prompts), "tokens": sum(ids.shape[1] for ids, _ in prompts),
+            "linears": per_linear,
             "output": output_errors(directory, dtype, prompts, float_logits, bits_list)}
 
 
 def summarize(result: dict, bits_list: list[int]) -> list[str]:
-    lines = [f"{result['model']} ({result['dtype']}; the {GOLDEN_TEXTS} golden prompts, {result['tokens']} tokens; "
+    lines = [f"{result['model']} ({result['dtype']}; the {result['prompts']} golden prompts, {result['tokens']} tokens; "
              f"{len(result['linears'])} quantized linears; relative error, median / max over them)"]
     lines.append("| bits | RTN quantization | kernel, prompt | kernel, one token | kernel / RTN | unquantized layer "
                  "| logits vs float | top-1 agrees | original: logits vs float | original: top-1 |")

@@ -26,7 +26,7 @@ def test_native_kernels_build_where_ci_expects_them():
     silent fallback would hide a broken kernel source."""
     if os.environ.get("CI") and (_cpu_has("avx512f", "avx512bw", "avx512vl") or _cpu_has("avx2", "fma")):
         assert kernels.available(), kernels.why_unavailable()
-        assert kernels.decode_rows() >= 4 and kernels.has_integer_kernels() in (True, False)
+        assert kernels.decode_rows() >= 4
 
 
 @pytest.mark.skipif(not (_cpu_has("avx512f", "avx512bw", "avx512vl") and _cpu_has("avx2", "fma")),
