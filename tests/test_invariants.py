@@ -137,3 +137,31 @@ def test_conversation_too_long_is_a_clear_error():
     model, tokenizer = loaded("chatglm2-tiny")
     with pytest.raises(ValueError, match="clear the history"):
         model.chat(tokenizer, "x " * model.config.seq_length)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_equals_sdpa(dtype):
+    """The CPU decoding attention equals torch's fused attention: grouped keys, padding masks (bool and additive)."""
+    import torch.nn.functional as F
+
+    from model.modeling import decode_attention
+
+    gen = torch.Generator().manual_seed(0)
+    B, nh, g, S, d = 3, 8, 2, 37, 16
+    q = torch.randn(B, nh, 1, d, generator=gen).to(dtype)
+    k, v = (torch.randn(B, g, S + 5, d, generator=gen).to(dtype)[:, :, :S] for _ in range(2))  # cache slices
+    keep = torch.ones(B, 1, 1, S, dtype=torch.bool)
+    keep[1, ..., :9] = False  # a left-padded row
+    keep[2, ..., S - 4:] = False
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 8e-3, "rtol": 0}
+    masks = (None, keep, torch.zeros(B, 1, 1, S).masked_fill(~keep, float("-inf")))
+    for mask, mode in zip(masks, (torch.inference_mode, torch.no_grad, torch.inference_mode)):
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True,
+                                             attn_mask=None if mask is None else mask).to(dtype)
+        with mode():  # its reused buffers serve inference mode and no_grad alike
+            out = decode_attention(q, k, v, mask)
+        assert out.dtype == dtype and out.shape == (B, nh, 1, d)
+        torch.testing.assert_close(out, ref, **tol)
+    # query head h reads group h // (nh / g): zeroing group 1's values zeroes exactly heads nh/2..nh-1
+    out = decode_attention(q, k, torch.cat([v[:, :1], torch.zeros_like(v[:, 1:])], dim=1), None)
+    assert out[:, nh // 2:].abs().max() == 0 and out[:, : nh // 2].abs().min() > 0
