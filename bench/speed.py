@@ -15,6 +15,8 @@ fresh process that loads its checkpoint through `load_model` and measures:
 - prefill: one forward over a P-token prompt with an empty KV cache, median (min-max) of --runs runs;
 - decode: tokens/s of greedy generation after a 16-token prompt, per batch size, from the time between the
   first and the last token of --decode-tokens tokens, median (min-max) of --runs runs;
+- with --decode-at N: tokens/s of one sequence decoding on top of N cached tokens (the cache filled with
+  random keys and values, which cost what real ones do): how attention over a long conversation adds up;
 - with --context N: one sequence's prompt grown to N tokens, read 1024 tokens per forward pass (as the
   engine's chunked prefill does), then 8 tokens decoded; the RSS after each chunk gives the memory per 1K
   tokens of context (least-squares slope), and the decode speed at that length is shown;
@@ -97,6 +99,22 @@ with torch.inference_mode():
             rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
         decode[str(b)] = stats(rates)
     out["decode_tok_s"] = decode
+    decode_at = {}
+    for n in args["decode_at"]:  # one sequence decoding on top of n cached tokens (random keys and values)
+        cache = KVCache.for_model(model.config, 1, model.dtype, "cpu", capacity=n + args["decode_tokens"] + 1)
+        for t in cache.keys + cache.values:
+            t.normal_(generator=gen)
+        cache.length = n
+        rates = []
+        for _ in range(args["runs"]):
+            cache.length, nxt, stamps = n, torch.tensor([[100]]), []
+            for _tok in range(args["decode_tokens"]):
+                logits = model.transformer(nxt, torch.tensor([[cache.length]]), None, cache, last_logits_only=True).logits
+                nxt = logits[:, -1].argmax(-1, keepdim=True)
+                stamps.append(time.perf_counter())
+            rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+        decode_at[str(n)] = stats(rates)
+    out["decode_at_tok_s"] = decode_at
     if args["context"]:
         n, chunk = args["context"], 1024
         cache = KVCache.for_model(model.config, 1, model.dtype, "cpu")
@@ -169,14 +187,17 @@ def table(results: dict) -> list[str]:
     modes = results["modes"]
     prefills = sorted({int(p) for r in modes.values() for p in r["prefill_s"]})
     batches = sorted({int(b) for r in modes.values() for b in r["decode_tok_s"]})
+    contexts = sorted({int(n) for r in modes.values() for n in r.get("decode_at_tok_s", {})})
     head = (["mode", "load s", "first token s", "peak RSS GB"] + [f"prefill {p} s" for p in prefills]
-            + [f"decode b={b} tok/s" for b in batches])
+            + [f"decode b={b} tok/s" for b in batches] + [f"decode at {n} tok/s" for n in contexts])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for mode, r in modes.items():
         cells = [mode, f"{r['load_s']:.1f}", f"{r['first_token_s']:.1f}", gb(r["peak_rss"])]
         cells += [f"{r['prefill_s'][str(p)]['median']:.1f}" if str(p) in r["prefill_s"] else "-" for p in prefills]
         cells += [f"{r['decode_tok_s'][str(b)]['median']:.2f}" if str(b) in r["decode_tok_s"] else "-"
                   for b in batches]
+        at = r.get("decode_at_tok_s", {})
+        cells += [f"{at[str(n)]['median']:.2f}" if str(n) in at else "-" for n in contexts]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -187,6 +208,8 @@ def main() -> None:
     ap.add_argument("--modes", default="bf16,int8,int4", help="comma list of " + ", ".join(MODES))
     ap.add_argument("--prefill", default="128,512,2048", help="prompt lengths, comma separated (0: none)")
     ap.add_argument("--batch", default="1,8", help="decode batch sizes, comma separated")
+    ap.add_argument("--decode-at", default="", help="also decode one sequence on top of this many cached tokens "
+                                                    "(random keys and values), comma separated")
     ap.add_argument("--context", type=int, default=0, help="also grow one prompt to this many tokens and "
                                                           "report memory per 1K tokens of context")
     ap.add_argument("--decode-tokens", type=int, default=24)
@@ -220,7 +243,8 @@ def main() -> None:
                     extra = run_child(QUANTIZE, {"src": float_dir, "dst": directory, "bits": bits})
             payload = {"dir": directory, "dtype": dtype, "runs": args.runs, "decode_tokens": args.decode_tokens,
                        "context": args.context, "prefill": [int(p) for p in args.prefill.split(",") if int(p or 0)],
-                       "batch": [int(b) for b in args.batch.split(",") if b]}
+                       "batch": [int(b) for b in args.batch.split(",") if b],
+                       "decode_at": [int(n) for n in args.decode_at.split(",") if n]}
             r = run_child(CHILD, payload)
             r.update(extra, checkpoint_bytes=checkpoint_nbytes(directory))
             results["modes"][mode] = r
@@ -235,6 +259,8 @@ def main() -> None:
                 print(f"      prefill {p:>5s} tokens: {fmt(s)} s", flush=True)
             for b, s in r["decode_tok_s"].items():
                 print(f"      decode batch {b}: {fmt(s)} tokens/s per sequence", flush=True)
+            for n, s in r["decode_at_tok_s"].items():
+                print(f"      decode at {n:>5s} cached tokens: {fmt(s)} tokens/s", flush=True)
             if "context" in r:
                 c = r["context"]
                 print(f"      context {c['tokens']} tokens: read in {c['prefill_s']:.0f} s, RSS {gb(c['rss_before'])} -> "
