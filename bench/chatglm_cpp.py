@@ -65,10 +65,9 @@ def load_converter(source: str):
     return module
 
 
-def convert(source: str, checkpoint: str, ggml_type: str, out: str) -> float:
-    """Write `out` with chatglm.cpp's converter from our safetensors checkpoint; returns seconds taken."""
-    import sentencepiece
-
+def convert(source: str, checkpoint: str, sp, ggml_type: str, out: str) -> float:
+    """Write `out` with chatglm.cpp's converter from our safetensors checkpoint and its SentencePiece model `sp`;
+    returns seconds taken."""
     from model.loading import iter_checkpoint
 
     conv = load_converter(source)
@@ -78,7 +77,6 @@ def convert(source: str, checkpoint: str, ggml_type: str, out: str) -> float:
         raise SystemExit(f"{checkpoint}: expected a chatglm2 checkpoint, found {config.family}")
     tensors = dict(iter_checkpoint(checkpoint, zero_copy=lambda name, dtype: True))
     model = SimpleNamespace(config=config, state_dict=lambda: tensors)
-    sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(checkpoint, "tokenizer.model"))
     tokenizer = SimpleNamespace(tokenizer=SimpleNamespace(sp_model=sp))
     t, chatter = time.perf_counter(), io.StringIO()  # its progress bar and tensor table
     with open(out + ".tmp", "wb") as f, contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
@@ -169,7 +167,7 @@ def main() -> None:
         model_file = os.path.join(args.dir, f"ggml-{t}.bin")
         r = {}
         if not os.path.isfile(model_file):
-            r["convert_s"] = convert(args.source, checkpoint, t, model_file)
+            r["convert_s"] = convert(args.source, checkpoint, sp, t, model_file)
         r["file_bytes"] = os.path.getsize(model_file)
         runs = []
         for p in prefill:
