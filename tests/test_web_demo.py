@@ -43,17 +43,36 @@ def open_page(browser, url):
     return page
 
 
+# Every length the last reply shows, recorded in the page at each change of the chat: polling from here can
+# miss the steps of a reply that streams in well under a second.
+WATCH_LENGTHS = """() => {
+    window.replyLengths = new Set();
+    const record = () => {
+        const bots = document.querySelectorAll('#chatbot .message.bot');
+        if (bots.length) window.replyLengths.add(bots[bots.length - 1].innerText.length);
+    };
+    new MutationObserver(record).observe(document.querySelector('#chatbot'),
+                                         {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def streamed_lengths(page) -> list[int]:
+    return sorted(page.evaluate("[...window.replyLengths]"))
+
+
 def test_chat_streams_regenerates_and_clears(web, browser):
     page = open_page(browser, web.url)
+    page.evaluate(WATCH_LENGTHS)
     page.locator("#user-input textarea").fill("你好，请介绍一下你自己")
     page.locator("#submit").click()
     for _attempt in range(4):
-        lengths = set()
-        wait_until(page, lambda: last_bot(page) and lengths.add(len(last_bot(page))) is None
-                   and (len(lengths) >= 3 or page.locator("#chatbot .pending").count() == 0 and _stable(page)),
+        wait_until(page, lambda: last_bot(page) and (len(streamed_lengths(page)) >= 3 or
+                                                     page.locator("#chatbot .pending").count() == 0 and _stable(page)),
                    what="a streamed reply (several lengths seen) or its end")
+        lengths = streamed_lengths(page)
         if len(lengths) >= 3:
             break
+        page.evaluate("window.replyLengths = new Set()")
         # this random model sampled a stop token within a few tokens, before streaming could show: draw again
         short = last_bot(page)
         page.locator("#regenerate").click()
