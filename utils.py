@@ -42,6 +42,9 @@ def build_parser(description: str, *, server: bool = False, web: bool = False, e
         ap.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024)
         ap.add_argument("--max-queue", type=int, default=32,
                         help="requests that may wait; more are answered 503 (try again)")
+        ap.add_argument("--allowed-hosts", default="",
+                        help="comma-separated Host names to answer besides localhost and --host ('*': any; "
+                             "default: any when --host is 0.0.0.0)")
         ap.add_argument("--model-name", default=None, help="the model id clients see (default: from --model)")
     return ap
 

@@ -25,6 +25,7 @@ class Settings:
     api_key: str | None = None  # when set, `Authorization: Bearer <key>` is required
     cors_origins: list[str] = field(default_factory=list)  # none: browsers on other origins are refused
     max_request_bytes: int = 4 * MiB
+    allowed_hosts: list[str] = field(default_factory=list)  # Host names answered besides the local ones; "*": any
 
 
 class APIError(Exception):
@@ -76,21 +77,23 @@ def install_common(app: FastAPI, settings: Settings) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return APIError(exc.status_code, str(exc.detail), type=kind).response()
+        message = str(exc.detail)
+        if message == "There was an error parsing the body":  # FastAPI's words for JSON too deep to decode
+            message = "the request body could not be parsed as JSON (is it nested too deeply?)"
+        return APIError(exc.status_code, message, type=kind).response()
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception):
         return APIError(500, f"internal error: {type(exc).__name__}", type="server_error").response()
 
     if settings.api_key:
-        expected = f"Bearer {settings.api_key}".encode()
+        expected = settings.api_key.encode()
 
         @app.middleware("http")
         async def _auth(request: Request, call_next):
             if request.method == "OPTIONS" or request.url.path == "/health":
                 return await call_next(request)
-            given = request.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
+            if not hmac.compare_digest(bearer_token(request.headers.get("authorization", "")), expected):
                 return APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                                 type="invalid_request_error", code="invalid_api_key").response()
             return await call_next(request)
@@ -99,6 +102,56 @@ def install_common(app: FastAPI, settings: Settings) -> None:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    hosts = accepted_hosts(settings.host, settings.allowed_hosts)
+    if hosts is not None:
+        app.add_middleware(HostCheck, hosts=hosts)
+
+
+def bearer_token(header: str) -> bytes:
+    """The credentials of an `Authorization: Bearer <token>` header (the scheme is case-insensitive, RFC 7235)."""
+    scheme, _, token = header.strip().partition(" ")
+    return token.strip().encode() if scheme.lower() == "bearer" else b""
+
+
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+def accepted_hosts(bound: str, allowed: list[str]) -> frozenset[str] | None:
+    """Host header names the server answers; None: any.
+
+    A server bound to this machine only answers local names (and those allowed), so a web page cannot reach it
+    through a DNS name that rebinds to 127.0.0.1. Bound to every interface, clients may use any of the machine's
+    names, so any is answered unless --allowed-hosts narrows it.
+    """
+    names = {h.strip().lower().strip("[]") for h in allowed if h.strip()}
+    if "*" in names or (bound in WILDCARD_HOSTS and not names):
+        return None
+    extra = () if bound in WILDCARD_HOSTS else (bound.lower().strip("[]"),)
+    return frozenset(names | set(LOCAL_HOSTS) | set(extra))
+
+
+def host_name(header: str) -> str:
+    """'Example.com:8000' -> 'example.com', '[::1]:8000' -> '::1'."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.rpartition(":")[0] if header.count(":") == 1 else header
+
+
+class HostCheck:
+    """ASGI middleware: a request whose Host header is not an accepted name is answered 400 (DNS rebinding)."""
+
+    def __init__(self, app, hosts: frozenset[str]):
+        self.app, self.hosts = app, hosts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            host = dict(scope.get("headers", [])).get(b"host", b"").decode("latin-1")
+            if host_name(host) not in self.hosts:
+                return await _send_error(send, 400, f"this server does not answer for the host name {host!r}; "
+                                                    "start it with --allowed-hosts NAME to accept it")
+        return await self.app(scope, receive, send)
 
 
 class BodySizeLimit:
@@ -152,10 +205,10 @@ async def _send_error(send, status: int, message: str) -> None:
 
 
 # ---- engine bridging -----------------------------------------------------------------------------------
-def submit(engine, request: GenerationRequest) -> RequestHandle:
-    """Queue a request for the running event loop; a full queue becomes 503 with Retry-After."""
+def submit(engine, requests: list[GenerationRequest]) -> list[RequestHandle]:
+    """Queue the requests of one call for the running event loop, all or none; a full queue becomes 503."""
     try:
-        return engine.submit(request, loop=asyncio.get_running_loop())
+        return engine.submit_all(requests, loop=asyncio.get_running_loop())
     except EngineBusy as e:
         raise APIError(503, f"the server is busy: {e}", type="server_error", code="overloaded",
                        headers={"Retry-After": "1"}) from e
@@ -203,7 +256,8 @@ def serve(create_app, description: str, argv=None) -> int:
                     max_batch=args.max_batch, prefill_chunk=args.prefill_chunk)
     settings = Settings(host=args.host, port=args.port, api_key=args.api_key,
                         cors_origins=[o.strip() for o in args.cors_origins.split(",") if o.strip()],
-                        max_request_bytes=args.max_request_bytes)
+                        max_request_bytes=args.max_request_bytes,
+                        allowed_hosts=[h for h in args.allowed_hosts.split(",") if h.strip()])
     try:
         uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level="info")
     finally:
