@@ -170,6 +170,10 @@ class Engine:
                  max_batch: int = 8, prefill_chunk: int | None = 128):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
+        if max_queue < 1:
+            raise ValueError("max_queue must be at least 1")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError("prefill_chunk must be at least 1 (or None: read prompts whole)")
         self.model = model
         self.tokenizer = tokenizer
         self.model_name = model_name or getattr(model, "name_or_path", None) or "chatglm"
@@ -195,6 +199,29 @@ class Engine:
     # ---- submitting ---------------------------------------------------------------------------------
     def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
         """Queue a request; raises EngineBusy when max_queue requests are already waiting."""
+        return self.submit_all([request], loop)[0]
+
+    def submit_all(self, requests: list[GenerationRequest],
+                   loop: asyncio.AbstractEventLoop | None = None) -> list[RequestHandle]:
+        """Queue several requests (the choices of one call) together: all of them, or none (EngineBusy)."""
+        for request in requests:
+            self._check(request)
+        if len(requests) > self.max_queue:
+            raise ValueError(f"{len(requests)} requests at once is more than this engine's queue of "
+                             f"{self.max_queue} can ever hold")
+        handles = [RequestHandle(request, loop) for request in requests]
+        with self._lock:
+            if self._closed:
+                raise EngineClosed("the engine has been shut down")
+            if self.stats.queued + len(handles) > self.max_queue:
+                raise EngineBusy(f"{self.stats.queued} requests are already waiting; try again shortly")
+            self.stats.queued += len(handles)
+            self.stats.requests_total += len(handles)
+        for handle in handles:
+            self._queue.put(handle)
+        return handles
+
+    def _check(self, request: GenerationRequest) -> None:
         request.params.validate()
         if not request.input_ids:
             raise ValueError("the prompt is empty")
@@ -203,27 +230,18 @@ class Engine:
                              f"{self.context_length} tokens")
         if request.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
-        handle = RequestHandle(request, loop)
-        with self._lock:
-            if self._closed:
-                raise EngineClosed("the engine has been shut down")
-            if self.stats.queued >= self.max_queue:
-                raise EngineBusy(f"{self.stats.queued} requests are already waiting; try again shortly")
-            self.stats.queued += 1
-            self.stats.requests_total += 1
-        self._queue.put(handle)
-        return handle
 
     def close(self, timeout: float | None = 10.0) -> None:
+        """Stop the worker: running and waiting requests end with finish "cancelled" after the current step."""
         with self._lock:
             self._closed = True
-        self._queue.put(None)
+        self._queue.put(None)  # wakes a worker that waits for work
         self._worker.join(timeout)
 
     # ---- the worker ---------------------------------------------------------------------------------
     def _run(self) -> None:
         try:
-            while True:
+            while not self._closed:  # checked every step: close() need not wait for a slot to free
                 if not self._admit():
                     break
                 if self._staged is not None:
