@@ -5,12 +5,14 @@ from __future__ import annotations
 import datetime
 
 from fastapi import FastAPI, Request
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from model.conversation import ConversationError, Message, ReplyParser, build_prompt_ids
 from model.engine import GenerationRequest
 from model.generation import SamplingParams
 
+from .protocol import MAX_MESSAGES, checked_body
 from .http import APIError, Settings, events_until_disconnect, install_common, raise_for_engine_error, submit
 
 
@@ -28,6 +30,11 @@ class BasicRequest(BaseModel):
     max_length: int | None = Field(default=None, ge=1)  # prompt + reply, in tokens (as the original)
     top_p: float = Field(default=0.7, gt=0.0, le=1.0)
     temperature: float = Field(default=0.95, ge=0.0, le=2.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _clean(cls, data):
+        return checked_body(data, "history", MAX_MESSAGES)
 
 
 def _v3_history(body: BasicRequest) -> list[dict]:
@@ -75,7 +82,7 @@ def create_app(engine, settings: Settings | None = None) -> FastAPI:
 
     @app.post("/")
     async def chat(body: BasicRequest, request: Request):
-        ids = prompt_ids(engine, body)
+        ids = await run_in_threadpool(prompt_ids, engine, body)  # off the event loop: other streams keep flowing
         limit = min(body.max_length or engine.context_length, engine.context_length)
         if len(ids) >= limit:
             raise APIError(400, f"the prompt and history take {len(ids)} tokens, which leaves no room for a reply "
@@ -83,8 +90,8 @@ def create_app(engine, settings: Settings | None = None) -> FastAPI:
         greedy = body.temperature == 0
         params = SamplingParams(do_sample=not greedy, temperature=body.temperature if not greedy else 1.0,
                                 top_p=body.top_p)
-        handle = submit(engine, GenerationRequest(ids, params, limit - len(ids),
-                                                  tuple(engine.tokenizer.reply_stop_ids())))
+        (handle,) = submit(engine, [GenerationRequest(ids, params, limit - len(ids),
+                                                      tuple(engine.tokenizer.reply_stop_ids()))])
         parser = ReplyParser(engine.family)
         response = ""
         async for event in events_until_disconnect(handle, request):

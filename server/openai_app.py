@@ -8,6 +8,7 @@ import time
 import uuid
 
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from model.conversation import ConversationError, Message, ReplyParser, build_prompt_ids
@@ -53,8 +54,9 @@ def create_app(engine, settings: Settings | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        plan = plan_completion(engine, body)
-        handles = [submit(engine, r) for r in plan.requests]
+        # Tokenizing a long conversation takes a while: off the event loop, so other streams keep flowing.
+        plan = await run_in_threadpool(plan_completion, engine, body)
+        handles = submit(engine, plan.requests)
         if body.stream:
             return StreamingResponse(stream_chunks(engine, plan, handles), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

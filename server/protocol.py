@@ -2,12 +2,36 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_STOP = 4  # as the OpenAI API
 MAX_N = 8
+MAX_MESSAGES = 4096  # every message costs a few tokens: more never fit a context, and would be validated for nothing
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def replace_lone_surrogates(value):
+    """JSON strings may hold lone UTF-16 surrogates ("\\ud800"), which no text can encode: U+FFFD in their place."""
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [replace_lone_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {replace_lone_surrogates(k): replace_lone_surrogates(v) for k, v in value.items()}
+    return value
+
+
+def checked_body(data, list_field: str, limit: int):
+    """A request body before validation: lone surrogates replaced, and a list field over its limit refused early."""
+    if isinstance(data, dict):
+        items = data.get(list_field)
+        if isinstance(items, list) and len(items) > limit:
+            raise ValueError(f"{list_field}: at most {limit} items are accepted, got {len(items)}")
+    return replace_lone_surrogates(data)
 
 
 class _Body(BaseModel):
@@ -73,7 +97,7 @@ class ResponseFormat(_Body):
 
 class ChatCompletionRequest(_Body):
     model: str | None = None  # any name is accepted; the loaded model answers
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, ge=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=0)
@@ -91,6 +115,11 @@ class ChatCompletionRequest(_Body):
     tool_choice: Union[Literal["none", "auto", "required"], ToolChoiceFunction, None] = None
     logprobs: bool | None = None
     response_format: ResponseFormat | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _clean(cls, data):
+        return checked_body(data, "messages", MAX_MESSAGES)
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
