@@ -123,3 +123,64 @@ class ScriptedModel:
         logits = self._torch.full((ids.shape[0], 1, self.vocab_size), -1e4)
         logits[..., next(self._current)] = 0.0
         return ModelOutput(logits=logits, past_key_values=cache)
+
+
+class StepGate:
+    """Holds an engine's worker before each forward pass of `model.transformer` until the test lets it pass.
+
+    step() lets one pass run and returns once the worker reaches the next one (or `idle` says it has no more
+    work), so a test decides exactly which requests are in the batch at each step, with no race against time.
+    open() lets every pass through from then on.
+    """
+
+    def __init__(self, model, timeout: float = 30.0):
+        self._cond = threading.Condition()
+        self._credits = 0
+        self._opened = False
+        self.waiting = False  # the worker is held before a forward pass
+        self.passes = 0
+        self.timeout = timeout
+        self._hook = model.transformer.register_forward_pre_hook(lambda module, args: self._hold())
+
+    def _hold(self) -> None:
+        with self._cond:
+            self.waiting = True
+            self._cond.notify_all()
+            if not self._cond.wait_for(lambda: self._opened or self._credits > 0, self.timeout):
+                raise TimeoutError("StepGate: the test never let this forward pass run")
+            if not self._opened:
+                self._credits -= 1
+            self.waiting = False
+            self.passes += 1
+            self._cond.notify_all()
+
+    def _wait(self, predicate, what: str) -> None:
+        # short waits: predicate may depend on state this condition is not notified of (idle)
+        deadline = time.monotonic() + self.timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"StepGate: {what}")
+            self._cond.wait(0.005)
+
+    def wait_held(self) -> None:
+        """Until the worker is held before a forward pass."""
+        with self._cond:
+            self._wait(lambda: self.waiting, "the worker never reached a forward pass")
+
+    def step(self, idle=lambda: False) -> None:
+        """Let one forward pass run; return when the worker is held before the next, or idle() is true."""
+        with self._cond:
+            self._wait(lambda: self.waiting, "the worker never reached a forward pass")
+            done = self.passes + 1
+            self._credits += 1
+            self._cond.notify_all()
+            self._wait(lambda: self.passes >= done and (self.waiting or idle()), "the pass did not end")
+
+    def open(self) -> None:
+        with self._cond:
+            self._opened = True
+            self._cond.notify_all()
+
+    def remove(self) -> None:
+        self.open()
+        self._hook.remove()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import loaded
+from serving import StepGate
 from model.engine import Engine, EngineBusy, GenerationRequest, occurrence_penalty
 from model.generation import SamplingParams, generate_tokens
 
@@ -164,7 +165,11 @@ def alone_events(model, tokenizer, request):
 
 
 def run_staggered(engine, requests, waves):
-    """Submit requests in waves; each wave goes in once the previous wave's requests have started streaming."""
+    """Submit requests in waves; each wave goes in once the previous wave's requests have their first token.
+
+    The worker is held before every forward pass and let through one pass at a time, so which requests share a
+    step is decided here, not by how fast threads happen to run.
+    """
     handles, results = {}, {}
 
     def consume(i):
@@ -172,14 +177,17 @@ def run_staggered(engine, requests, waves):
         results[i] = ("".join(e.text for e in events), events[-1].finish)
 
     threads = []
-    for wave in waves:
-        for i in wave:
-            handles[i] = engine.submit(requests[i])
-            threads.append(threading.Thread(target=consume, args=(i,)))
-            threads[-1].start()
-        deadline = time.monotonic() + 10
-        while any(handles[i].first_token_at is None for i in wave) and time.monotonic() < deadline:
-            time.sleep(0.002)
+    gate = StepGate(engine.model)
+    try:
+        for wave in waves:
+            for i in wave:
+                handles[i] = engine.submit(requests[i])
+                threads.append(threading.Thread(target=consume, args=(i,)))
+                threads[-1].start()
+            while any(handles[i].first_token_at is None for i in wave):
+                gate.step(idle=lambda: all(h.done for h in handles.values()))
+    finally:
+        gate.remove()
     for t in threads:
         t.join(60)
     return [results[i] for i in range(len(requests))]
