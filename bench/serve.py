@@ -15,6 +15,10 @@ earlier; the usage it reports is what is counted). Printed per client count:
 - identical: whether every client's text equals the text its prompt gets when it runs alone. Each of the
   --prompts distinct prompts is first run alone, one after the other; those runs also give the 1-client row.
 
+--soak N then sends N more requests, twice, 16 at a time, half of them hung up after their first chunk, and
+prints the server's resident memory (VmRSS) after each round: memory that grows with the request count shows
+as growth between the two rounds.
+
 Every request pays its prompt's prefill (compute-bound, done one request at a time), so short --tokens make
 the prefills dominate and understate what batching the decode steps gives.
 """
@@ -136,6 +140,32 @@ async def drive(url: str, levels: list[int], tokens: int, prompts: int) -> list[
     return rows
 
 
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def soak_round(url: str, requests: int, tokens: int) -> None:
+    """requests streaming completions, 16 at a time; every other one is hung up after its first chunk."""
+    import httpx
+
+    semaphore = asyncio.Semaphore(16)
+
+    async def one(client, i: int) -> None:
+        body = {"model": "chatglm", "messages": [{"role": "user", "content": prompt(i)}], "stream": True,
+                "max_tokens": tokens, "seed": i}
+        async with semaphore, client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+            async for line in response.aiter_lines():
+                if i % 2 and line.startswith("data: {"):
+                    return  # leaving the block hangs up mid-stream
+
+    async with httpx.AsyncClient(timeout=None) as client:
+        await asyncio.gather(*(one(client, i) for i in range(requests)))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="mid", help="tiny, mid or 6b (model/tiny.py SHAPES)")
@@ -147,6 +177,7 @@ def main(argv=None) -> int:
     ap.add_argument("--run-dtype", default="auto", help="the server's --dtype (auto: bf16 where the CPU has it)")
     ap.add_argument("--dir", default=None, help="where to write the checkpoint (kept; reused if present)")
     ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument("--soak", type=int, default=0, help="then N mixed requests twice, printing the server's RSS")
     args = ap.parse_args(argv)
     levels = [int(c) for c in args.clients.split(",")]
     if 1 not in levels:
@@ -178,6 +209,9 @@ def main(argv=None) -> int:
         base = rows[0]["aggregate_tok_s"]
         for row in rows[1:]:
             print(f"{row['clients']} clients: {row['aggregate_tok_s'] / base:.2f}x the 1-client throughput")
+        for round_ in range(2 if args.soak else 0):
+            asyncio.run(soak_round(url, args.soak, args.tokens))
+            print(f"soak round {round_ + 1}: {args.soak} requests, server RSS {rss_mib(server.pid):.0f} MiB", flush=True)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"shape": args.shape, "dtype": dtype, "tokens": args.tokens, "rows": rows}, f, indent=2)

@@ -106,7 +106,7 @@ def test_n_choices_with_a_seed_are_reproducible(v3):
     assert [ch.message.content for ch in a.choices] == [ch.message.content for ch in b.choices]
     assert len({ch.message.content for ch in a.choices}) > 1  # each choice samples on its own
     single = c.chat.completions.create(**{**kwargs, "n": 1})
-    assert a.usage.prompt_tokens == single.usage.prompt_tokens  # the prompt is read once for all choices
+    assert a.usage.prompt_tokens == single.usage.prompt_tokens  # usage counts the prompt once, whatever n is
     assert single.choices[0].message.content == a.choices[0].message.content  # choice 0 uses the seed itself
     streamed = list(c.chat.completions.create(stream=True, **kwargs))
     for i, choice in enumerate(a.choices):
@@ -177,14 +177,14 @@ def test_client_disconnect_stops_its_generation(v3, stream):
         with pytest.raises(httpx.ReadTimeout):  # give up waiting for the whole reply
             httpx.post(f"{v3.url}/v1/chat/completions", json=body, timeout=1.0)
     deadline = time.monotonic() + 10
-    while metrics(v3)["chatglm_running_sequences"] and time.monotonic() < deadline:
+    while time.monotonic() < deadline:  # the server notices the hang-up within its 0.2 s disconnect poll
+        m = metrics(v3)
+        if not m["chatglm_running_sequences"] and not m["chatglm_queue_depth"]:
+            break
         time.sleep(0.05)
-    m = metrics(v3)
+    # nothing running or waiting: the request was cancelled, not left to generate its 8000 tokens for nobody
     assert m["chatglm_running_sequences"] == 0 and m["chatglm_queue_depth"] == 0
-    generated = m["chatglm_generated_tokens_total"] - before
-    time.sleep(0.5)
-    assert metrics(v3)["chatglm_generated_tokens_total"] - before == generated  # nothing runs on
-    assert generated < 8000
+    assert m["chatglm_generated_tokens_total"] - before < 8000
     reply = client(v3).chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
                                                temperature=0, max_tokens=2)
     assert reply.choices[0].finish_reason in ("length", "stop")
