@@ -109,3 +109,16 @@ def browser():
     yield chromium
     chromium.close()
     pw.stop()
+
+
+# ---- markers: `pytest -m "not slow and not browser"` is the quick loop; CI runs everything ---------------
+PROCESS_FIXTURES = {"v3", "v2_keyed", "basic_v2", "basic_v3"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & PROCESS_FIXTURES:
+            item.add_marker(pytest.mark.slow)
+        if "browser" in fixtures:
+            item.add_marker(pytest.mark.browser)
