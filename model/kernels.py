@@ -36,7 +36,10 @@ DECODE_TOKENS = 4
 SOURCE = Path(__file__).with_name("kernels.c")
 AVX2_SOURCE = Path(__file__).with_name("kernels_avx2.c")
 AVX512 = {"avx512f", "avx512bw", "avx512vl"}
-ABI = 6
+ABI = 7
+# Return codes of the C functions (kernels.c, kernels_avx2.c)
+NO_BF16, NO_MEMORY = -1, -2
+INT_MAX = 2**31 - 1  # the C functions take sizes as int
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -98,16 +101,14 @@ def _build() -> ctypes.CDLL:
     if lib.chatglm_kernels_abi() != ABI:
         raise RuntimeError("stale kernel library")
     p, i = ctypes.c_void_p, ctypes.c_int
-    lib.gemv_q8.argtypes = [p, i, i, p, i, p, p, p]
-    lib.gemv_q4.argtypes = [p, i, i, p, i, p, p, p]
-    lib.gemv_bf16.argtypes = [p, i, i, p, i, p, p]
-    lib.gemv_bf16.restype = i
-    lib.gemv_q8v.argtypes = [p, i, i, p, i, p, p, p]
-    lib.gemv_q4v.argtypes = [p, i, i, p, i, p, p, p]
-    lib.has_vnni.restype = i
+    functions = {name: [p, i, i, p, i, p, p, p] for name in ("gemv_q8", "gemv_q4", "gemv_q8v", "gemv_q4v")}
+    functions.update(gemv_bf16=[p, i, i, p, i, p, p], dequantize=[p, i, i, i, p, p, p])
     if hasattr(lib, "linear_f32"):
-        lib.linear_f32.argtypes = [p, i, i, p, i, p, p]
-    lib.dequantize.argtypes = [p, i, i, i, p, p, p]
+        functions["linear_f32"] = [p, i, i, p, i, p, p]
+    for name, argtypes in functions.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, i  # each returns 0 or NO_BF16 / NO_MEMORY
+    lib.has_vnni.restype = i
     # the AVX2 build widens bf16 to float32 in registers (exact), the AVX-512 one needs vdpbf16ps
     lib.has_bf16 = "avx512_bf16" in flags or not avx512
     lib.rows = lib.decode_rows() if hasattr(lib, "decode_rows") else DECODE_TOKENS
@@ -141,11 +142,56 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
-    if x.device.type != "cpu" or weight.device.type != "cpu":
-        raise ValueError("native kernels run on CPU tensors only")
-    if not weight.is_contiguous():
-        raise ValueError("weight must be contiguous")
+def _native() -> ctypes.CDLL:
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"native CPU kernels unavailable: {_why_not}")
+    return lib
+
+
+def _call(name: str, *args) -> None:
+    """Call C function `name`, turning its status into an exception."""
+    status = getattr(_native(), name)(*args)
+    if status == NO_MEMORY:
+        raise MemoryError(f"{name}: the native kernel could not allocate its work buffers")
+    if status == NO_BF16:
+        raise RuntimeError(f"{name} needs AVX512-BF16")
+    if status:
+        raise RuntimeError(f"{name} failed with status {status}")
+
+
+def _tensor(name: str, t: object, dtype: torch.dtype, dims: str, *sizes: int | None) -> None:
+    """Raise unless t is a contiguous CPU tensor of dtype with the given sizes (None: any), named dims."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
+    if t.device.type != "cpu":
+        raise ValueError(f"{name} must be a CPU tensor (native kernels run on CPU tensors only), got {t.device}")
+    if t.dim() != len(sizes) or any(want is not None and want != got for want, got in zip(sizes, t.shape)):
+        want = ", ".join("any" if size is None else str(size) for size in sizes)
+        raise ValueError(f"{name} must have shape {dims} = [{want}], got {list(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+    if any(size > INT_MAX for size in t.shape):
+        raise ValueError(f"{name} has a dimension over {INT_MAX}, more than the native kernels take")
+
+
+def _check_quantized(weight: torch.Tensor, bits: int, k: int, scale: torch.Tensor) -> int:
+    """Check an int8 / packed int4 weight for K input features and its scales; returns N."""
+    if not isinstance(bits, int) or bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+    if bits == 4 and k % 2:
+        raise ValueError(f"int4 packs two columns a byte: K must be even, got K={k}")
+    _tensor("weight", weight, torch.int8, "[N, K]" if bits == 8 else "[N, K/2]", None, k if bits == 8 else k // 2)
+    n = weight.shape[0]
+    _tensor("scale", scale, torch.float32, "[N]", n)
+    return n
+
+
+def _check_bias(bias: torch.Tensor | None, n: int) -> None:
+    if bias is not None:
+        _tensor("bias", bias, torch.float32, "[N]", n)
 
 
 def decode_rows() -> int:
@@ -173,26 +219,26 @@ def gemv_quantized(x: torch.Tensor, weight: torch.Tensor, bits: int, scale: torc
     integer=True (CPUs with AVX512-VNNI): x is rounded per row to 16 (int8) / 15 (int4) bits and the
     products are integer dot products: for bf16 models, whose activations carry 8 bits anyway.
     """
-    _check(x, weight)
-    if x.dtype != torch.float32:
-        raise ValueError(f"x must be float32, got {x.dtype}")
-    lib = library()
+    _tensor("x", x, torch.float32, "[M, K]", None, None)
     m, k = x.shape
-    n = weight.shape[0]
+    n = _check_quantized(weight, bits, k, scale)
+    _check_bias(bias, n)
     y = torch.empty(m, n, dtype=torch.float32)
-    fn = {(8, False): lib.gemv_q8, (4, False): lib.gemv_q4, (8, True): lib.gemv_q8v, (4, True): lib.gemv_q4v}
-    fn[bits, integer](x.data_ptr(), m, k, weight.data_ptr(), n, scale.data_ptr(), _ptr(bias), y.data_ptr())
+    name = {(8, False): "gemv_q8", (4, False): "gemv_q4", (8, True): "gemv_q8v", (4, True): "gemv_q4v"}
+    _call(name[bits, bool(integer)], x.data_ptr(), m, k, weight.data_ptr(), n, scale.data_ptr(), _ptr(bias),
+          y.data_ptr())
     return y
 
 
 def gemv_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x [M, K] bf16 contiguous, weight [N, K] bf16 -> [M, N] float32; bias float32 [N]."""
-    _check(x, weight)
+    _tensor("x", x, torch.bfloat16, "[M, K]", None, None)
     m, k = x.shape
+    _tensor("weight", weight, torch.bfloat16, "[N, K]", None, k)
     n = weight.shape[0]
+    _check_bias(bias, n)
     y = torch.empty(m, n, dtype=torch.float32)
-    if library().gemv_bf16(x.data_ptr(), m, k, weight.data_ptr(), n, _ptr(bias), y.data_ptr()):
-        raise RuntimeError("gemv_bf16 needs AVX512-BF16")
+    _call("gemv_bf16", x.data_ptr(), m, k, weight.data_ptr(), n, _ptr(bias), y.data_ptr())
     return y
 
 
@@ -200,13 +246,16 @@ def dequantize(weight: torch.Tensor, bits: int, scale: torch.Tensor, in_features
                dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """The float weight [N, K] in dtype (bf16 or float32) from int8 / packed int4 and float32 scales,
     written into `out` (contiguous [N, K] of dtype) when given."""
-    n = weight.shape[0]
+    if dtype not in (torch.bfloat16, torch.float32):
+        raise TypeError(f"dtype must be torch.bfloat16 or torch.float32, got {dtype}")
+    if not isinstance(in_features, int) or not 0 <= in_features <= INT_MAX:
+        raise ValueError(f"in_features must be an int in 0..{INT_MAX}, got {in_features!r}")
+    n = _check_quantized(weight, bits, in_features, scale)
     if out is None:
         out = torch.empty(n, in_features, dtype=dtype)
-    if out.dtype != dtype or out.shape != (n, in_features) or not out.is_contiguous():
-        raise ValueError("out must be a contiguous [N, K] tensor of the requested dtype")
+    _tensor("out", out, dtype, "[N, K]", n, in_features)
     bf16, f32 = (out, None) if dtype == torch.bfloat16 else (None, out)
-    library().dequantize(weight.data_ptr(), bits, n, in_features, scale.data_ptr(), _ptr(bf16), _ptr(f32))
+    _call("dequantize", weight.data_ptr(), bits, n, in_features, scale.data_ptr(), _ptr(bf16), _ptr(f32))
     return out
 
 
@@ -304,8 +353,11 @@ def linear_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     if rows.shape[0] > F32_ROWS or not weight.is_contiguous() or f32_library() is None:
         return None
     rows = rows.contiguous()
+    _tensor("x", rows, torch.float32, "[M, K]", None, None)
+    _tensor("weight", weight, torch.float32, "[N, K]", None, rows.shape[1])
     n = weight.shape[0]
-    y = torch.empty(rows.shape[0], n, dtype=torch.float32)
     bias = None if bias is None else bias.contiguous()
-    library().linear_f32(rows.data_ptr(), rows.shape[0], rows.shape[1], weight.data_ptr(), n, _ptr(bias), y.data_ptr())
+    _check_bias(bias, n)
+    y = torch.empty(rows.shape[0], n, dtype=torch.float32)
+    _call("linear_f32", rows.data_ptr(), rows.shape[0], rows.shape[1], weight.data_ptr(), n, _ptr(bias), y.data_ptr())
     return y.reshape(*x.shape[:-1], n)

@@ -2,6 +2,7 @@
 dispatch branch of QuantizedLinear / Linear (native decode, native prefill, torch fallback)."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -35,7 +36,7 @@ def test_avx2_build_on_an_avx512_cpu(tmp_path):
     """AVX-512 CPUs use kernels.c; kernels_avx2.c (what AVX2-only CPUs use) gets the same kernel tests here."""
     env = dict(os.environ, CHATGLM_NATIVE_KERNELS="avx2", CHATGLM_KERNEL_CACHE=str(tmp_path))
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                           "gemv or dequantize or every_path or bf16_linear"], cwd=ROOT, env=env,
+                           "gemv or dequantize or every_path or bf16_linear or f32_kernel"], cwd=ROOT, env=env,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:]
     assert " passed" in done.stdout
@@ -140,6 +141,76 @@ def test_native_dequantize_is_exact(bits, n, k):
     assert torch.equal(kernels.dequantize(q, bits, scale, k, torch.bfloat16), ref.bfloat16())
 
 
+# (what to change, how, the exception and the start of its message) for wrong arguments; each one would
+# otherwise reach C, which reads and writes through raw pointers with the sizes it is given.
+BAD_GEMV_ARGUMENTS = {
+    "x float64": ("x", lambda a: a["x"].double(), TypeError, "x must be torch.float32, got torch.float64"),
+    "x 1-d": ("x", lambda a: a["x"][0], ValueError, "x must have shape [M, K]"),
+    "x on another K": ("x", lambda a: torch.randn(2, 36), ValueError, "weight must have shape"),
+    "x not contiguous": ("x", lambda a: torch.randn(34, 2).t(), ValueError, "x must be contiguous"),
+    "weight float32": ("weight", lambda a: a["weight"].float(), TypeError, "weight must be torch.int8"),
+    "scale float16": ("scale", lambda a: a["scale"].half(), TypeError, "scale must be torch.float32"),
+    "scale too short": ("scale", lambda a: a["scale"][:-1], ValueError, "scale must have shape [N] = [12]"),
+    "scale strided": ("scale", lambda a: a["scale"].repeat_interleave(2)[::2], ValueError,
+                      "scale must be contiguous"),
+    "bias bf16": ("bias", lambda a: a["bias"].bfloat16(), TypeError, "bias must be torch.float32"),
+    "bias too long": ("bias", lambda a: torch.randn(13), ValueError, "bias must have shape [N] = [12]"),
+    "bits 2": ("bits", lambda a: 2, ValueError, "bits must be 4 or 8, got 2"),
+    "bits '8'": ("bits", lambda a: "8", ValueError, "bits must be 4 or 8"),
+}
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("case", BAD_GEMV_ARGUMENTS)
+def test_gemv_rejects_wrong_arguments(bits, case):
+    q, scale, x, bias, _ = _case(bits, 12, 34, m=2)
+    args = dict(x=x, weight=q, bits=bits, scale=scale, bias=bias)
+    name, change, error, message = BAD_GEMV_ARGUMENTS[case]
+    args[name] = change(args)
+    with pytest.raises(error, match=re.escape(message)):
+        kernels.gemv_quantized(**args)
+
+
+def test_gemv_int4_rejects_an_odd_k():
+    """Two int4 columns a byte: an odd K has no packed layout, and the kernels would read past x's rows."""
+    with pytest.raises(ValueError, match="K must be even, got K=35"):
+        kernels.gemv_quantized(torch.randn(2, 35), torch.zeros(12, 17, dtype=torch.int8), 4, torch.ones(12), None)
+
+
+@pytest.mark.parametrize("change, error, message", [
+    (dict(x=torch.randn(2, 34)), TypeError, "x must be torch.bfloat16"),
+    (dict(weight=torch.randn(12, 34)), TypeError, "weight must be torch.bfloat16"),
+    (dict(x=torch.randn(2, 36).bfloat16()), ValueError, "weight must have shape"),
+    (dict(bias=torch.randn(12).bfloat16()), TypeError, "bias must be torch.float32"),
+    (dict(bias=torch.randn(11)), ValueError, "bias must have shape"),
+], ids=["x float32", "weight float32", "K mismatch", "bias bf16", "bias short"])
+def test_gemv_bf16_rejects_wrong_arguments(change, error, message):
+    args = dict(x=torch.randn(2, 34).bfloat16(), weight=torch.randn(12, 34).bfloat16(), bias=torch.randn(12))
+    args.update(change)
+    with pytest.raises(error, match=re.escape(message)):
+        kernels.gemv_bf16(**args)
+
+
+@pytest.mark.parametrize("change, error, message", [
+    (dict(weight=torch.zeros(12, 34)), TypeError, "weight must be torch.int8"),
+    (dict(scale=torch.ones(12, dtype=torch.float16)), TypeError, "scale must be torch.float32"),
+    (dict(scale=torch.ones(11)), ValueError, "scale must have shape"),
+    (dict(in_features=36), ValueError, "weight must have shape"),
+    (dict(bits=2), ValueError, "bits must be 4 or 8"),
+    (dict(dtype=torch.float64), TypeError, "dtype must be torch.bfloat16 or torch.float32"),
+    (dict(in_features=-2), ValueError, "in_features must be"),
+    (dict(bits=4, weight=torch.zeros(12, 17, dtype=torch.int8), in_features=35), ValueError, "K must be even"),
+    (dict(out=torch.empty(12, 34, dtype=torch.bfloat16)), TypeError, "out must be torch.float32"),
+], ids=["weight float32", "scale float16", "scale short", "K mismatch", "bits 2", "dtype float64",
+        "negative K", "int4 odd K", "out of another dtype"])
+def test_dequantize_rejects_wrong_arguments(change, error, message):
+    args = dict(weight=torch.zeros(12, 34, dtype=torch.int8), bits=8, scale=torch.ones(12), in_features=34,
+                dtype=torch.float32)
+    args.update(change)
+    with pytest.raises(error, match=re.escape(message)):
+        kernels.dequantize(**args)
+
+
 def _layer(bits, n=48, k=96, dtype=torch.float32):
     g = torch.Generator().manual_seed(4)
     linear = torch.nn.Linear(k, n, bias=True).to(dtype)
@@ -214,6 +285,20 @@ f32_native = pytest.mark.skipif(kernels.f32_library() is None, reason="no AVX2 f
 def test_f32_kernel_builds_on_avx2_cpus_without_avx512():
     if os.environ.get("CI") and _cpu_has("avx2", "fma") and not _cpu_has("avx512f"):
         assert kernels.f32_library() is not None
+
+
+@f32_native
+@pytest.mark.parametrize("change, error, message", [
+    (dict(weight=torch.randn(12, 36)), ValueError, "weight must have shape"),
+    (dict(weight=torch.randn(12, 34).double()), TypeError, "weight must be torch.float32"),
+    (dict(bias=torch.randn(12).double()), TypeError, "bias must be torch.float32"),
+    (dict(bias=torch.randn(13)), ValueError, "bias must have shape"),
+], ids=["K mismatch", "weight float64", "bias float64", "bias long"])
+def test_f32_kernel_rejects_wrong_arguments(change, error, message):
+    args = dict(x=torch.randn(2, 34), weight=torch.randn(12, 34), bias=torch.randn(12))
+    args.update(change)
+    with pytest.raises(error, match=re.escape(message)):
+        kernels.linear_f32(**args)
 
 
 @f32_native
