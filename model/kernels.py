@@ -9,6 +9,11 @@ AVX512-BF16, integer products AVX512-VNNI), model/kernels_avx2.c for those with 
 laptops and many servers). Each is built with the system C compiler (`cc`, -march=native, OpenMP) into a
 per-user cache. Anything else (no compiler, another CPU, CHATGLM_NATIVE_KERNELS=0) leaves `available()` False
 and the callers use torch. CHATGLM_NATIVE_KERNELS=avx2 uses the AVX2 build on AVX-512 CPUs too.
+
+Settings: CC (the compiler command, split as a shell would: "ccache gcc"), CHATGLM_KERNEL_CACHE (where the
+build goes; an unusable one falls back to a private directory under the system's temporary directory),
+CHATGLM_KERNEL_COMPILE_TIMEOUT (seconds, default 300). Every entry point checks its arguments before calling C:
+the C functions index raw pointers with the sizes they are given.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -37,6 +44,7 @@ SOURCE = Path(__file__).with_name("kernels.c")
 AVX2_SOURCE = Path(__file__).with_name("kernels_avx2.c")
 AVX512 = {"avx512f", "avx512bw", "avx512vl"}
 ABI = 7
+COMPILE_TIMEOUT = 300.0  # seconds; a build takes a few, a hung compiler must not hang model loading
 # Return codes of the C functions (kernels.c, kernels_avx2.c)
 NO_BF16, NO_MEMORY = -1, -2
 INT_MAX = 2**31 - 1  # the C functions take sizes as int
@@ -57,35 +65,99 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+class _Declined(RuntimeError):
+    """No native kernels because the user turned them off."""
+
+
+class _Unsupported(RuntimeError):
+    """No native kernels because this machine cannot run them: no build would help."""
+
+
 def _cache_dir() -> Path:
     root = os.environ.get("CHATGLM_KERNEL_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "chatglm-kernels")
     return Path(root)
 
 
+def _writable_dir(preferred: Path) -> Path:
+    """preferred if this process can create files in it, else a private directory under the temporary one."""
+    try:
+        preferred.mkdir(parents=True, exist_ok=True)
+        if os.access(preferred, os.W_OK | os.X_OK):
+            return preferred
+        reason = "not writable"
+    except OSError as exc:
+        reason = str(exc)
+    fallback = Path(tempfile.gettempdir()) / f"chatglm-kernels-{os.getuid()}"
+    fallback.mkdir(mode=0o700, exist_ok=True)
+    # we load a shared library from there: anyone else able to write to it could run code in this process
+    info = fallback.lstat()
+    if not fallback.is_dir() or fallback.is_symlink() or info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise RuntimeError(f"kernel cache {preferred} is unusable ({reason}) and {fallback} is not a directory "
+                           "private to this user; set CHATGLM_KERNEL_CACHE to a writable directory")
+    log.warning("kernel cache %s is unusable (%s); building the native kernels in %s instead, which may not "
+                "outlive a reboot: set CHATGLM_KERNEL_CACHE to a writable directory to keep them", preferred,
+                reason, fallback)
+    return fallback
+
+
+def _compiler() -> list[str]:
+    """The C compiler command: $CC split as a shell would (CC="ccache gcc" is two words), else cc or gcc."""
+    command = shlex.split(os.environ.get("CC", ""))
+    if command:
+        return command
+    found = shutil.which("cc") or shutil.which("gcc")
+    if not found:
+        raise RuntimeError("no C compiler (cc/gcc) found")
+    return [found]
+
+
+def _compile_timeout() -> float:
+    value = os.environ.get("CHATGLM_KERNEL_COMPILE_TIMEOUT", "")
+    try:
+        return float(value) if value else COMPILE_TIMEOUT
+    except ValueError:
+        raise RuntimeError(f"CHATGLM_KERNEL_COMPILE_TIMEOUT must be a number of seconds, got {value!r}") from None
+
+
+def _run_compiler(cmd: list[str], timeout: float) -> None:
+    """Run cmd; RuntimeError with its diagnostics if it fails or outlives timeout seconds."""
+    # A session of its own: on a timeout the whole group dies (cc1, as, ld, a wrapper script's children), so
+    # no grandchild keeps the pipes open and communicate() returns.
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            _, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise RuntimeError(f"compiling timed out after {timeout:g} s ({shlex.join(cmd)}); raise "
+                               "CHATGLM_KERNEL_COMPILE_TIMEOUT for a slow compiler") from None
+    if proc.returncode:
+        raise RuntimeError(f"compiling failed ({shlex.join(cmd)}): {err.strip()[-500:]}")
+
+
 def _compile(source_path: Path, required_flags: set[str], what: str) -> ctypes.CDLL:
     """Build source_path for this CPU into the per-user cache (once) and load it."""
     if os.environ.get("CHATGLM_NATIVE_KERNELS", "1") in ("0", "false", "no"):
-        raise RuntimeError("disabled by CHATGLM_NATIVE_KERNELS=0")
+        raise _Declined("disabled by CHATGLM_NATIVE_KERNELS=0")
     if platform.machine() not in ("x86_64", "AMD64"):
-        raise RuntimeError(f"no native kernels for {platform.machine()}")
+        raise _Unsupported(f"no native kernels for {platform.machine()}")
     flags = _cpu_flags()
     if not required_flags <= flags:
-        raise RuntimeError(f"the CPU has no {what}")
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not compiler:
-        raise RuntimeError("no C compiler (cc/gcc) found")
+        raise _Unsupported(f"the CPU has no {what}")
+    compiler = _compiler()
     source = source_path.read_bytes()
-    key = hashlib.sha256(source + compiler.encode() + " ".join(sorted(flags)).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"{source_path.stem}_{key}.so"
+    key = hashlib.sha256(source + shlex.join(compiler).encode() + " ".join(sorted(flags)).encode()).hexdigest()[:16]
+    name = f"{source_path.stem}_{key}.so"
+    target = _cache_dir() / name
+    if not target.exists():  # a read-only cache that holds the build is fine
+        target = _writable_dir(target.parent) / name
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            out = Path(tmp) / target.name
-            cmd = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-o", str(out), str(source_path)]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode:
-                raise RuntimeError(f"compiling {source_path.name} failed: {done.stderr.strip()[-500:]}")
+            out = Path(tmp) / name
+            _run_compiler([*compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-o", str(out),
+                           str(source_path)], _compile_timeout())
             os.replace(out, target)  # atomic: concurrent builders never load a half-written file
     return ctypes.CDLL(str(target))
 
@@ -115,6 +187,21 @@ def _build() -> ctypes.CDLL:
     return lib
 
 
+def _log_unavailable(exc: Exception) -> None:
+    """Say once why there are no native kernels: at WARNING, with what to do, unless the user asked for that."""
+    if isinstance(exc, _Declined):
+        log.info("native CPU kernels %s; using torch kernels", exc)
+        return
+    if isinstance(exc, _Unsupported):
+        todo = "nothing on this machine (they need an x86-64 CPU with AVX-512, or AVX2 and FMA)"
+    else:
+        todo = ("install gcc with OpenMP or set CC to a C compiler command (e.g. CC='ccache gcc'); "
+                "CHATGLM_KERNEL_CACHE sets where they are built")
+    log.warning("native CPU kernels unavailable (%s): int8 / int4 / bf16 layers use torch's kernels, which decode "
+                "int4 about 200x slower. To fix: %s. CHATGLM_NATIVE_KERNELS=0 uses torch without this warning",
+                exc, todo)
+
+
 def library() -> ctypes.CDLL | None:
     global _lib, _tried, _why_not
     if not _tried:
@@ -123,8 +210,8 @@ def library() -> ctypes.CDLL | None:
                 try:
                     _lib = _build()
                 except Exception as exc:  # any failure means: use torch
-                    _why_not = str(exc)
-                    log.info("native CPU kernels unavailable (%s); using torch kernels", exc)
+                    _why_not = str(exc) or type(exc).__name__
+                    _log_unavailable(exc)
                 _tried = True
     return _lib
 

@@ -1,10 +1,15 @@
 """The native CPU kernels (model/kernels.c) against the reference de-quantize-then-matmul path, and every
 dispatch branch of QuantizedLinear / Linear (native decode, native prefill, torch fallback)."""
 
+import logging
 import os
 import re
+import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
 
 import pytest
 import torch
@@ -54,6 +59,117 @@ def test_unavailable_compiler_falls_back_to_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "False|disabled by CHATGLM_NATIVE_KERNELS=0"
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """The next kernels.library() builds anew (module state reset until the test ends) into tmp_path/cache."""
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_why_not", "")
+    monkeypatch.setenv("CHATGLM_KERNEL_CACHE", str(tmp_path / "cache"))
+    return tmp_path
+
+
+def _built(directory):
+    return sorted(path.name for path in directory.rglob("*.so"))
+
+
+@native
+def test_cc_is_a_command_split_as_a_shell_would(fresh_build, monkeypatch):
+    """CC="ccache gcc" is a command with arguments, not one path (here: env, then a gcc path with a space)."""
+    gcc = shutil.which("gcc") or pytest.skip("no gcc")
+    (fresh_build / "my tools").mkdir()
+    (fresh_build / "my tools" / "gcc").symlink_to(gcc)
+    monkeypatch.setenv("CC", f"env {shlex.quote(str(fresh_build / 'my tools' / 'gcc'))}")
+    assert kernels.available(), kernels.why_unavailable()
+    assert len(_built(fresh_build / "cache")) == 1
+
+
+@native
+def test_unusable_cache_dir_falls_back_to_a_private_temporary_dir(fresh_build, monkeypatch, caplog):
+    (fresh_build / "a file").write_text("")
+    monkeypatch.setenv("CHATGLM_KERNEL_CACHE", str(fresh_build / "a file" / "cache"))  # mkdir must fail
+    (fresh_build / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(fresh_build / "tmp"))
+    with caplog.at_level(logging.WARNING, logger=kernels.__name__):
+        assert kernels.available(), kernels.why_unavailable()
+    fallback = fresh_build / "tmp" / f"chatglm-kernels-{os.getuid()}"
+    assert len(_built(fallback)) == 1
+    assert fallback.stat().st_mode & 0o777 == 0o700
+    assert "CHATGLM_KERNEL_CACHE" in caplog.text and str(fallback) in caplog.text
+
+
+@native
+def test_fallback_dir_that_others_can_write_to_is_refused(fresh_build, monkeypatch):
+    """The fallback holds a library this process loads: one that others could replace must not be used."""
+    (fresh_build / "a file").write_text("")
+    monkeypatch.setenv("CHATGLM_KERNEL_CACHE", str(fresh_build / "a file" / "cache"))
+    fallback = fresh_build / "tmp" / f"chatglm-kernels-{os.getuid()}"
+    fallback.mkdir(parents=True)
+    fallback.chmod(0o777)
+    monkeypatch.setattr(tempfile, "tempdir", str(fresh_build / "tmp"))
+    assert not kernels.available()
+    assert "private" in kernels.why_unavailable() and _built(fresh_build) == []
+
+
+@native
+def test_compiling_times_out(fresh_build, monkeypatch):
+    """A hung compiler costs CHATGLM_KERNEL_COMPILE_TIMEOUT, not forever."""
+    # sleep is the script's child and holds its output pipe: killing only the script would leave us waiting
+    compiler = fresh_build / "slow_cc"
+    compiler.write_text("#!/bin/sh\nsleep 60\n")
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CC", shlex.quote(str(compiler)))
+    monkeypatch.setenv("CHATGLM_KERNEL_COMPILE_TIMEOUT", "0.5")
+    start = time.monotonic()
+    assert not kernels.available()
+    assert time.monotonic() - start < 20
+    assert "timed out after 0.5 s" in kernels.why_unavailable()
+
+
+@native
+def test_unavailable_kernels_warn_once_with_what_to_do(fresh_build, monkeypatch, caplog):
+    """int4 without the kernels is ~200x slower: say so once at WARNING, with the settings that fix it."""
+    monkeypatch.setenv("CC", "/bin/false")
+    with caplog.at_level(logging.INFO, logger=kernels.__name__):
+        for _ in range(3):
+            assert not kernels.available() and kernels.decode_rows() == 0 and kernels.why_unavailable()
+    warnings = [r for r in caplog.records if r.name == kernels.__name__ and r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    message = warnings[0].getMessage()
+    assert "compiling failed" in message and "200x slower" in message
+    assert "CC=" in message and "CHATGLM_NATIVE_KERNELS=0" in message
+
+
+def test_kernels_turned_off_on_purpose_do_not_warn(fresh_build, monkeypatch, caplog):
+    monkeypatch.setenv("CHATGLM_NATIVE_KERNELS", "0")
+    with caplog.at_level(logging.INFO, logger=kernels.__name__):
+        assert not kernels.available()
+    assert [r.levelno for r in caplog.records if r.name == kernels.__name__] == [logging.INFO]
+
+
+@native
+def test_gemv_reports_allocation_failure_as_memory_error(tmp_path):
+    """A kernel whose malloc fails raises MemoryError, neither crashing nor returning torch.empty's garbage."""
+    # built with a malloc that always fails, through arguments in CC
+    gcc = shutil.which("gcc") or pytest.skip("no gcc")
+    header = tmp_path / "failing_malloc.h"
+    header.write_text("#include <stdlib.h>\n"
+                      "static inline void *failing_malloc(size_t size) { (void)size; return NULL; }\n"
+                      "#define malloc failing_malloc\n")
+    code = ("import torch; from model import kernels; from model.quantization import quantize_weight\n"
+            "assert kernels.available(), kernels.why_unavailable()\n"
+            "q, scale = quantize_weight(torch.randn(8, 64), 4)\n"
+            "for integer in (False, True):\n"
+            "    try: kernels.gemv_quantized(torch.randn(2, 64), q, 4, scale, None, integer)\n"
+            "    except MemoryError as e: print('MemoryError:', e)\n"
+            "    else: print('no error')\n")
+    env = dict(os.environ, CC=f"{gcc} -include {shlex.quote(str(header))}", CHATGLM_KERNEL_CACHE=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines() == [
+        f"MemoryError: {name}: the native kernel could not allocate its work buffers" for name in ("gemv_q4", "gemv_q4v")]
 
 
 def _case(bits, n, k, m, seed=0):
