@@ -30,9 +30,12 @@ def _cpu_has(*flags):
 def test_native_kernels_build_where_ci_expects_them():
     """On CI's x86 machines the kernels must build (kernels.c with AVX-512, kernels_avx2.c with AVX2): a
     silent fallback would hide a broken kernel source."""
-    if os.environ.get("CI") and (_cpu_has("avx512f", "avx512bw", "avx512vl") or _cpu_has("avx2", "fma")):
-        assert kernels.available(), kernels.why_unavailable()
-        assert kernels.decode_rows() >= 4
+    if not os.environ.get("CI"):
+        pytest.skip("CI unset: elsewhere a missing compiler is allowed (the model falls back to torch)")
+    if not (_cpu_has("avx512f", "avx512bw", "avx512vl") or _cpu_has("avx2", "fma")):
+        pytest.skip("the CPU has neither AVX-512 nor AVX2 with FMA")
+    assert kernels.available(), kernels.why_unavailable()
+    assert kernels.decode_rows() >= 4
 
 
 @pytest.mark.skipif(not (_cpu_has("avx512f", "avx512bw", "avx512vl") and _cpu_has("avx2", "fma")),
@@ -399,8 +402,11 @@ f32_native = pytest.mark.skipif(kernels.f32_library() is None, reason="no AVX2 f
 
 
 def test_f32_kernel_builds_on_avx2_cpus_without_avx512():
-    if os.environ.get("CI") and _cpu_has("avx2", "fma") and not _cpu_has("avx512f"):
-        assert kernels.f32_library() is not None
+    if not os.environ.get("CI"):
+        pytest.skip("CI unset: elsewhere a missing compiler is allowed (the model falls back to torch)")
+    if not _cpu_has("avx2", "fma") or (_cpu_has("avx512f") and os.environ.get("CHATGLM_NATIVE_KERNELS") != "avx2"):
+        pytest.skip("this run does not use the AVX2 build")
+    assert kernels.f32_library() is not None
 
 
 @f32_native
