@@ -9,6 +9,8 @@
  *   bf16: w[N][K] bfloat16, y[m][n] = sum_k x[m][k] * w[n][k] + bias[n].
  * x, scale, bias and y are float32 (the caller converts); accumulation is float32, so the result equals a
  * float32 matmul of x with the dequantized weight up to summation order.
+ * Every exported function returns 0, NO_BF16 or NO_MEMORY (model/kernels.py raises for the last two) and
+ * trusts its sizes: model/kernels.py checks them against the tensors first.
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -22,7 +24,10 @@
 #define PREFETCH_ROWS 4
 #endif
 
-int chatglm_kernels_abi(void) { return 6; }
+#define NO_BF16 (-1)
+#define NO_MEMORY (-2)
+
+int chatglm_kernels_abi(void) { return 7; }
 
 static inline float nibble_value(unsigned v) { return (float)((int)(v & 15u) - (int)((v & 8u) << 1)); }
 
@@ -57,8 +62,8 @@ static void q8_tile(const float *x, int K, const int8_t *w, long n0, int rows, c
     }
 }
 
-void gemv_q8(const float *x, int M, int K, const int8_t *w, int N, const float *scale, const float *bias,
-             float *y) {
+int gemv_q8(const float *x, int M, int K, const int8_t *w, int N, const float *scale, const float *bias,
+            float *y) {
     for (int m = 0; m < M; m++) {
         const float *xm = x + (long)m * K;
         float *ym = y + (long)m * N;
@@ -68,6 +73,7 @@ void gemv_q8(const float *x, int M, int K, const int8_t *w, int N, const float *
             q8_tile(xm, K, w, n0, rows, scale, bias, ym);
         }
     }
+    return 0;
 }
 
 /* ---------------------------------------------------------------- int4 */
@@ -98,10 +104,11 @@ static void q4_tile(const float *xe, const float *xo, int K2, const uint8_t *w, 
     }
 }
 
-void gemv_q4(const float *x, int M, int K, const uint8_t *w, int N, const float *scale, const float *bias,
-             float *y) {
+int gemv_q4(const float *x, int M, int K, const uint8_t *w, int N, const float *scale, const float *bias,
+            float *y) {
     int K2 = K / 2;
     float *buf = (float *)malloc(sizeof(float) * (size_t)K);
+    if (!buf) return NO_MEMORY;
     float *xe = buf, *xo = buf + K2;
     for (int m = 0; m < M; m++) {
         const float *xm = x + (long)m * K;
@@ -114,6 +121,7 @@ void gemv_q4(const float *x, int M, int K, const uint8_t *w, int N, const float 
         }
     }
     free(buf);
+    return 0;
 }
 
 /* ---------------------------------------------------------------- int8 / int4 with integer dot products
@@ -158,10 +166,11 @@ static void q8v_tile(const uint8_t *xh, const uint8_t *xl, const int32_t *xq, in
     }
 }
 
-void gemv_q8v(const float *x, int M, int K, const int8_t *w, int N, const float *scale, const float *bias,
-              float *y) {
+int gemv_q8v(const float *x, int M, int K, const int8_t *w, int N, const float *scale, const float *bias,
+             float *y) {
     int32_t *xq = (int32_t *)malloc(sizeof(int32_t) * (size_t)K);
     uint8_t *xh = (uint8_t *)malloc((size_t)K), *xl = (uint8_t *)malloc((size_t)K);
+    if (!xq || !xh || !xl) { free(xq); free(xh); free(xl); return NO_MEMORY; }
     for (int m = 0; m < M; m++) {
         float sx = quantize_row(x + (long)m * K, K, xq, 32767);
         for (int k = 0; k < K; k++) { int32_t u = xq[k] + 32768; xh[k] = (uint8_t)(u >> 8); xl[k] = (uint8_t)(u & 255); }
@@ -173,6 +182,7 @@ void gemv_q8v(const float *x, int M, int K, const int8_t *w, int N, const float 
         }
     }
     free(xq); free(xh); free(xl);
+    return 0;
 }
 
 /* int4: u = nibble ^ 8 = n + 8 in 0..15 is the unsigned operand; x_q = 128 * hi + lo with hi a signed byte
@@ -208,11 +218,12 @@ static void q4v_tile(const int8_t *xeh, const int8_t *xel, const int8_t *xoh, co
     }
 }
 
-void gemv_q4v(const float *x, int M, int K, const uint8_t *w, int N, const float *scale, const float *bias,
-              float *y) {
+int gemv_q4v(const float *x, int M, int K, const uint8_t *w, int N, const float *scale, const float *bias,
+             float *y) {
     int K2 = K / 2, covered = K2 / 64 * 64;
     int32_t *xq = (int32_t *)malloc(sizeof(int32_t) * (size_t)K);
     int8_t *buf = (int8_t *)malloc((size_t)K2 * 4);
+    if (!xq || !buf) { free(xq); free(buf); return NO_MEMORY; }
     int8_t *xeh = buf, *xel = buf + K2, *xoh = buf + 2 * K2, *xol = buf + 3 * K2;
     for (int m = 0; m < M; m++) {
         float sx = quantize_row(x + (long)m * K, K, xq, 16383);
@@ -231,14 +242,15 @@ void gemv_q4v(const float *x, int M, int K, const uint8_t *w, int N, const float
         }
     }
     free(xq); free(buf);
+    return 0;
 }
 int has_vnni(void) { return 1; }
 #else
-void gemv_q8v(const float *x, int M, int K, const int8_t *w, int N, const float *scale, const float *bias, float *y) {
-    gemv_q8(x, M, K, w, N, scale, bias, y);
+int gemv_q8v(const float *x, int M, int K, const int8_t *w, int N, const float *scale, const float *bias, float *y) {
+    return gemv_q8(x, M, K, w, N, scale, bias, y);
 }
-void gemv_q4v(const float *x, int M, int K, const uint8_t *w, int N, const float *scale, const float *bias, float *y) {
-    gemv_q4(x, M, K, w, N, scale, bias, y);
+int gemv_q4v(const float *x, int M, int K, const uint8_t *w, int N, const float *scale, const float *bias, float *y) {
+    return gemv_q4(x, M, K, w, N, scale, bias, y);
 }
 int has_vnni(void) { return 0; }
 #endif
@@ -295,7 +307,7 @@ int gemv_bf16(const uint16_t *x, int M, int K, const uint16_t *w, int N, const f
 #else
 int gemv_bf16(const uint16_t *x, int M, int K, const uint16_t *w, int N, const float *bias, float *y) {
     (void)x; (void)M; (void)K; (void)w; (void)N; (void)bias; (void)y;
-    return -1;  /* no AVX512-BF16 on this CPU: the caller uses torch */
+    return NO_BF16;  /* no AVX512-BF16 on this CPU: the caller uses torch */
 }
 #endif
 
@@ -313,7 +325,7 @@ static inline __m512 q16_values(const uint8_t *q, int bits, int k) {  /* 16 weig
     return _mm512_cvtepi32_ps(v);
 }
 
-void dequantize(const uint8_t *w, int bits, int N, int K, const float *scale, uint16_t *out_bf16, float *out_f32) {
+int dequantize(const uint8_t *w, int bits, int N, int K, const float *scale, uint16_t *out_bf16, float *out_f32) {
     long stride = bits == 8 ? K : K / 2;
 #pragma omp parallel for schedule(static)
     for (long n = 0; n < N; n++) {
@@ -338,4 +350,5 @@ void dequantize(const uint8_t *w, int bits, int N, int K, const float *scale, ui
             else out_bf16[n * (long)K + k] = float_to_bf16(v);
         }
     }
+    return 0;
 }

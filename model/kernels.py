@@ -9,6 +9,11 @@ AVX512-BF16, integer products AVX512-VNNI), model/kernels_avx2.c for those with 
 laptops and many servers). Each is built with the system C compiler (`cc`, -march=native, OpenMP) into a
 per-user cache. Anything else (no compiler, another CPU, CHATGLM_NATIVE_KERNELS=0) leaves `available()` False
 and the callers use torch. CHATGLM_NATIVE_KERNELS=avx2 uses the AVX2 build on AVX-512 CPUs too.
+
+Settings: CC (the compiler command, split as a shell would: "ccache gcc"), CHATGLM_KERNEL_CACHE (where the
+build goes; an unusable one falls back to a private directory under the system's temporary directory),
+CHATGLM_KERNEL_COMPILE_TIMEOUT (seconds, default 300). Every entry point checks its arguments before calling C:
+the C functions index raw pointers with the sizes they are given.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -36,7 +43,11 @@ DECODE_TOKENS = 4
 SOURCE = Path(__file__).with_name("kernels.c")
 AVX2_SOURCE = Path(__file__).with_name("kernels_avx2.c")
 AVX512 = {"avx512f", "avx512bw", "avx512vl"}
-ABI = 6
+ABI = 7
+COMPILE_TIMEOUT = 300.0  # seconds; a build takes a few, a hung compiler must not hang model loading
+# Return codes of the C functions (kernels.c, kernels_avx2.c)
+NO_BF16, NO_MEMORY = -1, -2
+INT_MAX = 2**31 - 1  # the C functions take sizes as int
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -54,35 +65,99 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+class _Declined(RuntimeError):
+    """No native kernels because the user turned them off."""
+
+
+class _Unsupported(RuntimeError):
+    """No native kernels because this machine cannot run them: no build would help."""
+
+
 def _cache_dir() -> Path:
     root = os.environ.get("CHATGLM_KERNEL_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "chatglm-kernels")
     return Path(root)
 
 
+def _writable_dir(preferred: Path) -> Path:
+    """preferred if this process can create files in it, else a private directory under the temporary one."""
+    try:
+        preferred.mkdir(parents=True, exist_ok=True)
+        if os.access(preferred, os.W_OK | os.X_OK):
+            return preferred
+        reason = "not writable"
+    except OSError as exc:
+        reason = str(exc)
+    fallback = Path(tempfile.gettempdir()) / f"chatglm-kernels-{os.getuid()}"
+    fallback.mkdir(mode=0o700, exist_ok=True)
+    # we load a shared library from there: anyone else able to write to it could run code in this process
+    info = fallback.lstat()
+    if not fallback.is_dir() or fallback.is_symlink() or info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise RuntimeError(f"kernel cache {preferred} is unusable ({reason}) and {fallback} is not a directory "
+                           "private to this user; set CHATGLM_KERNEL_CACHE to a writable directory")
+    log.warning("kernel cache %s is unusable (%s); building the native kernels in %s instead, which may not "
+                "outlive a reboot: set CHATGLM_KERNEL_CACHE to a writable directory to keep them", preferred,
+                reason, fallback)
+    return fallback
+
+
+def _compiler() -> list[str]:
+    """The C compiler command: $CC split as a shell would (CC="ccache gcc" is two words), else cc or gcc."""
+    command = shlex.split(os.environ.get("CC", ""))
+    if command:
+        return command
+    found = shutil.which("cc") or shutil.which("gcc")
+    if not found:
+        raise RuntimeError("no C compiler (cc/gcc) found")
+    return [found]
+
+
+def _compile_timeout() -> float:
+    value = os.environ.get("CHATGLM_KERNEL_COMPILE_TIMEOUT", "")
+    try:
+        return float(value) if value else COMPILE_TIMEOUT
+    except ValueError:
+        raise RuntimeError(f"CHATGLM_KERNEL_COMPILE_TIMEOUT must be a number of seconds, got {value!r}") from None
+
+
+def _run_compiler(cmd: list[str], timeout: float) -> None:
+    """Run cmd; RuntimeError with its diagnostics if it fails or outlives timeout seconds."""
+    # A session of its own: on a timeout the whole group dies (cc1, as, ld, a wrapper script's children), so
+    # no grandchild keeps the pipes open and communicate() returns.
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            _, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise RuntimeError(f"compiling timed out after {timeout:g} s ({shlex.join(cmd)}); raise "
+                               "CHATGLM_KERNEL_COMPILE_TIMEOUT for a slow compiler") from None
+    if proc.returncode:
+        raise RuntimeError(f"compiling failed ({shlex.join(cmd)}): {err.strip()[-500:]}")
+
+
 def _compile(source_path: Path, required_flags: set[str], what: str) -> ctypes.CDLL:
     """Build source_path for this CPU into the per-user cache (once) and load it."""
     if os.environ.get("CHATGLM_NATIVE_KERNELS", "1") in ("0", "false", "no"):
-        raise RuntimeError("disabled by CHATGLM_NATIVE_KERNELS=0")
+        raise _Declined("disabled by CHATGLM_NATIVE_KERNELS=0")
     if platform.machine() not in ("x86_64", "AMD64"):
-        raise RuntimeError(f"no native kernels for {platform.machine()}")
+        raise _Unsupported(f"no native kernels for {platform.machine()}")
     flags = _cpu_flags()
     if not required_flags <= flags:
-        raise RuntimeError(f"the CPU has no {what}")
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not compiler:
-        raise RuntimeError("no C compiler (cc/gcc) found")
+        raise _Unsupported(f"the CPU has no {what}")
+    compiler = _compiler()
     source = source_path.read_bytes()
-    key = hashlib.sha256(source + compiler.encode() + " ".join(sorted(flags)).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"{source_path.stem}_{key}.so"
+    key = hashlib.sha256(source + shlex.join(compiler).encode() + " ".join(sorted(flags)).encode()).hexdigest()[:16]
+    name = f"{source_path.stem}_{key}.so"
+    target = _cache_dir() / name
+    if not target.exists():  # a read-only cache that holds the build is fine
+        target = _writable_dir(target.parent) / name
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            out = Path(tmp) / target.name
-            cmd = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-o", str(out), str(source_path)]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode:
-                raise RuntimeError(f"compiling {source_path.name} failed: {done.stderr.strip()[-500:]}")
+            out = Path(tmp) / name
+            _run_compiler([*compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-o", str(out),
+                           str(source_path)], _compile_timeout())
             os.replace(out, target)  # atomic: concurrent builders never load a half-written file
     return ctypes.CDLL(str(target))
 
@@ -98,20 +173,33 @@ def _build() -> ctypes.CDLL:
     if lib.chatglm_kernels_abi() != ABI:
         raise RuntimeError("stale kernel library")
     p, i = ctypes.c_void_p, ctypes.c_int
-    lib.gemv_q8.argtypes = [p, i, i, p, i, p, p, p]
-    lib.gemv_q4.argtypes = [p, i, i, p, i, p, p, p]
-    lib.gemv_bf16.argtypes = [p, i, i, p, i, p, p]
-    lib.gemv_bf16.restype = i
-    lib.gemv_q8v.argtypes = [p, i, i, p, i, p, p, p]
-    lib.gemv_q4v.argtypes = [p, i, i, p, i, p, p, p]
-    lib.has_vnni.restype = i
+    functions = {name: [p, i, i, p, i, p, p, p] for name in ("gemv_q8", "gemv_q4", "gemv_q8v", "gemv_q4v")}
+    functions.update(gemv_bf16=[p, i, i, p, i, p, p], dequantize=[p, i, i, i, p, p, p])
     if hasattr(lib, "linear_f32"):
-        lib.linear_f32.argtypes = [p, i, i, p, i, p, p]
-    lib.dequantize.argtypes = [p, i, i, i, p, p, p]
+        functions["linear_f32"] = [p, i, i, p, i, p, p]
+    for name, argtypes in functions.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, i  # each returns 0 or NO_BF16 / NO_MEMORY
+    lib.has_vnni.restype = i
     # the AVX2 build widens bf16 to float32 in registers (exact), the AVX-512 one needs vdpbf16ps
     lib.has_bf16 = "avx512_bf16" in flags or not avx512
     lib.rows = lib.decode_rows() if hasattr(lib, "decode_rows") else DECODE_TOKENS
     return lib
+
+
+def _log_unavailable(exc: Exception) -> None:
+    """Say once why there are no native kernels: at WARNING, with what to do, unless the user asked for that."""
+    if isinstance(exc, _Declined):
+        log.info("native CPU kernels %s; using torch kernels", exc)
+        return
+    if isinstance(exc, _Unsupported):
+        todo = "nothing on this machine (they need an x86-64 CPU with AVX-512, or AVX2 and FMA)"
+    else:
+        todo = ("install gcc with OpenMP or set CC to a C compiler command (e.g. CC='ccache gcc'); "
+                "CHATGLM_KERNEL_CACHE sets where they are built")
+    log.warning("native CPU kernels unavailable (%s): int8 / int4 / bf16 layers use torch's kernels, which decode "
+                "int4 about 200x slower. To fix: %s. CHATGLM_NATIVE_KERNELS=0 uses torch without this warning",
+                exc, todo)
 
 
 def library() -> ctypes.CDLL | None:
@@ -122,8 +210,8 @@ def library() -> ctypes.CDLL | None:
                 try:
                     _lib = _build()
                 except Exception as exc:  # any failure means: use torch
-                    _why_not = str(exc)
-                    log.info("native CPU kernels unavailable (%s); using torch kernels", exc)
+                    _why_not = str(exc) or type(exc).__name__
+                    _log_unavailable(exc)
                 _tried = True
     return _lib
 
@@ -141,11 +229,56 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
-    if x.device.type != "cpu" or weight.device.type != "cpu":
-        raise ValueError("native kernels run on CPU tensors only")
-    if not weight.is_contiguous():
-        raise ValueError("weight must be contiguous")
+def _native() -> ctypes.CDLL:
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"native CPU kernels unavailable: {_why_not}")
+    return lib
+
+
+def _call(name: str, *args) -> None:
+    """Call C function `name`, turning its status into an exception."""
+    status = getattr(_native(), name)(*args)
+    if status == NO_MEMORY:
+        raise MemoryError(f"{name}: the native kernel could not allocate its work buffers")
+    if status == NO_BF16:
+        raise RuntimeError(f"{name} needs AVX512-BF16")
+    if status:
+        raise RuntimeError(f"{name} failed with status {status}")
+
+
+def _tensor(name: str, t: object, dtype: torch.dtype, dims: str, *sizes: int | None) -> None:
+    """Raise unless t is a contiguous CPU tensor of dtype with the given sizes (None: any), named dims."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
+    if t.device.type != "cpu":
+        raise ValueError(f"{name} must be a CPU tensor (native kernels run on CPU tensors only), got {t.device}")
+    if t.dim() != len(sizes) or any(want is not None and want != got for want, got in zip(sizes, t.shape)):
+        want = ", ".join("any" if size is None else str(size) for size in sizes)
+        raise ValueError(f"{name} must have shape {dims} = [{want}], got {list(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+    if any(size > INT_MAX for size in t.shape):
+        raise ValueError(f"{name} has a dimension over {INT_MAX}, more than the native kernels take")
+
+
+def _check_quantized(weight: torch.Tensor, bits: int, k: int, scale: torch.Tensor) -> int:
+    """Check an int8 / packed int4 weight for K input features and its scales; returns N."""
+    if not isinstance(bits, int) or bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+    if bits == 4 and k % 2:
+        raise ValueError(f"int4 packs two columns a byte: K must be even, got K={k}")
+    _tensor("weight", weight, torch.int8, "[N, K]" if bits == 8 else "[N, K/2]", None, k if bits == 8 else k // 2)
+    n = weight.shape[0]
+    _tensor("scale", scale, torch.float32, "[N]", n)
+    return n
+
+
+def _check_bias(bias: torch.Tensor | None, n: int) -> None:
+    if bias is not None:
+        _tensor("bias", bias, torch.float32, "[N]", n)
 
 
 def decode_rows() -> int:
@@ -173,26 +306,26 @@ def gemv_quantized(x: torch.Tensor, weight: torch.Tensor, bits: int, scale: torc
     integer=True (CPUs with AVX512-VNNI): x is rounded per row to 16 (int8) / 15 (int4) bits and the
     products are integer dot products: for bf16 models, whose activations carry 8 bits anyway.
     """
-    _check(x, weight)
-    if x.dtype != torch.float32:
-        raise ValueError(f"x must be float32, got {x.dtype}")
-    lib = library()
+    _tensor("x", x, torch.float32, "[M, K]", None, None)
     m, k = x.shape
-    n = weight.shape[0]
+    n = _check_quantized(weight, bits, k, scale)
+    _check_bias(bias, n)
     y = torch.empty(m, n, dtype=torch.float32)
-    fn = {(8, False): lib.gemv_q8, (4, False): lib.gemv_q4, (8, True): lib.gemv_q8v, (4, True): lib.gemv_q4v}
-    fn[bits, integer](x.data_ptr(), m, k, weight.data_ptr(), n, scale.data_ptr(), _ptr(bias), y.data_ptr())
+    name = {(8, False): "gemv_q8", (4, False): "gemv_q4", (8, True): "gemv_q8v", (4, True): "gemv_q4v"}
+    _call(name[bits, bool(integer)], x.data_ptr(), m, k, weight.data_ptr(), n, scale.data_ptr(), _ptr(bias),
+          y.data_ptr())
     return y
 
 
 def gemv_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x [M, K] bf16 contiguous, weight [N, K] bf16 -> [M, N] float32; bias float32 [N]."""
-    _check(x, weight)
+    _tensor("x", x, torch.bfloat16, "[M, K]", None, None)
     m, k = x.shape
+    _tensor("weight", weight, torch.bfloat16, "[N, K]", None, k)
     n = weight.shape[0]
+    _check_bias(bias, n)
     y = torch.empty(m, n, dtype=torch.float32)
-    if library().gemv_bf16(x.data_ptr(), m, k, weight.data_ptr(), n, _ptr(bias), y.data_ptr()):
-        raise RuntimeError("gemv_bf16 needs AVX512-BF16")
+    _call("gemv_bf16", x.data_ptr(), m, k, weight.data_ptr(), n, _ptr(bias), y.data_ptr())
     return y
 
 
@@ -200,13 +333,16 @@ def dequantize(weight: torch.Tensor, bits: int, scale: torch.Tensor, in_features
                dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """The float weight [N, K] in dtype (bf16 or float32) from int8 / packed int4 and float32 scales,
     written into `out` (contiguous [N, K] of dtype) when given."""
-    n = weight.shape[0]
+    if dtype not in (torch.bfloat16, torch.float32):
+        raise TypeError(f"dtype must be torch.bfloat16 or torch.float32, got {dtype}")
+    if not isinstance(in_features, int) or not 0 <= in_features <= INT_MAX:
+        raise ValueError(f"in_features must be an int in 0..{INT_MAX}, got {in_features!r}")
+    n = _check_quantized(weight, bits, in_features, scale)
     if out is None:
         out = torch.empty(n, in_features, dtype=dtype)
-    if out.dtype != dtype or out.shape != (n, in_features) or not out.is_contiguous():
-        raise ValueError("out must be a contiguous [N, K] tensor of the requested dtype")
+    _tensor("out", out, dtype, "[N, K]", n, in_features)
     bf16, f32 = (out, None) if dtype == torch.bfloat16 else (None, out)
-    library().dequantize(weight.data_ptr(), bits, n, in_features, scale.data_ptr(), _ptr(bf16), _ptr(f32))
+    _call("dequantize", weight.data_ptr(), bits, n, in_features, scale.data_ptr(), _ptr(bf16), _ptr(f32))
     return out
 
 
@@ -304,8 +440,11 @@ def linear_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     if rows.shape[0] > F32_ROWS or not weight.is_contiguous() or f32_library() is None:
         return None
     rows = rows.contiguous()
+    _tensor("x", rows, torch.float32, "[M, K]", None, None)
+    _tensor("weight", weight, torch.float32, "[N, K]", None, rows.shape[1])
     n = weight.shape[0]
-    y = torch.empty(rows.shape[0], n, dtype=torch.float32)
     bias = None if bias is None else bias.contiguous()
-    library().linear_f32(rows.data_ptr(), rows.shape[0], rows.shape[1], weight.data_ptr(), n, _ptr(bias), y.data_ptr())
+    _check_bias(bias, n)
+    y = torch.empty(rows.shape[0], n, dtype=torch.float32)
+    _call("linear_f32", rows.data_ptr(), rows.shape[0], rows.shape[1], weight.data_ptr(), n, _ptr(bias), y.data_ptr())
     return y.reshape(*x.shape[:-1], n)

@@ -8,6 +8,8 @@
  * sequences costs little more than one. Products are exact float32 products of x with the stored integer
  * (or bf16) weight, summed in float32 in an order that depends only on K: a sequence gets bit-identical
  * results alone or in a batch. The per-row scale is applied once at the end.
+ * Every exported function returns 0 or NO_MEMORY (model/kernels.py raises MemoryError) and trusts its
+ * sizes: model/kernels.py checks them against the tensors first.
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -22,7 +24,9 @@
  * at K=4096), too short for the hardware prefetcher to ramp up on each. */
 #define PF(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
 
-int chatglm_kernels_abi(void) { return 6; }
+#define NO_MEMORY (-2)
+
+int chatglm_kernels_abi(void) { return 7; }
 /* Rows of x up to which the matrix-vector kernels beat de-quantize + GEMM (read by model/kernels.py). */
 int decode_rows(void) { return 16; }
 
@@ -113,19 +117,21 @@ DEFINE_LINEAR8(linear_f32_rows, load8_f32, scalar_f32, float)
 /* float32 y = x W^T + b (x [M][K], w [N][K], y [M][N]). Where the stock GEMMs handle so few rows poorly
  * (measured on an AMD EPYC with AVX2: MKL 36 / 182 ms for 1 / 8 rows of a 27392x4096 weight), the tiles read
  * each weight block once for all rows. */
-void linear_f32(const float *x, int M, int K, const float *w, int N, const float *b, float *y) {
+int linear_f32(const float *x, int M, int K, const float *w, int N, const float *b, float *y) {
     linear_f32_rows(x, M, K, w, N, NULL, b, y);
+    return 0;
 }
 
-void gemv_q8(const float *x, int M, int K, const int8_t *w, int N, const float *scale, const float *bias,
-             float *y) {
+int gemv_q8(const float *x, int M, int K, const int8_t *w, int N, const float *scale, const float *bias,
+            float *y) {
     linear_q8(x, M, K, w, N, scale, bias, y);
+    return 0;
 }
 
 /* x is bf16 [M][K]; its values are exact in float32, so the products are the bf16 x bf16 products. */
 int gemv_bf16(const uint16_t *x, int M, int K, const uint16_t *w, int N, const float *bias, float *y) {
     float *xf = (float *)malloc(sizeof(float) * (size_t)M * (size_t)K);
-    if (!xf) return -2;
+    if (!xf) return NO_MEMORY;
     for (long i = 0; i < (long)M * K; i++) xf[i] = bf16_to_float(x[i]);
     linear_bf16(xf, M, K, w, N, NULL, bias, y);
     free(xf);
@@ -194,11 +200,11 @@ static void linear_q4(const float *xd, int M, int K, const uint8_t *w, int N, co
     }
 }
 
-void gemv_q4(const float *x, int M, int K, const uint8_t *w, int N, const float *scale, const float *bias,
-             float *y) {
+int gemv_q4(const float *x, int M, int K, const uint8_t *w, int N, const float *scale, const float *bias,
+            float *y) {
     const int K2 = K / 2;
     float *xd = (float *)malloc(sizeof(float) * (size_t)M * (size_t)K);
-    if (!xd) return;
+    if (!xd) return NO_MEMORY;
     for (long m = 0; m < M; m++)
         for (int j = 0; j < K2; j++) {
             xd[m * K + j] = x[m * K + 2 * j];
@@ -206,6 +212,7 @@ void gemv_q4(const float *x, int M, int K, const uint8_t *w, int N, const float 
         }
     linear_q4(xd, M, K, w, N, scale, bias, y);
     free(xd);
+    return 0;
 }
 
 /* ---------------------------------------------------------------- integer products for bf16 models
@@ -317,11 +324,11 @@ static inline void step_q4(const uint8_t *w, long j, __m256i *a, __m256i *b) {
 DEFINE_INTEGER(integer_q8, step_q8, MADD_Q8, 8)
 DEFINE_INTEGER(integer_q4, step_q4, MADD_Q4, 4)
 
-static void integer_linear(const float *x, int M, int K, const uint8_t *w, int N, const float *scale,
-                           const float *bias, float *y, int bits) {
+static int integer_linear(const float *x, int M, int K, const uint8_t *w, int N, const float *scale,
+                          const float *bias, float *y, int bits) {
     int16_t *xq = (int16_t *)malloc(sizeof(int16_t) * (size_t)M * (size_t)K * 2);
     float *sx = (float *)malloc(sizeof(float) * (size_t)M);
-    if (!xq || !sx) { free(xq); free(sx); return; }
+    if (!xq || !sx) { free(xq); free(sx); return NO_MEMORY; }
     int16_t *row = xq + (long)M * K;
     for (long m = 0; m < M; m++) {
         sx[m] = quantize_row(x + m * K, K, bits == 8 ? xq + m * K : row, bits == 8 ? 32767 : 16383);
@@ -331,16 +338,17 @@ static void integer_linear(const float *x, int M, int K, const uint8_t *w, int N
     if (bits == 8) integer_q8(xq, sx, M, K, w, N, scale, bias, y);
     else integer_q4(xq, sx, M, K, w, N, scale, bias, y);
     free(xq); free(sx);
+    return 0;
 }
 
-void gemv_q8v(const float *x, int M, int K, const int8_t *w, int N, const float *scale, const float *bias,
-              float *y) {
-    integer_linear(x, M, K, (const uint8_t *)w, N, scale, bias, y, 8);
+int gemv_q8v(const float *x, int M, int K, const int8_t *w, int N, const float *scale, const float *bias,
+             float *y) {
+    return integer_linear(x, M, K, (const uint8_t *)w, N, scale, bias, y, 8);
 }
 
-void gemv_q4v(const float *x, int M, int K, const uint8_t *w, int N, const float *scale, const float *bias,
-              float *y) {
-    integer_linear(x, M, K, w, N, scale, bias, y, 4);
+int gemv_q4v(const float *x, int M, int K, const uint8_t *w, int N, const float *scale, const float *bias,
+             float *y) {
+    return integer_linear(x, M, K, w, N, scale, bias, y, 4);
 }
 
 /* ---------------------------------------------------------------- de-quantization for multi-token inputs */
@@ -355,7 +363,7 @@ static inline __m256 q8_values(const uint8_t *q, int bits, int k) { /* 8 weights
     return _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_sllv_epi32(_mm256_set1_epi32(word), shifts), 28));
 }
 
-void dequantize(const uint8_t *w, int bits, int N, int K, const float *scale, uint16_t *out_bf16, float *out_f32) {
+int dequantize(const uint8_t *w, int bits, int N, int K, const float *scale, uint16_t *out_bf16, float *out_f32) {
     long stride = bits == 8 ? K : K / 2;
 #pragma omp parallel for schedule(static)
     for (long n = 0; n < N; n++) {
@@ -386,4 +394,5 @@ void dequantize(const uint8_t *w, int bits, int N, int K, const float *scale, ui
             }
         }
     }
+    return 0;
 }

@@ -1,9 +1,15 @@
 """The native CPU kernels (model/kernels.c) against the reference de-quantize-then-matmul path, and every
 dispatch branch of QuantizedLinear / Linear (native decode, native prefill, torch fallback)."""
 
+import logging
 import os
+import re
+import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
 
 import pytest
 import torch
@@ -24,9 +30,12 @@ def _cpu_has(*flags):
 def test_native_kernels_build_where_ci_expects_them():
     """On CI's x86 machines the kernels must build (kernels.c with AVX-512, kernels_avx2.c with AVX2): a
     silent fallback would hide a broken kernel source."""
-    if os.environ.get("CI") and (_cpu_has("avx512f", "avx512bw", "avx512vl") or _cpu_has("avx2", "fma")):
-        assert kernels.available(), kernels.why_unavailable()
-        assert kernels.decode_rows() >= 4
+    if not os.environ.get("CI"):
+        pytest.skip("CI unset: elsewhere a missing compiler is allowed (the model falls back to torch)")
+    if not (_cpu_has("avx512f", "avx512bw", "avx512vl") or _cpu_has("avx2", "fma")):
+        pytest.skip("the CPU has neither AVX-512 nor AVX2 with FMA")
+    assert kernels.available(), kernels.why_unavailable()
+    assert kernels.decode_rows() >= 4
 
 
 @pytest.mark.skipif(not (_cpu_has("avx512f", "avx512bw", "avx512vl") and _cpu_has("avx2", "fma")),
@@ -35,7 +44,7 @@ def test_avx2_build_on_an_avx512_cpu(tmp_path):
     """AVX-512 CPUs use kernels.c; kernels_avx2.c (what AVX2-only CPUs use) gets the same kernel tests here."""
     env = dict(os.environ, CHATGLM_NATIVE_KERNELS="avx2", CHATGLM_KERNEL_CACHE=str(tmp_path))
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                           "gemv or dequantize or every_path or bf16_linear"], cwd=ROOT, env=env,
+                           "gemv or dequantize or every_path or bf16_linear or f32_kernel"], cwd=ROOT, env=env,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:]
     assert " passed" in done.stdout
@@ -53,6 +62,117 @@ def test_unavailable_compiler_falls_back_to_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "False|disabled by CHATGLM_NATIVE_KERNELS=0"
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """The next kernels.library() builds anew (module state reset until the test ends) into tmp_path/cache."""
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_why_not", "")
+    monkeypatch.setenv("CHATGLM_KERNEL_CACHE", str(tmp_path / "cache"))
+    return tmp_path
+
+
+def _built(directory):
+    return sorted(path.name for path in directory.rglob("*.so"))
+
+
+@native
+def test_cc_is_a_command_split_as_a_shell_would(fresh_build, monkeypatch):
+    """CC="ccache gcc" is a command with arguments, not one path (here: env, then a gcc path with a space)."""
+    gcc = shutil.which("gcc") or pytest.skip("no gcc")
+    (fresh_build / "my tools").mkdir()
+    (fresh_build / "my tools" / "gcc").symlink_to(gcc)
+    monkeypatch.setenv("CC", f"env {shlex.quote(str(fresh_build / 'my tools' / 'gcc'))}")
+    assert kernels.available(), kernels.why_unavailable()
+    assert len(_built(fresh_build / "cache")) == 1
+
+
+@native
+def test_unusable_cache_dir_falls_back_to_a_private_temporary_dir(fresh_build, monkeypatch, caplog):
+    (fresh_build / "a file").write_text("")
+    monkeypatch.setenv("CHATGLM_KERNEL_CACHE", str(fresh_build / "a file" / "cache"))  # mkdir must fail
+    (fresh_build / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(fresh_build / "tmp"))
+    with caplog.at_level(logging.WARNING, logger=kernels.__name__):
+        assert kernels.available(), kernels.why_unavailable()
+    fallback = fresh_build / "tmp" / f"chatglm-kernels-{os.getuid()}"
+    assert len(_built(fallback)) == 1
+    assert fallback.stat().st_mode & 0o777 == 0o700
+    assert "CHATGLM_KERNEL_CACHE" in caplog.text and str(fallback) in caplog.text
+
+
+@native
+def test_fallback_dir_that_others_can_write_to_is_refused(fresh_build, monkeypatch):
+    """The fallback holds a library this process loads: one that others could replace must not be used."""
+    (fresh_build / "a file").write_text("")
+    monkeypatch.setenv("CHATGLM_KERNEL_CACHE", str(fresh_build / "a file" / "cache"))
+    fallback = fresh_build / "tmp" / f"chatglm-kernels-{os.getuid()}"
+    fallback.mkdir(parents=True)
+    fallback.chmod(0o777)
+    monkeypatch.setattr(tempfile, "tempdir", str(fresh_build / "tmp"))
+    assert not kernels.available()
+    assert "private" in kernels.why_unavailable() and _built(fresh_build) == []
+
+
+@native
+def test_compiling_times_out(fresh_build, monkeypatch):
+    """A hung compiler costs CHATGLM_KERNEL_COMPILE_TIMEOUT, not forever."""
+    # sleep is the script's child and holds its output pipe: killing only the script would leave us waiting
+    compiler = fresh_build / "slow_cc"
+    compiler.write_text("#!/bin/sh\nsleep 60\n")
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CC", shlex.quote(str(compiler)))
+    monkeypatch.setenv("CHATGLM_KERNEL_COMPILE_TIMEOUT", "0.5")
+    start = time.monotonic()
+    assert not kernels.available()
+    assert time.monotonic() - start < 20
+    assert "timed out after 0.5 s" in kernels.why_unavailable()
+
+
+@native
+def test_unavailable_kernels_warn_once_with_what_to_do(fresh_build, monkeypatch, caplog):
+    """int4 without the kernels is ~200x slower: say so once at WARNING, with the settings that fix it."""
+    monkeypatch.setenv("CC", "/bin/false")
+    with caplog.at_level(logging.INFO, logger=kernels.__name__):
+        for _ in range(3):
+            assert not kernels.available() and kernels.decode_rows() == 0 and kernels.why_unavailable()
+    warnings = [r for r in caplog.records if r.name == kernels.__name__ and r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    message = warnings[0].getMessage()
+    assert "compiling failed" in message and "200x slower" in message
+    assert "CC=" in message and "CHATGLM_NATIVE_KERNELS=0" in message
+
+
+def test_kernels_turned_off_on_purpose_do_not_warn(fresh_build, monkeypatch, caplog):
+    monkeypatch.setenv("CHATGLM_NATIVE_KERNELS", "0")
+    with caplog.at_level(logging.INFO, logger=kernels.__name__):
+        assert not kernels.available()
+    assert [r.levelno for r in caplog.records if r.name == kernels.__name__] == [logging.INFO]
+
+
+@native
+def test_gemv_reports_allocation_failure_as_memory_error(tmp_path):
+    """A kernel whose malloc fails raises MemoryError, neither crashing nor returning torch.empty's garbage."""
+    # built with a malloc that always fails, through arguments in CC
+    gcc = shutil.which("gcc") or pytest.skip("no gcc")
+    header = tmp_path / "failing_malloc.h"
+    header.write_text("#include <stdlib.h>\n"
+                      "static inline void *failing_malloc(size_t size) { (void)size; return NULL; }\n"
+                      "#define malloc failing_malloc\n")
+    code = ("import torch; from model import kernels; from model.quantization import quantize_weight\n"
+            "assert kernels.available(), kernels.why_unavailable()\n"
+            "q, scale = quantize_weight(torch.randn(8, 64), 4)\n"
+            "for integer in (False, True):\n"
+            "    try: kernels.gemv_quantized(torch.randn(2, 64), q, 4, scale, None, integer)\n"
+            "    except MemoryError as e: print('MemoryError:', e)\n"
+            "    else: print('no error')\n")
+    env = dict(os.environ, CC=f"{gcc} -include {shlex.quote(str(header))}", CHATGLM_KERNEL_CACHE=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines() == [
+        f"MemoryError: {name}: the native kernel could not allocate its work buffers" for name in ("gemv_q4", "gemv_q4v")]
 
 
 def _case(bits, n, k, m, seed=0):
@@ -140,6 +260,76 @@ def test_native_dequantize_is_exact(bits, n, k):
     assert torch.equal(kernels.dequantize(q, bits, scale, k, torch.bfloat16), ref.bfloat16())
 
 
+# (what to change, how, the exception and the start of its message) for wrong arguments; each one would
+# otherwise reach C, which reads and writes through raw pointers with the sizes it is given.
+BAD_GEMV_ARGUMENTS = {
+    "x float64": ("x", lambda a: a["x"].double(), TypeError, "x must be torch.float32, got torch.float64"),
+    "x 1-d": ("x", lambda a: a["x"][0], ValueError, "x must have shape [M, K]"),
+    "x on another K": ("x", lambda a: torch.randn(2, 36), ValueError, "weight must have shape"),
+    "x not contiguous": ("x", lambda a: torch.randn(34, 2).t(), ValueError, "x must be contiguous"),
+    "weight float32": ("weight", lambda a: a["weight"].float(), TypeError, "weight must be torch.int8"),
+    "scale float16": ("scale", lambda a: a["scale"].half(), TypeError, "scale must be torch.float32"),
+    "scale too short": ("scale", lambda a: a["scale"][:-1], ValueError, "scale must have shape [N] = [12]"),
+    "scale strided": ("scale", lambda a: a["scale"].repeat_interleave(2)[::2], ValueError,
+                      "scale must be contiguous"),
+    "bias bf16": ("bias", lambda a: a["bias"].bfloat16(), TypeError, "bias must be torch.float32"),
+    "bias too long": ("bias", lambda a: torch.randn(13), ValueError, "bias must have shape [N] = [12]"),
+    "bits 2": ("bits", lambda a: 2, ValueError, "bits must be 4 or 8, got 2"),
+    "bits '8'": ("bits", lambda a: "8", ValueError, "bits must be 4 or 8"),
+}
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("case", BAD_GEMV_ARGUMENTS)
+def test_gemv_rejects_wrong_arguments(bits, case):
+    q, scale, x, bias, _ = _case(bits, 12, 34, m=2)
+    args = dict(x=x, weight=q, bits=bits, scale=scale, bias=bias)
+    name, change, error, message = BAD_GEMV_ARGUMENTS[case]
+    args[name] = change(args)
+    with pytest.raises(error, match=re.escape(message)):
+        kernels.gemv_quantized(**args)
+
+
+def test_gemv_int4_rejects_an_odd_k():
+    """Two int4 columns a byte: an odd K has no packed layout, and the kernels would read past x's rows."""
+    with pytest.raises(ValueError, match="K must be even, got K=35"):
+        kernels.gemv_quantized(torch.randn(2, 35), torch.zeros(12, 17, dtype=torch.int8), 4, torch.ones(12), None)
+
+
+@pytest.mark.parametrize("change, error, message", [
+    (dict(x=torch.randn(2, 34)), TypeError, "x must be torch.bfloat16"),
+    (dict(weight=torch.randn(12, 34)), TypeError, "weight must be torch.bfloat16"),
+    (dict(x=torch.randn(2, 36).bfloat16()), ValueError, "weight must have shape"),
+    (dict(bias=torch.randn(12).bfloat16()), TypeError, "bias must be torch.float32"),
+    (dict(bias=torch.randn(11)), ValueError, "bias must have shape"),
+], ids=["x float32", "weight float32", "K mismatch", "bias bf16", "bias short"])
+def test_gemv_bf16_rejects_wrong_arguments(change, error, message):
+    args = dict(x=torch.randn(2, 34).bfloat16(), weight=torch.randn(12, 34).bfloat16(), bias=torch.randn(12))
+    args.update(change)
+    with pytest.raises(error, match=re.escape(message)):
+        kernels.gemv_bf16(**args)
+
+
+@pytest.mark.parametrize("change, error, message", [
+    (dict(weight=torch.zeros(12, 34)), TypeError, "weight must be torch.int8"),
+    (dict(scale=torch.ones(12, dtype=torch.float16)), TypeError, "scale must be torch.float32"),
+    (dict(scale=torch.ones(11)), ValueError, "scale must have shape"),
+    (dict(in_features=36), ValueError, "weight must have shape"),
+    (dict(bits=2), ValueError, "bits must be 4 or 8"),
+    (dict(dtype=torch.float64), TypeError, "dtype must be torch.bfloat16 or torch.float32"),
+    (dict(in_features=-2), ValueError, "in_features must be"),
+    (dict(bits=4, weight=torch.zeros(12, 17, dtype=torch.int8), in_features=35), ValueError, "K must be even"),
+    (dict(out=torch.empty(12, 34, dtype=torch.bfloat16)), TypeError, "out must be torch.float32"),
+], ids=["weight float32", "scale float16", "scale short", "K mismatch", "bits 2", "dtype float64",
+        "negative K", "int4 odd K", "out of another dtype"])
+def test_dequantize_rejects_wrong_arguments(change, error, message):
+    args = dict(weight=torch.zeros(12, 34, dtype=torch.int8), bits=8, scale=torch.ones(12), in_features=34,
+                dtype=torch.float32)
+    args.update(change)
+    with pytest.raises(error, match=re.escape(message)):
+        kernels.dequantize(**args)
+
+
 def _layer(bits, n=48, k=96, dtype=torch.float32):
     g = torch.Generator().manual_seed(4)
     linear = torch.nn.Linear(k, n, bias=True).to(dtype)
@@ -212,8 +402,25 @@ f32_native = pytest.mark.skipif(kernels.f32_library() is None, reason="no AVX2 f
 
 
 def test_f32_kernel_builds_on_avx2_cpus_without_avx512():
-    if os.environ.get("CI") and _cpu_has("avx2", "fma") and not _cpu_has("avx512f"):
-        assert kernels.f32_library() is not None
+    if not os.environ.get("CI"):
+        pytest.skip("CI unset: elsewhere a missing compiler is allowed (the model falls back to torch)")
+    if not _cpu_has("avx2", "fma") or (_cpu_has("avx512f") and os.environ.get("CHATGLM_NATIVE_KERNELS") != "avx2"):
+        pytest.skip("this run does not use the AVX2 build")
+    assert kernels.f32_library() is not None
+
+
+@f32_native
+@pytest.mark.parametrize("change, error, message", [
+    (dict(weight=torch.randn(12, 36)), ValueError, "weight must have shape"),
+    (dict(weight=torch.randn(12, 34).double()), TypeError, "weight must be torch.float32"),
+    (dict(bias=torch.randn(12).double()), TypeError, "bias must be torch.float32"),
+    (dict(bias=torch.randn(13)), ValueError, "bias must have shape"),
+], ids=["K mismatch", "weight float64", "bias float64", "bias long"])
+def test_f32_kernel_rejects_wrong_arguments(change, error, message):
+    args = dict(x=torch.randn(2, 34), weight=torch.randn(12, 34), bias=torch.randn(12))
+    args.update(change)
+    with pytest.raises(error, match=re.escape(message)):
+        kernels.linear_f32(**args)
 
 
 @f32_native
