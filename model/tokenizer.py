@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import sentencepiece as spm
@@ -19,6 +20,26 @@ SPECIAL_TOKENS = {
 }
 ROLES = ("system", "user", "assistant", "observation")
 VOCAB_FILE = "tokenizer.model"
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def replace_lone_surrogates(text: str) -> str:
+    """Lone UTF-16 surrogates (from JSON "\\ud800" escapes, or undecodable terminal bytes) -> U+FFFD.
+
+    A Python str may hold them, but no UTF-8 text can, so SentencePiece refuses the whole string.
+    """
+    return _LONE_SURROGATE.sub("\ufffd", text)
+
+
+class SentencePiece(spm.SentencePieceProcessor):
+    """SentencePiece that encodes any Python str (lone surrogates become U+FFFD instead of an error)."""
+
+    def encode(self, input, *args, **kwargs):
+        if isinstance(input, str):
+            input = replace_lone_surrogates(input)
+        elif isinstance(input, list):
+            input = [replace_lone_surrogates(t) if isinstance(t, str) else t for t in input]
+        return super().encode(input, *args, **kwargs)
 
 
 class TokenizerBase:
@@ -56,7 +77,7 @@ class ChatGLMTokenizer(TokenizerBase):
         self.vocab_file = vocab_file
         self.family = family
         self.name_or_path = name_or_path
-        self.sp = spm.SentencePieceProcessor(model_file=vocab_file)
+        self.sp = SentencePiece(model_file=vocab_file)
         self.n_sp = self.sp.vocab_size()
         self.special_tokens = {tok: self.n_sp + i for i, tok in enumerate(SPECIAL_TOKENS[family])}
         self.index_special_tokens = {i: tok for tok, i in self.special_tokens.items()}

@@ -15,7 +15,7 @@ import sentencepiece as spm
 from transformers import BatchEncoding
 
 from .hub import resolve_model_dir
-from .tokenizer import TokenizerBase
+from .tokenizer import SentencePiece, TokenizerBase
 
 VOCAB_FILE = "ice_text.model"
 MAX_BLANK = 80
@@ -46,7 +46,7 @@ class ChatGLM1Tokenizer(TokenizerBase):
         self.vocab_file = vocab_file
         self.name_or_path = name_or_path
         self.num_image_tokens = num_image_tokens
-        self.sp = spm.SentencePieceProcessor(model_file=vocab_file)
+        self.sp = SentencePiece(model_file=vocab_file)
         self.n_sp = self.sp.vocab_size()
         off = num_image_tokens
         self.special_tokens = {tok: self.sp.piece_to_id(tok) + off for tok in SPECIALS}

@@ -2,26 +2,25 @@
 
 from __future__ import annotations
 
-import re
 from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from model.tokenizer import replace_lone_surrogates
 
 MAX_STOP = 4  # as the OpenAI API
 MAX_N = 8
 MAX_MESSAGES = 4096  # every message costs a few tokens: more never fit a context, and would be validated for nothing
 
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
-
-def replace_lone_surrogates(value):
+def replace_lone_surrogates_in(value):
     """JSON strings may hold lone UTF-16 surrogates ("\\ud800"), which no text can encode: U+FFFD in their place."""
     if isinstance(value, str):
-        return _LONE_SURROGATE.sub("\ufffd", value)
+        return replace_lone_surrogates(value)
     if isinstance(value, list):
-        return [replace_lone_surrogates(v) for v in value]
+        return [replace_lone_surrogates_in(v) for v in value]
     if isinstance(value, dict):
-        return {replace_lone_surrogates(k): replace_lone_surrogates(v) for k, v in value.items()}
+        return {replace_lone_surrogates_in(k): replace_lone_surrogates_in(v) for k, v in value.items()}
     return value
 
 
@@ -31,7 +30,7 @@ def checked_body(data, list_field: str, limit: int):
         items = data.get(list_field)
         if isinstance(items, list) and len(items) > limit:
             raise ValueError(f"{list_field}: at most {limit} items are accepted, got {len(items)}")
-    return replace_lone_surrogates(data)
+    return replace_lone_surrogates_in(data)
 
 
 class _Body(BaseModel):

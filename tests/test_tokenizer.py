@@ -128,3 +128,16 @@ def test_stream_decoder_holds_back_partial_utf8():
     emoji = [243, 162, 148, 142]  # 👋 as four byte pieces
     assert [decoder.put(i) for i in emoji] == ["", "", "", "👋"]
     assert decoder.put(692) == " 你好"
+
+
+@pytest.mark.parametrize("name", ["chatglm2-tiny", "chatglm3-tiny", "chatglm1-tiny"])
+def test_lone_surrogates_encode_as_the_replacement_character(name):
+    """A str may hold lone surrogates (JSON "\\ud800", undecodable terminal input); they read as U+FFFD."""
+    from conftest import loaded
+
+    model, t = loaded(name)
+    assert t.encode("a\ud800b") == t.encode("a\ufffdb")
+    assert t.tokenize("x\udcff") == t.tokenize("x\ufffd")
+    assert t.encode("\ud83d\ude00") == t.encode("\ufffd\ufffd")  # unpaired halves: two characters
+    reply, history = model.chat(t, "hi \udc80", history=[], do_sample=False, max_new_tokens=3)
+    assert isinstance(reply, str)
