@@ -11,6 +11,7 @@ import torch
 
 from conftest import ROOT, loaded, model_dir
 from model import ChatGLMConfig, ModelNotFoundError, UnsupportedConfigError, load_model
+from model.loading import pick_device, pick_dtype
 from model.modeling import rotary_cos_sin
 
 PROMPT = "你好 hello"
@@ -81,7 +82,9 @@ def test_bfloat16_and_auto_dtype(reference):
     assert torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0) > 0.999
     assert (got - expected).abs().max() < 0.1 * expected.abs().max()
     auto, _ = load_model(model_dir("chatglm2-tiny"))
-    assert auto.device.type == "cpu" and auto.dtype in (torch.bfloat16, torch.float32)
+    best = pick_device("auto")  # CUDA, then MPS, then the CPU: what this machine has
+    assert auto.device.type == best.type and auto.dtype == pick_dtype("auto", best)
+    assert best.type != "cpu" or auto.dtype in (torch.bfloat16, torch.float32)
     with pytest.raises(ValueError, match="unknown dtype"):
         load_model(model_dir("chatglm2-tiny"), dtype="float8")
 
@@ -211,9 +214,10 @@ def test_transformers_auto_classes_without_remote_code():
     model = AutoModel.from_pretrained(path, dtype=torch.float32)
     assert type(model).__name__ == "ChatGLMForConditionalGeneration"
     assert type(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)) is type(model)
-    ref, _ = loaded("chatglm3-tiny")
+    ref, _ = loaded("chatglm3-tiny")  # on the CPU; model is on the best device there is
     inputs = tokenizer(["你好"], return_tensors="pt")
-    assert torch.equal(model.generate(**inputs, max_new_tokens=6), ref.generate(**inputs, max_new_tokens=6))
+    got = model.generate(**inputs.to(model.device), max_new_tokens=6).cpu()
+    assert torch.equal(got, ref.generate(**inputs.to("cpu"), max_new_tokens=6))
 
 
 def run_offline(code: str, cache: str) -> subprocess.CompletedProcess:
@@ -235,11 +239,13 @@ def test_hub_id_unreachable_uses_the_local_cache(tmp_path):
     shutil.copytree(model_dir("chatglm3-tiny"), snap)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("a" * 40)
-    code = ("from model import load_model; m, t = load_model('THUDM/chatglm3-6b', dtype='float32'); "
-            "print(t.family, m.config.num_layers, m.chat(t, 'hi', do_sample=False, max_new_tokens=3)[0] is not None)")
+    code = ("from model import load_model; m, t = load_model('THUDM/chatglm3-6b', device='cpu', dtype='float32'); "
+            "print(t.family, m.config.num_layers, repr(m.chat(t, 'hi', do_sample=False, max_new_tokens=3)[0]))")
     r = run_offline(code, str(tmp_path))
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["chatglm3", "2", "True"]
+    ref, tok = loaded("chatglm3-tiny")  # the same files, loaded from their directory
+    expected = ref.chat(tok, "hi", do_sample=False, max_new_tokens=3)[0]
+    assert expected and r.stdout.split(maxsplit=2) == ["chatglm3", "2", repr(expected) + "\n"]
 
 
 def test_not_a_path_nor_hub_id():
