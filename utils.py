@@ -57,7 +57,7 @@ class ModelLoadError(RuntimeError):
 
 def load_from_args(args):
     """(model, tokenizer) for the parsed flags; ModelLoadError with what to do when that fails."""
-    from model import ModelNotFoundError, UnsupportedConfigError
+    from model import CheckpointError, ModelNotFoundError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -67,8 +67,8 @@ def load_from_args(args):
         device_map = device_map_for(args.model, args.num_gpus) if args.num_gpus > 1 else None
         return load_model(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
                           device_map=device_map)
-    except (ModelNotFoundError, UnsupportedConfigError, FileNotFoundError, RuntimeError) as e:
-        raise ModelLoadError(str(e)) from e
+    except (ModelNotFoundError, CheckpointError, FileNotFoundError, RuntimeError) as e:
+        raise ModelLoadError(" ".join(str(e).split())) from e  # one line, whatever the message holds
 
 
 def load_or_exit(args):

@@ -5,12 +5,12 @@ AutoConfig / AutoTokenizer / AutoModel.from_pretrained load ChatGLM checkpoints 
 """
 
 from .config import ChatGLMConfig, UnsupportedConfigError
-from .hub import ModelNotFoundError
+from .hub import CheckpointError, ModelNotFoundError
 from .loading import load_model
 from .modeling import ChatGLMForConditionalGeneration
 from .tokenizer import ChatGLMTokenizer, StreamDecoder
 
-__all__ = ["ChatGLMConfig", "ChatGLMTokenizer", "ChatGLMForConditionalGeneration", "load_model",
+__all__ = ["ChatGLMConfig", "ChatGLMTokenizer", "ChatGLMForConditionalGeneration", "load_model", "CheckpointError",
            "ModelNotFoundError", "StreamDecoder", "UnsupportedConfigError"]
 
 

@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from . import ModelNotFoundError, load_model
+from . import CheckpointError, ModelNotFoundError, load_model
 
 
 def main(argv=None) -> int:
@@ -19,8 +19,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
-    except ModelNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ModelNotFoundError, CheckpointError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever the message holds
         return 2
     shown = ""
     for response, _ in model.stream_chat(tokenizer, args.query, max_new_tokens=args.max_new_tokens,

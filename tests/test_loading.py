@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT, loaded, model_dir
-from model import ChatGLMConfig, ModelNotFoundError, UnsupportedConfigError, load_model
+from model import CheckpointError, ChatGLMConfig, ModelNotFoundError, UnsupportedConfigError, load_model
 from model.loading import pick_device, pick_dtype
 from model.modeling import rotary_cos_sin
 
@@ -102,7 +102,7 @@ def test_missing_tensor_is_reported(tmp_path, reference):
 
 def test_no_weights_is_reported(tmp_path):
     copy_meta(model_dir("chatglm2-tiny"), str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="has no weights"):
+    with pytest.raises(CheckpointError, match="has no weights"):
         load_model(str(tmp_path))
 
 
