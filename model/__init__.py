@@ -6,12 +6,12 @@ AutoConfig / AutoTokenizer / AutoModel.from_pretrained load ChatGLM checkpoints 
 
 from .config import ChatGLMConfig, UnsupportedConfigError
 from .hub import CheckpointError, ModelNotFoundError
-from .loading import load_model
+from .loading import DeviceUnavailableError, load_model
 from .modeling import ChatGLMForConditionalGeneration
 from .tokenizer import ChatGLMTokenizer, StreamDecoder
 
 __all__ = ["ChatGLMConfig", "ChatGLMTokenizer", "ChatGLMForConditionalGeneration", "load_model", "CheckpointError",
-           "ModelNotFoundError", "StreamDecoder", "UnsupportedConfigError"]
+           "DeviceUnavailableError", "ModelNotFoundError", "StreamDecoder", "UnsupportedConfigError"]
 
 
 def _register_with_transformers() -> None:

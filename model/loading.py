@@ -32,15 +32,41 @@ IGNORED_TENSORS = ("transformer.rotary_pos_emb.inv_freq",)  # recomputed, never 
 
 
 # ---- device and dtype ---------------------------------------------------------------------------
+class DeviceUnavailableError(RuntimeError):
+    """The asked-for device is not there in this torch build or on this machine; the message says what to do."""
+
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
 def pick_device(device: str | torch.device | None = None) -> torch.device:
-    """'auto'/None -> cuda, else mps, else cpu."""
+    """'auto'/None -> cuda, else mps, else cpu; DeviceUnavailableError for a device torch cannot use here."""
     if device is None or str(device) == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:  # e.g. "gpu": torch's message lists every device type it knows
+        raise DeviceUnavailableError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch build has no CUDA support" if torch.version.cuda is None
+                   else "torch finds no CUDA GPU (is the NVIDIA driver installed?)")
+            raise DeviceUnavailableError(
+                f"device {str(device)!r}: {why} (torch {torch.__version__}); install a CUDA build of torch "
+                f"(https://pytorch.org/get-started/locally/) or run on the CPU (--device cpu)")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise DeviceUnavailableError(f"device {str(device)!r}: torch sees {count} CUDA GPU(s), "
+                                         f"cuda:0 to cuda:{count - 1}")
+    elif device.type == "mps" and not _mps_available():
+        raise DeviceUnavailableError(f"device 'mps': this torch (torch {torch.__version__}) has no MPS (Apple GPU) "
+                                     f"support on this machine; run on the CPU (--device cpu)")
+    return device
 
 
 def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:

@@ -1,15 +1,17 @@
-"""Broken checkpoints: one line that names the file and what is wrong, exit status 2."""
+"""Broken checkpoints and bad flag values: one line that names the file or the flag's range, exit status 2."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT, model_dir
-from model import CheckpointError, load_model
+from model import CheckpointError, DeviceUnavailableError, load_model
 
 
 # ---- broken checkpoints, each a copy of a golden tiny model with one thing wrong ----------------------------------
@@ -157,3 +159,105 @@ def test_scripts_print_one_line_for_a_broken_checkpoint(tmp_path, script, case):
 def test_servers_print_one_line_for_a_broken_checkpoint(tmp_path):
     directory, culprit, phrase = broken_checkpoint(tmp_path, "safetensors_shard_truncated_in_data")
     assert_one_error_line(run_script("openai_api.py", "--model", directory, "--device", "cpu"), culprit, phrase)
+
+
+# ---- flags -----------------------------------------------------------------------------------------------------
+def parse_error(parse, argv, capsys) -> str:
+    """The argparse error line for argv (which must be refused with exit status 2)."""
+    with pytest.raises(SystemExit) as exited:
+        parse(argv)
+    assert exited.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1
+    return errors[0]
+
+
+def server_args(argv):
+    from utils import build_parser
+
+    return build_parser("test", server=True).parse_args(argv)
+
+
+def cli_demo_args(argv):
+    import cli_demo
+
+    return cli_demo.parse_args(argv)
+
+
+def model_main(argv):
+    from model.__main__ import main
+
+    return main(["hello", "--model", "/nonexistent", *argv])
+
+
+NO_CUDA = not torch.cuda.is_available()
+BAD_FLAGS = [
+    (server_args, ["--port", "99999"], "1 to 65535"),
+    (server_args, ["--port", "0"], "1 to 65535"),
+    (server_args, ["--port", "http"], "1 to 65535"),
+    (server_args, ["--max-batch", "0"], ">= 1"),
+    (server_args, ["--prefill-chunk", "0"], ">= 1"),
+    (server_args, ["--max-queue", "0"], ">= 1"),
+    (server_args, ["--max-request-bytes", "-5"], ">= 1"),
+    (server_args, ["--num-gpus", "0"], ">= 1"),
+    (server_args, ["--dtype", "float8"], "bfloat16, float16, float32"),
+    (cli_demo_args, ["--temperature", "-1"], ">= 0"),
+    (cli_demo_args, ["--temperature", "nan"], ">= 0"),
+    (cli_demo_args, ["--top-p", "0"], "> 0 and <= 1"),
+    (cli_demo_args, ["--top-p", "1.5"], "> 0 and <= 1"),
+    (cli_demo_args, ["--max-length", "0"], ">= 1"),
+    (cli_demo_args, ["--num-gpus", "-1"], ">= 1"),
+    (model_main, ["--max-new-tokens", "0"], ">= 1"),
+    (model_main, ["--temperature", "-1"], ">= 0"),
+    (model_main, ["--top-p", "2"], "> 0 and <= 1"),
+    (model_main, ["--dtype", "int3"], "bfloat16, float16, float32"),
+    (model_main, ["--device", "gpu"], "cuda"),
+]
+
+
+@pytest.mark.parametrize("parse,argv,allowed", BAD_FLAGS,
+                         ids=[f"{p.__name__}{''.join(a)}" for p, a, _ in BAD_FLAGS])
+def test_bad_flag_values_are_refused_with_the_allowed_range(parse, argv, allowed, capsys):
+    line = parse_error(parse, argv, capsys)
+    assert f"argument {argv[0]}:" in line and allowed in line
+
+
+def test_good_flag_values_still_parse():
+    args = server_args(["--port", "65535", "--max-queue", "1", "--prefill-chunk", "1", "--dtype", "bf16",
+                        "--device", "cpu"])
+    assert (args.port, args.max_queue, args.prefill_chunk, args.dtype, args.device) == (65535, 1, 1, "bf16", "cpu")
+    args = cli_demo_args(["--temperature", "0", "--top-p", "1", "--max-length", "8"])
+    assert (args.temperature, args.top_p, args.max_length) == (0.0, 1.0, 8)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["openai_api.py", "--port", "99999"], "argument --port: 99999 is out of range; use an integer from 1 to 65535"),
+    (["api.py", "--max-queue", "0"], "argument --max-queue: 0 is out of range; use an integer >= 1"),
+    (["-m", "model", "--max-new-tokens", "0", "hi"], "argument --max-new-tokens: 0 is out of range"),
+    (["cli_demo.py", "--temperature", "-1"], "argument --temperature: -1 is out of range; use a number >= 0"),
+])
+def test_scripts_refuse_bad_flags_before_loading(argv, needle):
+    r = run_script(*argv, "--model", "/nonexistent")
+    assert_one_error_line(r, needle)
+    assert len(shown_lines(r.stderr)) <= 8, r.stderr  # argparse's usage lines and the error, nothing else
+
+
+# ---- devices that are not there --------------------------------------------------------------------------------
+MISSING_DEVICE = "cuda" if NO_CUDA else f"cuda:{torch.cuda.device_count()}"
+
+
+def test_load_model_says_the_device_is_not_there():
+    with pytest.raises(DeviceUnavailableError, match=re.escape(f"'{MISSING_DEVICE}'")):
+        load_model(model_dir("chatglm2-tiny"), device=MISSING_DEVICE)
+
+
+@pytest.mark.skipif(not NO_CUDA, reason="this torch has CUDA")
+@pytest.mark.parametrize("script", [CLI_DEMO, MODEL_MAIN], ids=["cli_demo", "python-m-model"])
+def test_scripts_say_torch_has_no_cuda(script):
+    r = run_script(*script, "--model", model_dir("chatglm2-tiny"), "--device", "cuda")
+    assert_one_error_line(r, "argument --device:", "no CUDA", "install a CUDA build of torch", "--device cpu")
+
+
+def test_model_main_says_the_device_is_not_there(capsys):
+    line = parse_error(model_main, ["--device", MISSING_DEVICE], capsys)
+    assert "argument --device:" in line and ("--device cpu" in line or "cuda:0" in line)
