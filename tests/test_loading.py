@@ -265,3 +265,21 @@ def test_tiny_checkpoint_writer(tmp_path):
     assert tokenizer.convert_ids_to_tokens(list(range(3, 5))) == ["<0x00>", "<0x01>"]
     response, history = model.chat(tokenizer, "你好", do_sample=False, max_new_tokens=5)
     assert history == [("你好", response)]
+
+
+def test_tiny_checkpoint_writer_chatglm1(tmp_path, caplog):
+    r = subprocess.run([sys.executable, "-m", "model.tiny", str(tmp_path / "t"), "--family", "chatglm1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(tmp_path / "t")) == ["config.json", "ice_text.model", "model.safetensors",
+                                                  "tokenizer_config.json"]
+    with caplog.at_level("WARNING"):
+        model, tokenizer = load_model(str(tmp_path / "t"), device="cpu", dtype="float32")
+    assert "lm_head.weight differs" not in caplog.text  # the stored copy of the embedding, as ChatGLM-6B's
+    assert tokenizer.family == "chatglm1" and model.config.family == "chatglm1"
+    assert model.config.eos_token_id == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<eop>")
+    text = "你好 hello world\n\tdef f(x):    return 1"
+    ids = tokenizer.encode(text)
+    assert ids[-2:] == [tokenizer.gmask_token_id, tokenizer.bos_token_id] and tokenizer.decode(ids[:-2]) == text
+    response, history = model.chat(tokenizer, "你好", do_sample=False, max_new_tokens=5)
+    assert response and history == [("你好", response)]
