@@ -156,10 +156,13 @@ def _safetensors_header(f, filename: str) -> tuple[dict, int]:
     """{name: (start, end, dtype, shape)} and the data's file offset; CheckpointError when the header is damaged
     or the file is shorter than the header says (caught here, before any tensor is read)."""
     size = os.fstat(f.fileno()).st_size
-    damaged = f"{filename} is truncated or corrupt ({{}}); download it again"
+
+    def damaged(why: str) -> CheckpointError:
+        return CheckpointError(f"{filename} is truncated or corrupt ({why}); download it again")
+
     header_len = struct.unpack("<Q", f.read(8))[0] if size >= 8 else None
     if header_len is None or header_len > size - 8:
-        raise CheckpointError(damaged.format(f"{size} bytes, shorter than its header"))
+        raise damaged(f"{size} bytes, shorter than its header")
     try:
         raw = json.loads(f.read(header_len))
         raw.pop("__metadata__", None)
@@ -171,10 +174,10 @@ def _safetensors_header(f, filename: str) -> tuple[dict, int]:
                 raise ValueError(f"{name}: offsets {start}..{end} do not fit shape {shape} of {info['dtype']}")
             header[name] = (start, end, dtype, shape)
     except (ValueError, TypeError, KeyError, AttributeError) as e:  # bad JSON, dtype, offsets or shape
-        raise CheckpointError(damaged.format(f"bad header: {e}")) from e
+        raise damaged(f"bad header: {e}") from e
     needed = 8 + header_len + max((end for _, end, _, _ in header.values()), default=0)
     if needed > size:
-        raise CheckpointError(damaged.format(f"{size} bytes of the {needed} its header describes"))
+        raise damaged(f"{size} bytes of the {needed} its header describes")
     return header, 8 + header_len
 
 
