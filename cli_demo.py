@@ -10,10 +10,12 @@ WELCOME = "欢迎使用 {name} 模型，输入内容即可进行对话，clear �
 
 
 def parse_args(argv=None):
+    from model.flags import float_range, int_range
+
     ap = build_parser(__doc__)
-    ap.add_argument("--temperature", type=float, default=0.8, help="0: always the most likely token")
-    ap.add_argument("--top-p", type=float, default=0.8)
-    ap.add_argument("--max-length", type=int, default=None, help="conversation length limit in tokens")
+    ap.add_argument("--temperature", type=float_range(0), default=0.8, help=">= 0; 0: always the most likely token")
+    ap.add_argument("--top-p", type=float_range(0, 1, low_open=True), default=0.8, help="> 0 and <= 1")
+    ap.add_argument("--max-length", type=int_range(1), default=None, help="conversation length limit in tokens")
     ap.add_argument("--system", default=None, help="system prompt (ChatGLM3)")
     return ap.parse_args(argv)
 

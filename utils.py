@@ -16,31 +16,34 @@ def build_parser(description: str, *, server: bool = False, web: bool = False, e
 
     Scripts serving several users (server, web, or engine=True) also take --max-batch.
     """
+    from model.flags import device_name, dtype_name, int_range
+
+    positive = int_range(1)
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--model", default=os.environ.get("MODEL_PATH") or DEFAULT_MODEL,
                     help=f"checkpoint directory or Hub id (env MODEL_PATH; default {DEFAULT_MODEL})")
     ap.add_argument("--quantize", type=int, choices=(4, 8), default=None,
                     help="quantize the weights to int4 / int8 while loading")
-    ap.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"),
+    ap.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"), type=device_name,
                     help="where to run (auto: CUDA, then MPS, then CPU)")
-    ap.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
-    ap.add_argument("--num-gpus", type=int, default=1, help="split the layers over this many GPUs")
+    ap.add_argument("--dtype", default="auto", type=dtype_name, help="auto, bfloat16, float16 or float32")
+    ap.add_argument("--num-gpus", type=positive, default=1, help="split the layers over this many GPUs (>= 1)")
     if server or web:
         ap.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: everyone)")
-        ap.add_argument("--port", type=int, default=port)
+        ap.add_argument("--port", type=int_range(1, 65535), default=port, help=f"1-65535 (default {port})")
     if server or web or engine:
-        ap.add_argument("--max-batch", type=int, default=8,
+        ap.add_argument("--max-batch", type=positive, default=8,
                         help="requests decoded together (continuous batching); more wait in the queue")
-        ap.add_argument("--prefill-chunk", type=int, default=128,
+        ap.add_argument("--prefill-chunk", type=positive, default=128,
                         help="read longer prompts this many tokens per step, so running replies keep flowing")
     if server:
         ap.add_argument("--api-key", default=os.environ.get("API_KEY"),
                         help="require 'Authorization: Bearer KEY' (env API_KEY)")
         ap.add_argument("--cors-origins", default="",
                         help="comma-separated origins browsers may call from (default: none)")
-        ap.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024)
-        ap.add_argument("--max-queue", type=int, default=32,
+        ap.add_argument("--max-request-bytes", type=positive, default=4 * 1024 * 1024)
+        ap.add_argument("--max-queue", type=positive, default=32,
                         help="requests that may wait; more are answered 503 (try again)")
         ap.add_argument("--allowed-hosts", default="",
                         help="comma-separated Host names to answer besides localhost and --host ('*': any; "
@@ -60,7 +63,7 @@ class ModelLoadError(RuntimeError):
 
 def load_from_args(args):
     """(model, tokenizer) for the parsed flags; ModelLoadError with what to do when that fails."""
-    from model import ModelNotFoundError, UnsupportedConfigError
+    from model import CheckpointError, DeviceUnavailableError, ModelNotFoundError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -70,8 +73,8 @@ def load_from_args(args):
         device_map = device_map_for(args.model, args.num_gpus) if args.num_gpus > 1 else None
         return load_model(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
                           device_map=device_map)
-    except (ModelNotFoundError, UnsupportedConfigError, FileNotFoundError, RuntimeError) as e:
-        raise ModelLoadError(str(e)) from e
+    except (ModelNotFoundError, CheckpointError, DeviceUnavailableError, FileNotFoundError, RuntimeError) as e:
+        raise ModelLoadError(" ".join(str(e).split())) from e  # one line, whatever the message holds
 
 
 def load_or_exit(args):

@@ -5,13 +5,13 @@ AutoConfig / AutoTokenizer / AutoModel.from_pretrained load ChatGLM checkpoints 
 """
 
 from .config import ChatGLMConfig, UnsupportedConfigError
-from .hub import ModelNotFoundError
-from .loading import load_model
+from .hub import CheckpointError, ModelNotFoundError
+from .loading import DeviceUnavailableError, load_model
 from .modeling import ChatGLMForConditionalGeneration
 from .tokenizer import ChatGLMTokenizer, StreamDecoder
 
-__all__ = ["ChatGLMConfig", "ChatGLMTokenizer", "ChatGLMForConditionalGeneration", "load_model",
-           "ModelNotFoundError", "StreamDecoder", "UnsupportedConfigError"]
+__all__ = ["ChatGLMConfig", "ChatGLMTokenizer", "ChatGLMForConditionalGeneration", "load_model", "CheckpointError",
+           "DeviceUnavailableError", "ModelNotFoundError", "StreamDecoder", "UnsupportedConfigError"]
 
 
 def _register_with_transformers() -> None:

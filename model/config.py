@@ -8,13 +8,31 @@ import os
 
 from transformers import PretrainedConfig
 
+from .hub import CheckpointError, read_json
+
 logger = logging.getLogger(__name__)
 
 FAMILIES = ("chatglm2", "chatglm3")
+# config.json keys that set tensor shapes: a checkpoint without them cannot be loaded (the 6B defaults would only
+# fail later, on the first tensor, with a shape error that does not name the key)
+SHAPE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "kv_channels", "padded_vocab_size")
 
 
-class UnsupportedConfigError(ValueError):
+class UnsupportedConfigError(CheckpointError):
     """A config.json flag has a value this implementation does not compute."""
+
+
+def check_shape_keys(config_dict: dict, keys, config_path: str) -> None:
+    """CheckpointError naming the config.json keys that set tensor shapes and are absent or not positive integers."""
+    missing = [k for k in keys if k not in config_dict]
+    if missing:
+        raise CheckpointError(f"{config_path} lacks {', '.join(missing)}, which set the tensor shapes; use the "
+                              f"config.json that came with these weights")
+    bad = [f"{k}={config_dict[k]!r}" for k in keys
+           if isinstance(config_dict[k], bool) or not isinstance(config_dict[k], int) or config_dict[k] <= 0]
+    if bad:
+        raise CheckpointError(f"{config_path}: {', '.join(bad)} must be positive integers; use the config.json that "
+                              f"came with these weights")
 
 
 def infer_family(config_dict: dict, tokenizer_config: dict | None = None) -> tuple[str | None, str]:
@@ -152,21 +170,17 @@ class ChatGLMConfig(PretrainedConfig):
         """Read config.json (and tokenizer_config.json for the family hint) from a checkpoint directory."""
         config_path = os.path.join(path, "config.json")
         if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"{path} has no config.json: not a ChatGLM checkpoint directory")
-        with open(config_path, encoding="utf-8") as f:
-            config_dict = json.load(f)
+            raise CheckpointError(f"{path} has no config.json: not a ChatGLM checkpoint directory (it needs "
+                                  f"config.json, the tokenizer files and the weights)")
+        config_dict = read_json(config_path)
         tok_path = os.path.join(path, "tokenizer_config.json")
-        tok_dict = {}
-        if os.path.isfile(tok_path):
-            with open(tok_path, encoding="utf-8") as f:
-                tok_dict = json.load(f)
-        from .config_v1 import ChatGLM1Config, is_v1_config
+        tok_dict = read_json(tok_path) if os.path.isfile(tok_path) else {}
+        from .config_v1 import V1_SHAPE_KEYS, ChatGLM1Config, is_v1_config
 
         if family == "chatglm1" or (family is None and is_v1_config(config_dict)):
             config_dict.update(overrides)
-            config = ChatGLM1Config.from_dict(config_dict)
-            config.validate()
-            return config
+            check_shape_keys(config_dict, V1_SHAPE_KEYS, config_path)
+            return _validated(ChatGLM1Config.from_dict(config_dict), config_path)
         if family is None:
             family, reason = infer_family(config_dict, tok_dict)
             if family is None:
@@ -178,7 +192,16 @@ class ChatGLMConfig(PretrainedConfig):
         elif family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES + ('chatglm1',)}, got {family!r}")
         config_dict.update(overrides)
+        keys = SHAPE_KEYS + (("multi_query_group_num",) if config_dict.get("multi_query_attention", True) else ())
+        check_shape_keys(config_dict, keys, config_path)
         config_dict["family"] = family
-        config = cls.from_dict(config_dict)
+        return _validated(cls.from_dict(config_dict), config_path)
+
+
+def _validated(config, config_path: str):
+    """config after validate(), the error naming the file it came from."""
+    try:
         config.validate()
-        return config
+    except UnsupportedConfigError as e:
+        raise UnsupportedConfigError(f"{config_path}: {e}") from e
+    return config

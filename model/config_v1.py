@@ -7,6 +7,7 @@ from transformers import PretrainedConfig
 from .config import UnsupportedConfigError
 
 V1_KEYS = ("position_encoding_2d", "inner_hidden_size", "max_sequence_length", "gmask_token_id")
+V1_SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "inner_hidden_size", "vocab_size")  # required
 
 
 def is_v1_config(config_dict: dict) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -12,6 +13,26 @@ TOKENIZER_FILES = ["*.json", "*.model"]
 
 class ModelNotFoundError(OSError):
     """A model could be neither found locally nor downloaded."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint's files are missing, unreadable or disagree with each other; the message names the file."""
+
+
+def read_json(filename: str) -> dict:
+    """A checkpoint's JSON file as a dict; CheckpointError naming the file when it is not a JSON object."""
+    try:
+        with open(filename, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{filename} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
+                              f"restore it from the original checkpoint") from e
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{filename} is not UTF-8 text; restore it from the original checkpoint") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{filename} holds a JSON {type(data).__name__}, not an object; restore it from the "
+                              f"original checkpoint")
+    return data
 
 
 def _how_to_get(name: str) -> str:

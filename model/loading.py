@@ -14,7 +14,7 @@ from torch import nn
 
 from . import kernels
 from .config import ChatGLMConfig
-from .hub import resolve_model_dir
+from .hub import CheckpointError, read_json, resolve_model_dir
 
 logger = logging.getLogger(__name__)
 
@@ -32,15 +32,41 @@ IGNORED_TENSORS = ("transformer.rotary_pos_emb.inv_freq",)  # recomputed, never 
 
 
 # ---- device and dtype ---------------------------------------------------------------------------
+class DeviceUnavailableError(RuntimeError):
+    """The asked-for device is not there in this torch build or on this machine; the message says what to do."""
+
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
 def pick_device(device: str | torch.device | None = None) -> torch.device:
-    """'auto'/None -> cuda, else mps, else cpu."""
+    """'auto'/None -> cuda, else mps, else cpu; DeviceUnavailableError for a device torch cannot use here."""
     if device is None or str(device) == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:  # e.g. "gpu": torch's message lists every device type it knows
+        raise DeviceUnavailableError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch build has no CUDA support" if torch.version.cuda is None
+                   else "torch finds no CUDA GPU (is the NVIDIA driver installed?)")
+            raise DeviceUnavailableError(
+                f"device {str(device)!r}: {why} (torch {torch.__version__}); install a CUDA build of torch "
+                f"(https://pytorch.org/get-started/locally/) or run on the CPU (--device cpu)")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise DeviceUnavailableError(f"device {str(device)!r}: torch sees {count} CUDA GPU(s), "
+                                         f"cuda:0 to cuda:{count - 1}")
+    elif device.type == "mps" and not _mps_available():
+        raise DeviceUnavailableError(f"device 'mps': this torch (torch {torch.__version__}) has no MPS (Apple GPU) "
+                                     f"support on this machine; run on the CPU (--device cpu)")
+    return device
 
 
 def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -66,17 +92,20 @@ def checkpoint_files(path: str) -> list[str]:
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         index = os.path.join(path, index_name)
         if os.path.isfile(index):
-            with open(index, encoding="utf-8") as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index} has no weight_map of tensor name -> file name; restore it from the "
+                                      f"original checkpoint")
+            shards = sorted(set(weight_map.values()))
             missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
             if missing:
-                raise FileNotFoundError(f"{path}: {index_name} names shards that are not there: {missing}")
+                raise CheckpointError(f"{index} names shards that are not there: {missing}; download them too")
             return [os.path.join(path, s) for s in shards]
         if os.path.isfile(os.path.join(path, single)):
             return [os.path.join(path, single)]
-    raise FileNotFoundError(
+    raise CheckpointError(
         f"{path} has no weights (model.safetensors, model.safetensors.index.json, pytorch_model.bin or "
-        f"pytorch_model.bin.index.json)")
+        f"pytorch_model.bin.index.json); download them with the rest of the checkpoint")
 
 
 def mmap_enabled() -> bool:
@@ -92,14 +121,9 @@ def read_safetensors(filename: str, zero_copy=None) -> Iterator[tuple[str, torch
     to such a tensor change only this process's copy. Every other tensor is read straight into its own buffer.
     """
     with open(filename, "rb", buffering=0) as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
-        base = 8 + header_len
-        header.pop("__metadata__", None)
+        header, base = _safetensors_header(f, filename)
         mapped = None
-        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            start, end = info["data_offsets"]
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        for name, (start, end, dtype, shape) in sorted(header.items(), key=lambda kv: kv[1][0]):
             if end > start and zero_copy is not None and zero_copy(name, dtype):
                 if mapped is None:
                     try:
@@ -113,9 +137,9 @@ def read_safetensors(filename: str, zero_copy=None) -> Iterator[tuple[str, torch
                     itemsize = torch.empty((), dtype=dtype).element_size()
                     tensor = torch.frombuffer(mapped, dtype=dtype, count=(end - start) // itemsize,
                                               offset=base + start)
-                    yield name, tensor.view(info["shape"])
+                    yield name, tensor.view(shape)
                     continue
-            tensor = torch.empty(info["shape"], dtype=dtype)
+            tensor = torch.empty(shape, dtype=dtype)
             if end > start:
                 f.seek(base + start)
                 view = memoryview(tensor.view(-1).view(torch.uint8).numpy())
@@ -123,28 +147,75 @@ def read_safetensors(filename: str, zero_copy=None) -> Iterator[tuple[str, torch
                 while read < end - start:
                     n = f.readinto(view[read:])
                     if not n:
-                        raise OSError(f"{filename}: truncated while reading {name}")
+                        raise CheckpointError(f"{filename} is truncated (it ends inside {name}); download it again")
                     read += n
             yield name, tensor
 
 
+def _safetensors_header(f, filename: str) -> tuple[dict, int]:
+    """{name: (start, end, dtype, shape)} and the data's file offset; CheckpointError when the header is damaged
+    or the file is shorter than the header says (caught here, before any tensor is read)."""
+    size = os.fstat(f.fileno()).st_size
+
+    def damaged(why: str) -> CheckpointError:
+        return CheckpointError(f"{filename} is truncated or corrupt ({why}); download it again")
+
+    header_len = struct.unpack("<Q", f.read(8))[0] if size >= 8 else None
+    if header_len is None or header_len > size - 8:
+        raise damaged(f"{size} bytes, shorter than its header")
+    try:
+        raw = json.loads(f.read(header_len))
+        raw.pop("__metadata__", None)
+        header = {}
+        for name, info in raw.items():
+            start, end = (int(x) for x in info["data_offsets"])
+            dtype, shape = SAFETENSORS_DTYPES[info["dtype"]], [int(d) for d in info["shape"]]
+            if not 0 <= start <= end or end - start != torch.Size(shape).numel() * dtype.itemsize:
+                raise ValueError(f"{name}: offsets {start}..{end} do not fit shape {shape} of {info['dtype']}")
+            header[name] = (start, end, dtype, shape)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # bad JSON, dtype, offsets or shape
+        raise damaged(f"bad header: {e}") from e
+    needed = 8 + header_len + max((end for _, end, _, _ in header.values()), default=0)
+    if needed > size:
+        raise damaged(f"{size} bytes of the {needed} its header describes")
+    return header, 8 + header_len
+
+
 def read_bin(filename: str) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield the tensors of a torch zip checkpoint, loaded with weights_only=True (no code execution)."""
-    state = torch.load(filename, map_location="cpu", weights_only=True, mmap=True)
+    import pickle
+
+    try:
+        state = torch.load(filename, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:  # weights_only refused an object: loading it would run its code
+        raise CheckpointError(f"{filename} holds objects other than tensors, refused by weights_only loading "
+                              f"({str(e).splitlines()[0]}); use a checkpoint of plain tensors") from e
+    except (RuntimeError, OSError, EOFError, ValueError) as e:  # truncated zip, bad central directory, ...
+        raise CheckpointError(f"{filename} is truncated or corrupt, not a readable PyTorch checkpoint "
+                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); download it again") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{filename} holds a {type(state).__name__}, not a dict of tensors")
     try:
         for name in list(state):
-            yield name, state.pop(name)
+            tensor = state.pop(name)
+            if not isinstance(tensor, torch.Tensor):
+                raise CheckpointError(f"{filename}: {name} is a {type(tensor).__name__}, not a tensor")
+            yield name, tensor
     finally:
         del state
+
+
+def read_weights(filename: str, zero_copy=None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of one weight file, .safetensors or .bin; zero_copy: see read_safetensors."""
+    if filename.endswith(".safetensors"):
+        return read_safetensors(filename, zero_copy)
+    return read_bin(filename)  # memory-mapped anyway
 
 
 def iter_checkpoint(path: str, zero_copy=None) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of every weight; zero_copy: see read_safetensors (.bin files are memory-mapped anyway)."""
     for filename in checkpoint_files(path):
-        if filename.endswith(".safetensors"):
-            yield from read_safetensors(filename, zero_copy)
-        else:
-            yield from read_bin(filename)
+        yield from read_weights(filename, zero_copy)
 
 
 def checkpoint_nbytes(path: str) -> int:
@@ -163,14 +234,16 @@ def build_empty_model(config: ChatGLMConfig):
         return model_class(config)
 
 
-def assign_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+def assign_tensor(model: nn.Module, name: str, tensor: torch.Tensor, source: str = "checkpoint") -> None:
+    """Put tensor in as parameter `name`; CheckpointError naming the tensor and source file on a shape mismatch."""
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
     old = module._parameters.get(attr)
     if old is None:
         raise KeyError(name)
     if tuple(old.shape) != tuple(tensor.shape):
-        raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(old.shape)}")
+        raise CheckpointError(f"{source}: {name} has shape {tuple(tensor.shape)} but config.json gives "
+                              f"{tuple(old.shape)}; config.json does not belong to these weights")
     module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
 
 
@@ -191,7 +264,8 @@ def load_weights(name_or_path: str, device=None, dtype=None, family: str | None 
     config = ChatGLMConfig.from_checkpoint_dir(path, family=family)
     stored_bits = config.quantization_bit
     if quantize and stored_bits and quantize != stored_bits:
-        raise ValueError(f"{path} is stored with {stored_bits}-bit weights; it cannot be loaded as {quantize}-bit")
+        raise CheckpointError(f"{path} is stored with {stored_bits}-bit weights; it cannot be loaded as "
+                              f"{quantize}-bit (leave out --quantize)")
     model = build_empty_model(config)
     if device_map is not None:
         device_map = clean_device_map(device_map, model)
@@ -212,33 +286,38 @@ def load_weights(name_or_path: str, device=None, dtype=None, family: str | None 
     if mmap_enabled() and device_map is None and device.type == "cpu":
         def zero_copy(name, stored_dtype):
             return name not in quantize_now and (stored_dtype == dtype or not stored_dtype.is_floating_point)
-    bar = _progress(checkpoint_nbytes(path), f"Loading {os.path.basename(os.path.normpath(path))}", progress)
-    for name, tensor in iter_checkpoint(path, zero_copy):
-        bar.update(tensor.numel() * tensor.element_size())
-        if name in IGNORED_TENSORS or name.endswith(".attention.rotary_emb.inv_freq"):  # recomputed
-            continue
-        if name == "lm_head.weight" and config.family == "chatglm1":  # tied to the embedding: checked below
-            stored_head = tensor
-            continue
-        if name not in expected:
-            logger.warning("%s: ignoring unexpected tensor %s", path, name)
-            continue
-        target = device if device_map is None else as_torch_device(device_for(name, device_map))
-        if name in quantize_now:
-            q, scale = quantize_weight(tensor.to(dtype), bits)  # same result as quantize() after loading
-            assign_tensor(model, name, q.to(target))
-            name, tensor = name + "_scale", scale
-            seen.add(name.removesuffix("_scale"))
-        if tensor.is_floating_point():
-            tensor = tensor.to(device=target, dtype=dtype)
-        else:
-            tensor = tensor.to(device=target)
-        assign_tensor(model, name, tensor)
-        seen.add(name)
-    bar.close()
+    files = checkpoint_files(path)
+    bar = _progress(sum(map(os.path.getsize, files)), f"Loading {os.path.basename(os.path.normpath(path))}",
+                    progress)
+    try:
+        for filename, name, tensor in ((f, n, t) for f in files for n, t in read_weights(f, zero_copy)):
+            bar.update(tensor.numel() * tensor.element_size())
+            if name in IGNORED_TENSORS or name.endswith(".attention.rotary_emb.inv_freq"):  # recomputed
+                continue
+            if name == "lm_head.weight" and config.family == "chatglm1":  # tied to the embedding: checked below
+                stored_head = tensor
+                continue
+            if name not in expected:
+                logger.warning("%s: ignoring unexpected tensor %s", path, name)
+                continue
+            target = device if device_map is None else as_torch_device(device_for(name, device_map))
+            if name in quantize_now:
+                q, scale = quantize_weight(tensor.to(dtype), bits)  # same result as quantize() after loading
+                assign_tensor(model, name, q.to(target), filename)
+                name, tensor = name + "_scale", scale
+                seen.add(name.removesuffix("_scale"))
+            if tensor.is_floating_point():
+                tensor = tensor.to(device=target, dtype=dtype)
+            else:
+                tensor = tensor.to(device=target)
+            assign_tensor(model, name, tensor, filename)
+            seen.add(name)
+    finally:
+        bar.close()  # also on an error: a half-drawn bar would garble the one-line message after it
     missing = sorted(expected - seen)
     if missing:
-        raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+        raise CheckpointError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}; some weight "
+                              f"file is missing or belongs to another model")
     if stored_head is not None:
         embedding = model.transformer.word_embeddings.weight
         if not torch.equal(stored_head.to(embedding.device, embedding.dtype), embedding):
@@ -280,10 +359,12 @@ def load_model(name_or_path: str, device: str | torch.device | None = None, dtyp
     (see model.multigpu).
     """
     path = resolve_model_dir(name_or_path, revision=revision)  # one Hub round trip for weights and tokenizer
+    # config and tokenizer first: a broken one is reported in a moment, not after minutes of reading weights
+    family = ChatGLMConfig.from_checkpoint_dir(path, family=family).family
+    tokenizer = load_tokenizer(path, family=family)
     model = load_weights(path, device=device, dtype=dtype, family=family, quantize=quantize,
                          device_map=device_map)
     model.name_or_path = model.config._name_or_path = str(name_or_path)
-    tokenizer = load_tokenizer(path, family=model.config.family)
     tokenizer.name_or_path = str(name_or_path)
     return model, tokenizer
 

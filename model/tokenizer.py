@@ -11,7 +11,7 @@ import sentencepiece as spm
 from transformers import BatchEncoding
 
 from .config import FAMILIES, infer_family
-from .hub import resolve_model_dir
+from .hub import CheckpointError, read_json, resolve_model_dir
 
 SPECIAL_TOKENS = {
     "chatglm2": ["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop"],
@@ -55,6 +55,24 @@ class TokenizerBase:
             sequences = sequences.tolist()
         return [self.decode(s, skip_special_tokens) for s in sequences]
 
+    @staticmethod
+    def _vocab_path(path: str, vocab_name: str) -> str:
+        """path/vocab_name; CheckpointError saying what to do when the checkpoint lacks it."""
+        vocab_file = os.path.join(path, vocab_name)
+        if not os.path.isfile(vocab_file):
+            raise CheckpointError(f"{path} has no {vocab_name} (the tokenizer); copy it from the checkpoint's "
+                                  f"original files (same Hub repository)")
+        return vocab_file
+
+    @staticmethod
+    def _sentencepiece(vocab_file: str) -> SentencePiece:
+        """The SentencePiece model of vocab_file; CheckpointError naming the file when it cannot be parsed."""
+        try:
+            return SentencePiece(model_file=vocab_file)
+        except (RuntimeError, OSError) as e:  # "Internal: could not parse ModelProto ..."
+            raise CheckpointError(f"{vocab_file} is not a SentencePiece model (truncated or corrupt?); "
+                                  f"download it again") from e
+
     def _save(self, save_directory: str, vocab_name: str, tokenizer_config: dict) -> None:
         """Copy the SentencePiece file and write tokenizer_config.json."""
         os.makedirs(save_directory, exist_ok=True)
@@ -77,7 +95,7 @@ class ChatGLMTokenizer(TokenizerBase):
         self.vocab_file = vocab_file
         self.family = family
         self.name_or_path = name_or_path
-        self.sp = SentencePiece(model_file=vocab_file)
+        self.sp = self._sentencepiece(vocab_file)
         self.n_sp = self.sp.vocab_size()
         self.special_tokens = {tok: self.n_sp + i for i, tok in enumerate(SPECIAL_TOKENS[family])}
         self.index_special_tokens = {i: tok for tok, i in self.special_tokens.items()}
@@ -97,9 +115,7 @@ class ChatGLMTokenizer(TokenizerBase):
 
         if family == "chatglm1" or (family is None and os.path.isfile(os.path.join(path, V1_VOCAB_FILE))):
             return ChatGLM1Tokenizer.from_pretrained(path)  # ChatGLM-6B (e.g. reached through AutoTokenizer)
-        vocab_file = os.path.join(path, VOCAB_FILE)
-        if not os.path.isfile(vocab_file):
-            raise FileNotFoundError(f"{path} has no {VOCAB_FILE}")
+        vocab_file = cls._vocab_path(path, VOCAB_FILE)
         if family is None:
             family = cls._family_of(path)
         return cls(vocab_file, family=family, name_or_path=str(name_or_path))
@@ -109,7 +125,7 @@ class ChatGLMTokenizer(TokenizerBase):
         dicts = []
         for name in ("config.json", "tokenizer_config.json"):
             p = os.path.join(path, name)
-            dicts.append(json.load(open(p, encoding="utf-8")) if os.path.isfile(p) else {})
+            dicts.append(read_json(p) if os.path.isfile(p) else {})
         family, _ = infer_family(*dicts)
         return family or "chatglm2"
 

@@ -7,15 +7,13 @@ tokenizer_config.json's num_image_tokens (20000 when the key is absent, as in th
 
 from __future__ import annotations
 
-import json
 import os
 import re
 
-import sentencepiece as spm
 from transformers import BatchEncoding
 
-from .hub import resolve_model_dir
-from .tokenizer import SentencePiece, TokenizerBase
+from .hub import read_json, resolve_model_dir
+from .tokenizer import TokenizerBase
 
 VOCAB_FILE = "ice_text.model"
 MAX_BLANK = 80
@@ -46,7 +44,7 @@ class ChatGLM1Tokenizer(TokenizerBase):
         self.vocab_file = vocab_file
         self.name_or_path = name_or_path
         self.num_image_tokens = num_image_tokens
-        self.sp = SentencePiece(model_file=vocab_file)
+        self.sp = self._sentencepiece(vocab_file)
         self.n_sp = self.sp.vocab_size()
         off = num_image_tokens
         self.special_tokens = {tok: self.sp.piece_to_id(tok) + off for tok in SPECIALS}
@@ -64,14 +62,9 @@ class ChatGLM1Tokenizer(TokenizerBase):
     @classmethod
     def from_pretrained(cls, name_or_path: str, *args, revision: str | None = None, **kwargs) -> "ChatGLM1Tokenizer":
         path = resolve_model_dir(name_or_path, revision=revision, weights=False)
-        vocab_file = os.path.join(path, VOCAB_FILE)
-        if not os.path.isfile(vocab_file):
-            raise FileNotFoundError(f"{path} has no {VOCAB_FILE}")
-        config = {}
+        vocab_file = cls._vocab_path(path, VOCAB_FILE)
         config_path = os.path.join(path, "tokenizer_config.json")
-        if os.path.isfile(config_path):
-            with open(config_path, encoding="utf-8") as f:
-                config = json.load(f)
+        config = read_json(config_path) if os.path.isfile(config_path) else {}
         return cls(vocab_file, num_image_tokens=config.get("num_image_tokens", 20000), name_or_path=str(name_or_path))
 
     def save_pretrained(self, save_directory: str) -> None:

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import ROOT, loaded, model_dir
-from model import ChatGLMConfig, ModelNotFoundError, UnsupportedConfigError, load_model
+from model import CheckpointError, ChatGLMConfig, ModelNotFoundError, UnsupportedConfigError, load_model
+from model.loading import pick_device, pick_dtype
 from model.modeling import rotary_cos_sin
 
 PROMPT = "你好 hello"
@@ -81,7 +82,9 @@ def test_bfloat16_and_auto_dtype(reference):
     assert torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0) > 0.999
     assert (got - expected).abs().max() < 0.1 * expected.abs().max()
     auto, _ = load_model(model_dir("chatglm2-tiny"))
-    assert auto.device.type == "cpu" and auto.dtype in (torch.bfloat16, torch.float32)
+    best = pick_device("auto")  # CUDA, then MPS, then the CPU: what this machine has
+    assert auto.device.type == best.type and auto.dtype == pick_dtype("auto", best)
+    assert best.type != "cpu" or auto.dtype in (torch.bfloat16, torch.float32)
     with pytest.raises(ValueError, match="unknown dtype"):
         load_model(model_dir("chatglm2-tiny"), dtype="float8")
 
@@ -99,7 +102,7 @@ def test_missing_tensor_is_reported(tmp_path, reference):
 
 def test_no_weights_is_reported(tmp_path):
     copy_meta(model_dir("chatglm2-tiny"), str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="has no weights"):
+    with pytest.raises(CheckpointError, match="has no weights"):
         load_model(str(tmp_path))
 
 
@@ -211,9 +214,10 @@ def test_transformers_auto_classes_without_remote_code():
     model = AutoModel.from_pretrained(path, dtype=torch.float32)
     assert type(model).__name__ == "ChatGLMForConditionalGeneration"
     assert type(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)) is type(model)
-    ref, _ = loaded("chatglm3-tiny")
+    ref, _ = loaded("chatglm3-tiny")  # on the CPU; model is on the best device there is
     inputs = tokenizer(["你好"], return_tensors="pt")
-    assert torch.equal(model.generate(**inputs, max_new_tokens=6), ref.generate(**inputs, max_new_tokens=6))
+    got = model.generate(**inputs.to(model.device), max_new_tokens=6).cpu()
+    assert torch.equal(got, ref.generate(**inputs.to("cpu"), max_new_tokens=6))
 
 
 def run_offline(code: str, cache: str) -> subprocess.CompletedProcess:
@@ -235,11 +239,13 @@ def test_hub_id_unreachable_uses_the_local_cache(tmp_path):
     shutil.copytree(model_dir("chatglm3-tiny"), snap)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("a" * 40)
-    code = ("from model import load_model; m, t = load_model('THUDM/chatglm3-6b', dtype='float32'); "
-            "print(t.family, m.config.num_layers, m.chat(t, 'hi', do_sample=False, max_new_tokens=3)[0] is not None)")
+    code = ("from model import load_model; m, t = load_model('THUDM/chatglm3-6b', device='cpu', dtype='float32'); "
+            "print(t.family, m.config.num_layers, repr(m.chat(t, 'hi', do_sample=False, max_new_tokens=3)[0]))")
     r = run_offline(code, str(tmp_path))
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["chatglm3", "2", "True"]
+    ref, tok = loaded("chatglm3-tiny")  # the same files, loaded from their directory
+    expected = ref.chat(tok, "hi", do_sample=False, max_new_tokens=3)[0]
+    assert expected and r.stdout.split(maxsplit=2) == ["chatglm3", "2", repr(expected) + "\n"]
 
 
 def test_not_a_path_nor_hub_id():
@@ -259,3 +265,21 @@ def test_tiny_checkpoint_writer(tmp_path):
     assert tokenizer.convert_ids_to_tokens(list(range(3, 5))) == ["<0x00>", "<0x01>"]
     response, history = model.chat(tokenizer, "你好", do_sample=False, max_new_tokens=5)
     assert history == [("你好", response)]
+
+
+def test_tiny_checkpoint_writer_chatglm1(tmp_path, caplog):
+    r = subprocess.run([sys.executable, "-m", "model.tiny", str(tmp_path / "t"), "--family", "chatglm1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(tmp_path / "t")) == ["config.json", "ice_text.model", "model.safetensors",
+                                                  "tokenizer_config.json"]
+    with caplog.at_level("WARNING"):
+        model, tokenizer = load_model(str(tmp_path / "t"), device="cpu", dtype="float32")
+    assert "lm_head.weight differs" not in caplog.text  # the stored copy of the embedding, as ChatGLM-6B's
+    assert tokenizer.family == "chatglm1" and model.config.family == "chatglm1"
+    assert model.config.eos_token_id == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<eop>")
+    text = "你好 hello world\n\tdef f(x):    return 1"
+    ids = tokenizer.encode(text)
+    assert ids[-2:] == [tokenizer.gmask_token_id, tokenizer.bos_token_id] and tokenizer.decode(ids[:-2]) == text
+    response, history = model.chat(tokenizer, "你好", do_sample=False, max_new_tokens=5)
+    assert response and history == [("你好", response)]
