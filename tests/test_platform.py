@@ -1,4 +1,4 @@
-"""Per-platform choices (attention kernels) checked on a CPU.
+"""Per-platform choices (attention kernels, sampling, stop-id lookup) checked on a CPU.
 
 The CUDA and MPS branches are chosen by pure functions called here with those device types, and
 CHATGLM_FORCE_GPU_PATHS runs them on CPU tensors (tests/test_model_golden.py runs the golden cases so).
@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from conftest import golden_case, loaded
 from model.devices import code_path, parse_version
+from model.generation import SamplingParams, draw_by_cdf, is_in, next_token, warp
 from model.modeling import AttentionPlan, attention_plan, planned_attention
 
 HALF = (torch.float16, torch.bfloat16)
@@ -124,3 +125,51 @@ def test_forced_mps_path_avoids_enable_gqa_and_is_causal(monkeypatch):
     calls = sdpa_calls(monkeypatch, "mps", padded_batch_generation())
     assert any(T > 1 and masked for _, _, masked, _, _, T in calls)  # the unpadded prompt: explicit causal mask
     assert calls and all(nh == g and not gqa and not causal for nh, g, _, causal, gqa, _ in calls)
+
+
+# ---- sampling and stop ids -------------------------------------------------------------------------
+def test_draw_by_cdf_never_draws_zero_probability_and_follows_the_distribution():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.2, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 1.0]]).repeat(20000, 1)
+    gen = torch.Generator().manual_seed(1)
+    ids = draw_by_cdf(probs, gen)
+    assert ids.shape == (40000,)
+    first, second = ids[0::2], ids[1::2]
+    assert bool((probs[torch.arange(40000), ids] > 0).all())
+    assert bool((second == 5).all())
+    freq = torch.bincount(first, minlength=6).double() / first.numel()
+    torch.testing.assert_close(freq, probs[0].double(), atol=0.015, rtol=0)
+    again = draw_by_cdf(probs, torch.Generator().manual_seed(1))  # a request's seed reproduces its draws
+    assert torch.equal(ids, again)
+
+
+def test_draw_by_cdf_at_the_top_of_the_uniform_range(monkeypatch):
+    """u * total rounding up to the total must not fall off the end onto a trailing zero-probability id."""
+    probs = torch.tensor([[0.3, 0.7, 0.0, 0.0]])
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.ones(*shape, dtype=kw.get("dtype")))
+    assert draw_by_cdf(probs, None).tolist() == [1]
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.zeros(*shape, dtype=kw.get("dtype")))
+    assert draw_by_cdf(torch.tensor([[0.0, 0.0, 0.4, 0.6]]), None).tolist() == [2]
+
+
+def test_next_token_samples_by_cdf_on_mps_and_by_multinomial_elsewhere(monkeypatch):
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    params = SamplingParams(do_sample=True, temperature=0.8, top_k=10, top_p=0.9)
+    monkeypatch.delenv("CHATGLM_FORCE_GPU_PATHS", raising=False)
+    ours = next_token(logits, params, torch.Generator().manual_seed(7))
+    probs = warp(logits, params).softmax(-1)
+    assert torch.equal(ours, torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(7)).squeeze(1))
+    monkeypatch.setenv("CHATGLM_FORCE_GPU_PATHS", "mps")
+    monkeypatch.setattr(torch, "multinomial", lambda *a, **k: pytest.fail("multinomial on the MPS path"))
+    drawn = next_token(logits, params, torch.Generator().manual_seed(7))
+    assert torch.equal(drawn, draw_by_cdf(probs, torch.Generator().manual_seed(7)))
+    assert bool((probs[torch.arange(3), drawn] > 0).all())
+
+
+def test_is_in_matches_torch_isin():
+    gen = torch.Generator().manual_seed(3)
+    for n in (1, 2, 5):
+        ids = torch.randint(0, 12, (64,), generator=gen)
+        table = torch.randint(0, 12, (n,), generator=gen)
+        assert torch.equal(is_in(ids, table), torch.isin(ids, table))
+    big = torch.tensor([2**40, 5, -1])
+    assert is_in(big, torch.tensor([2**40, -1])).tolist() == [True, False, True]
