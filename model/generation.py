@@ -85,7 +85,7 @@ def draw_by_cdf(probs: torch.Tensor, generator: torch.Generator | None) -> torch
     # the first id whose cdf exceeds u * total has cdf[id] > cdf[id - 1], i.e. probability > 0 ...
     ids = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # (B, 1)
     # ... unless u * total rounds up to total: then the last id of probability > 0
-    last = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(dim=-1, keepdim=True)
+    last = probs.shape[-1] - 1 - (probs > 0).flip(-1).to(probs.dtype).argmax(dim=-1, keepdim=True)
     return torch.minimum(ids, last).squeeze(1)
 
 
