@@ -8,6 +8,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from .cache import KVCache
+from .devices import code_path
 
 
 @dataclass
@@ -71,7 +72,27 @@ def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     if params.greedy:
         return logits.argmax(dim=-1)
     probs = warp(logits.float(), params).softmax(dim=-1)
+    if code_path(probs.device) == "mps":
+        return draw_by_cdf(probs, generator)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def draw_by_cdf(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """(B, V) probabilities -> (B,) ids, one uniform draw per row against the cumulative sum; never an id of
+    probability 0. For MPS, where torch.multinomial can draw zero-probability tokens."""
+    cdf = probs.cumsum(dim=-1)  # (B, V), non-decreasing; flat across zero-probability ids
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype)
+    # the first id whose cdf exceeds u * total has cdf[id] > cdf[id - 1], i.e. probability > 0 ...
+    ids = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # (B, 1)
+    # ... unless u * total rounds up to total: then the last id of probability > 0
+    last = probs.shape[-1] - 1 - (probs > 0).flip(-1).to(probs.dtype).argmax(dim=-1, keepdim=True)
+    return torch.minimum(ids, last).squeeze(1)
+
+
+def is_in(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """torch.isin(ids, table) for (B,) ids and a short (n,) table, by comparison: torch.isin on int64 fails on
+    MPS under macOS 13."""
+    return (ids[:, None] == table[None, :]).any(dim=-1)
 
 
 def make_generator(seed: int | None, device) -> torch.Generator | None:
@@ -144,7 +165,7 @@ def generate_tokens(model, input_ids: torch.Tensor, *, max_new_tokens: int, para
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         yield token
         if stop.numel():
-            finished |= torch.isin(token, stop)
+            finished |= is_in(token, stop)
         if step == max_new_tokens - 1 or bool(finished.all()):
             return
         ids = token[:, None]

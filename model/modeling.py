@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,7 @@ from torch import nn
 from . import kernels
 from .cache import KVCache
 from .config import ChatGLMConfig
+from .devices import TORCH_VERSION, code_path
 
 
 class Linear(nn.Linear):
@@ -108,6 +110,68 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return out.to(q.dtype).reshape(B, nh, 1, d)
 
 
+@dataclass(frozen=True)
+class AttentionPlan:
+    grouped_decode: bool  # decode_attention: grouped matmuls in float32 (CPU decoding)
+    expand_kv: bool  # repeat each K/V group for its nh/g query heads before SDPA instead of enable_gqa
+    explicit_causal: bool  # a boolean causal mask instead of is_causal=True
+
+
+def attention_plan(device_type: str, *, grouped: bool, decode: bool, masked: bool, dtype: torch.dtype,
+                   torch_version: tuple[int, int] = TORCH_VERSION, flash_arch: bool = False,
+                   grad: bool = False) -> AttentionPlan:
+    """How one attention call runs on `device_type` ("cpu", "cuda", "mps", ...); pure, for tests to call.
+
+    grouped: fewer K/V groups than query heads; decode: one new token; masked: an explicit mask is passed;
+    flash_arch: a CUDA GPU the flash kernel runs on (sm80+, flash enabled).
+    - CPU: decoding through decode_attention (no autograd), otherwise SDPA with enable_gqa, as before.
+    - CUDA: with enable_gqa=True only the flash kernel accepts GQA (torch <= 2.13), and flash takes no mask,
+      no float32 and no pre-Ampere GPU; anything else fell back to the math kernel, which materialises
+      (B, nh, T, S) float scores (8 rows at 8K context: 512 MiB per layer and step). Expanding K/V to all
+      heads (as the original does) lets the memory-efficient kernel take masked, float32 and sm7x calls.
+    - MPS: K/V always expanded and causality always an explicit mask: enable_gqa crashes (torch <= 2.6),
+      decode with q (1, 32, 1, 128) over k (1, 2, S, 128) gives wrong results (2.8-2.10), is_causal=True
+      leaks future tokens in half precision.
+    - torch < 2.5 has no enable_gqa: expanded everywhere.
+    """
+    no_gqa = torch_version < (2, 5)
+    if device_type == "cpu":
+        return AttentionPlan(grouped_decode=decode and not grad, expand_kv=grouped and no_gqa, explicit_causal=False)
+    if device_type == "cuda":
+        flash_gqa = flash_arch and not masked and dtype in (torch.float16, torch.bfloat16)
+        return AttentionPlan(grouped_decode=False, expand_kv=grouped and (no_gqa or not flash_gqa),
+                             explicit_causal=False)
+    return AttentionPlan(grouped_decode=False, expand_kv=grouped, explicit_causal=device_type == "mps")
+
+
+@lru_cache(maxsize=None)
+def _sm80(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (8, 0)
+
+
+def flash_arch(device: torch.device) -> bool:
+    """Whether the flash SDPA kernel can run on `device`: an sm80+ CUDA GPU with flash enabled."""
+    if device.type != "cuda" or not torch.backends.cuda.flash_sdp_enabled():
+        return False
+    return _sm80(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def planned_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                      plan: AttentionPlan) -> torch.Tensor:
+    """SDPA of q (B, nh, T, d) over k, v (B, g, S, d), query head h reading group h // (nh / g), as planned."""
+    T, S = q.shape[2], k.shape[2]
+    causal = mask is None and T > 1 and S == T
+    if causal and plan.explicit_causal:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()  # (T, S), True = may attend
+        causal = False
+    if plan.expand_kv and k.shape[1] != q.shape[1]:
+        repeat = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(repeat, dim=1)  # (B, nh, S, d): a copy of each group per query head
+        v = v.repeat_interleave(repeat, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
 _scratch = threading.local()
 
 
@@ -149,12 +213,13 @@ class SelfAttention(nn.Module):
         k = apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_number, k, v)
-        if T == 1 and q.device.type == "cpu" and not torch.is_grad_enabled():
+        plan = attention_plan(code_path(q.device), grouped=self.num_kv_heads != self.num_heads, decode=T == 1,
+                              masked=mask is not None, dtype=q.dtype, flash_arch=flash_arch(q.device),
+                              grad=torch.is_grad_enabled())
+        if plan.grouped_decode:
             out = decode_attention(q, k, v, mask)
         else:
-            causal = mask is None and T > 1 and k.shape[2] == T
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                                 enable_gqa=self.num_kv_heads != self.num_heads)
+            out = planned_attention(q, k, v, mask, plan)
         return self.dense(out.transpose(1, 2).reshape(B, T, -1))
 
 

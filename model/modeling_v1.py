@@ -63,13 +63,25 @@ class SelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_number, k.contiguous(), v.contiguous())
         if T == 1:  # decode: scores are one row per head, so spell them out (closer to the original's sums)
-            scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(self.head_dim)
+            scores = self._decode_scores(q, k)  # (B, nh, 1, S) float32
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
             out = scores.softmax(-1).to(v.dtype) @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.dense(out.transpose(1, 2).reshape(B, T, -1))
+
+    def _decode_scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """q k^T / sqrt(hd) in float32 for q (B, nh, 1, hd), k (B, nh, S, hd).
+
+        fp16 / bf16: as the original, q divided by sqrt(hd) * (layer + 1) before the product and the float32
+        scores multiplied by (layer + 1) again, since a raw fp16 q.k overflows past 65504 (inf, then NaN after
+        the softmax). float32 / float64: the product, then the scale (the golden float32 logits match this way).
+        """
+        if q.dtype in (torch.float16, torch.bfloat16):
+            coeff = float(self.layer_number + 1)
+            return (q / (math.sqrt(self.head_dim) * coeff) @ k.transpose(-1, -2)).float() * coeff
+        return (q @ k.transpose(-1, -2)).float() / math.sqrt(self.head_dim)
 
 
 class MLP(nn.Module):

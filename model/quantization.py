@@ -77,13 +77,18 @@ class QuantizedLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int) -> "QuantizedLinear":
-        w = linear.weight.detach()
-        layer = cls(linear.in_features, linear.out_features, bits, linear.bias is not None, dtype=w.dtype,
-                    device=w.device)
-        q, scale = quantize_weight(w, bits)
-        layer.weight.data, layer.weight_scale.data = q, scale
-        if linear.bias is not None:
-            layer.bias.data = linear.bias.detach()
+        # Outside inference mode whatever the caller's: a parameter made under torch.inference_mode() and then
+        # given a normal tensor's .data (the bias) fails every later forward in inference mode through F.linear
+        # ("Inference tensors do not track version counter"), which is the path of CUDA, MPS and CPUs
+        # without the native kernels; inference tensors would also refuse a later in-place load.
+        with torch.inference_mode(False), torch.no_grad():
+            w = linear.weight.detach()
+            layer = cls(linear.in_features, linear.out_features, bits, linear.bias is not None, dtype=w.dtype,
+                        device=w.device)
+            q, scale = quantize_weight(w, bits)
+            layer.weight.data, layer.weight_scale.data = q, scale
+            if linear.bias is not None:
+                layer.bias.data = linear.bias.detach()
         return layer
 
     def _f32(self, name: str) -> torch.Tensor | None:
@@ -155,8 +160,9 @@ def swap_linears(model: nn.Module, bits: int, quantize_values: bool) -> None:
             if quantize_values:
                 new = QuantizedLinear.from_linear(linear, bits)
             else:
-                new = QuantizedLinear(linear.in_features, linear.out_features, bits, linear.bias is not None,
-                                      dtype=linear.weight.dtype, device=linear.weight.device)
+                with torch.inference_mode(False):  # normal tensors, to be loaded in place later (see from_linear)
+                    new = QuantizedLinear(linear.in_features, linear.out_features, bits, linear.bias is not None,
+                                          dtype=linear.weight.dtype, device=linear.weight.device)
             setattr(parent, attr, new)
     model.config.quantization_bit = bits
 

@@ -8,17 +8,21 @@ from conftest import FLOAT_MODELS, QUANTIZED_MODELS, golden_case, golden_tensors
 MODELS = FLOAT_MODELS + QUANTIZED_MODELS  # quantized ones on the reference path: q * scale in float32
 
 ATOL = 1e-4
+# CHATGLM_FORCE_GPU_PATHS: the float models also through the attention branches of CUDA (K/V expanded for the
+# memory-efficient kernel) and MPS (K/V expanded, explicit causal mask), at the same tolerance
+PATHS = {name: ["cpu", "cuda", "mps"] if name in FLOAT_MODELS else ["cpu"] for name in MODELS}
 
 
 def cases(name):
     return golden_case(name)["runs"]["float32"]["cases"]
 
 
-PARAMS = [(name, i) for name in MODELS for i in range(len(cases(name)))]
+PARAMS = [(name, i, path) for name in MODELS for i in range(len(cases(name))) for path in PATHS[name]]
 
 
-@pytest.mark.parametrize("name,index", PARAMS)
-def test_prefill_decode_and_greedy(name, index):
+@pytest.mark.parametrize("name,index,path", PARAMS)
+def test_prefill_decode_and_greedy(name, index, path, monkeypatch):
+    monkeypatch.setenv("CHATGLM_FORCE_GPU_PATHS", path)
     model, tokenizer = loaded(name)
     case, ref = cases(name)[index], golden_tensors(name)
     if "text" in case:
@@ -43,8 +47,9 @@ def test_prefill_decode_and_greedy(name, index):
     assert greedy[0, ids.shape[1]:].tolist() == case["greedy_20"]
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_left_padded_batch(name):
+@pytest.mark.parametrize("name,path", [(name, path) for name in MODELS for path in PATHS[name]])
+def test_left_padded_batch(name, path, monkeypatch):
+    monkeypatch.setenv("CHATGLM_FORCE_GPU_PATHS", path)
     model, tokenizer = loaded(name)
     batch, ref = golden_case(name)["runs"]["float32"]["batch"], golden_tensors(name)
     enc = tokenizer(batch["texts"], padding=True, return_tensors="pt")

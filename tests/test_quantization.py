@@ -122,3 +122,25 @@ def test_quantized_model_error_is_no_worse_than_the_originals(bits):
     finally:
         for h in hooks:
             h.remove()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantize_inside_inference_mode(monkeypatch, bits):
+    """model.quantize(bits) called under torch.inference_mode() leaves a model whose later forwards work (in
+    inference mode, as generate and chat run, and outside it) on the de-quantizing path of CUDA, MPS and CPUs
+    without the native kernels, with the logits of a model quantized outside inference mode."""
+    from model import kernels
+
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])  # more rows than a decode step: the F.linear path
+    outside, _ = load_model(model_dir("chatglm2-tiny"), device="cpu", dtype="float32")
+    outside.quantize(bits)
+    inside, _ = load_model(model_dir("chatglm2-tiny"), device="cpu", dtype="float32")
+    with torch.inference_mode():
+        inside.quantize(bits)
+    assert not any(p.is_inference() for p in inside.parameters())
+    with torch.inference_mode():
+        expected = outside(ids).logits
+        assert torch.equal(inside(ids).logits, expected)
+    with torch.no_grad():
+        assert torch.equal(inside(ids).logits, expected)

@@ -160,6 +160,35 @@ def test_left_padded_batch(name):
     assert out[:, enc["input_ids"].shape[1]:].tolist() == batch["greedy_8"]
 
 
+def test_fp16_decoding_does_not_overflow():
+    """fp16 (the default on MPS, --dtype float16): with query and key weights scaled so that raw q.k passes
+    fp16's 65504, decoding still gives the float32 logits of the same weights (the original divides q by
+    sqrt(hd) * (layer + 1) before the product); a raw fp16 q.k turns the steps into inf / NaN."""
+    from model import load_model
+
+    case = run("chatglm1-tiny")["cases"][0]
+    logits = []
+    for dtype in (torch.float32, torch.float16):
+        model, _ = load_model(model_dir("chatglm1-tiny"), device="cpu", dtype=dtype)
+        with torch.no_grad():
+            for layer in model.transformer.layers:
+                attention = layer.attention
+                qkv = attention.query_key_value  # per head [q | k | v] rows (spec 10.4)
+                qkv.weight.view(attention.num_heads, 3, attention.head_dim, -1)[:, :2] *= 32  # exact in both
+                qkv.bias.view(attention.num_heads, 3, attention.head_dim)[:, :2] *= 32
+        ids = torch.tensor([case["input_ids"]])
+        with torch.inference_mode():
+            out = model(ids, position_ids=model.prompt_position_ids(ids))
+            rows, cache, positions = [out.logits[0, -1]], out.past_key_values, model.prompt_position_ids(ids)
+            for token in case["greedy_20"][:6]:
+                positions = model.next_position_ids(positions)
+                rows.append(model(torch.tensor([[token]]), position_ids=positions, past_key_values=cache).logits[0, -1])
+        logits.append(torch.stack(rows).float())
+    full, half = logits
+    assert bool(torch.isfinite(half).all())
+    torch.testing.assert_close(half, full, atol=0.1, rtol=0)  # fp16's own rounding: ~0.03 on logits up to ~32
+
+
 def test_quantize_while_loading_equals_the_int4_checkpoint():
     """The int4 golden model is the float one quantized per row: quantize=4 at load gives its logits."""
     from model import load_model
