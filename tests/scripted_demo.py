@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SAY, END = "please say: ", " :end"
 LONG = "write a very long story"
 FAIL = "please fail"
-PIECE_S = 0.03  # between streamed pieces: slow enough that a page shows the reply growing
+PIECE_S = 0.06  # between streamed pieces: slow enough that both pages show the reply growing in steps
 
 
 def say(text: str) -> str:
