@@ -69,7 +69,9 @@ class ScriptedEngine:
         for count, piece in enumerate(pieces, 1):
             if handle.cancelled or count >= handle.request.max_new_tokens:
                 break
-            time.sleep(PIECE_S)
+            # A said reply's last piece follows at once (as a fast model's do): the page must show what it merged.
+            if not (isinstance(pieces, list) and count == len(pieces) and SAY in user):
+                time.sleep(PIECE_S)
             handle._put(Event(text=piece, completion_tokens=count))
         if handle.cancelled:
             handle._put(Event(finish="cancelled"))

@@ -139,18 +139,31 @@ def test_markdown_and_latex_render_and_a_lone_dollar_is_text(st_demo, browser):
 
 
 def test_surrogate_in_a_message_leaves_the_chat_working(st_demo, browser):
-    """Streamlit's server drops a message holding a lone surrogate (its protobuf is no UTF-8): the chat goes on.
-
-    (The reply function itself answers such text: tests/test_web_demo.py.)"""
+    """Streamlit's server drops the connection on a message holding a lone surrogate (its protobuf is no UTF-8);
+    the page reconnects and the chat, history included, goes on. (The reply function answers such text itself:
+    tests/test_web_text.py.)"""
     page = open_page(browser, st_demo.url)
+    send(page, say("first"))
+    wait_bubbles(page, "first", "^first$")
+    page.evaluate("""() => {
+        window.connection = [];
+        new MutationObserver(() => window.connection.push(
+            document.querySelector('[data-test-connection-state]').dataset.testConnectionState))
+            .observe(document.body, {subtree: true, attributes: true, attributeFilter: ['data-test-connection-state']});
+    }""")
     box = page.get_by_test_id("stChatInputTextArea")
     # set in the page: Python cannot hand Playwright a lone surrogate (it is no UTF-8)
     box.evaluate("(box, text) => { const set = Object.getOwnPropertyDescriptor(HTMLTextAreaElement.prototype,"
                  " 'value').set; set.call(box, text.replace('?', '\\ud800'));"
                  " box.dispatchEvent(new Event('input', {bubbles: true})); }", say("a?b"))
     box.press("Enter")
+    state = lambda: page.locator("[data-test-connection-state]").get_attribute("data-test-connection-state")  # noqa
+    wait_until(page, lambda: bubble_texts(page)[-1:] == ["a\ufffdb"] or (
+        any(s != "CONNECTED" for s in page.evaluate("window.connection")) and state() == "CONNECTED"),
+        what="an answer, or the page connected again")
     send(page, say("still here"))
     wait_until(page, lambda: bubble_texts(page)[-1:] == ["still here"], what="the next reply")
+    assert bubble_texts(page)[:2] == [say("first"), "first"]
 
 
 def test_too_long_names_the_slider(st_demo, browser):
