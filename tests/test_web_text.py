@@ -55,3 +55,19 @@ def test_to_html_keeps_markdown_code_and_latex(text, needles):
     out = to_html(text)
     assert all(n in out for n in needles), out
     assert "formula incomplete" not in out and "convert-error" not in out
+
+
+def test_logins_from_flags_a_file_or_the_environment(tmp_path, monkeypatch):
+    from web_demo import logins
+
+    monkeypatch.delenv("WEB_AUTH", raising=False)
+    assert logins(None) == []
+    assert logins(["ada:pa:ss", "bob:x"]) == [("ada", "pa:ss"), ("bob", "x")]  # the password may hold a colon
+    path = tmp_path / "logins"
+    path.write_text("# who may chat\nada:one\n\ncy:two\n", encoding="utf-8")
+    assert logins([f"@{path}"]) == [("ada", "one"), ("cy", "two")]
+    monkeypatch.setenv("WEB_AUTH", "env:user")
+    assert logins(None) == [("env", "user")]
+    for bad in ("nopassword", ":x", "ada:"):
+        with pytest.raises(ValueError, match="USER:PASS"):
+            logins([bad])
