@@ -32,6 +32,9 @@ def build_parser(description: str, *, server: bool = False, web: bool = False, e
         ap.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: everyone)")
         ap.add_argument("--port", type=int_range(1, 65535), default=port, help=f"1-65535 (default {port})")
+    if web:
+        ap.add_argument("--auth", action="append", default=None, metavar="USER:PASS",
+                        help="ask for this login (repeat for more; @FILE: one USER:PASS a line; env WEB_AUTH)")
     if server or web or engine:
         ap.add_argument("--max-batch", type=positive, default=8,
                         help="requests decoded together (continuous batching); more wait in the queue")

@@ -1,7 +1,14 @@
-"""Chat with ChatGLM in the browser (Streamlit): streamlit run web_demo2.py -- [--model DIR_OR_HUB_ID]."""
+"""Chat with ChatGLM in the browser (Streamlit): python web_demo2.py [--model DIR_OR_HUB_ID] [--host 127.0.0.1]
+[--port 8501] [--auth USER:PASS] (or: streamlit run web_demo2.py -- [the same flags])."""
 
 import base64
+import hmac
+import html
+import os
+import re
+import secrets
 import sys
+import threading
 import time
 
 import streamlit as st
@@ -15,28 +22,139 @@ _AVATAR = ('<svg xmlns="http://www.w3.org/2000/svg" width="64" height="64"><circ
 AVATARS = {role: "data:image/svg+xml;base64," + base64.b64encode(_AVATAR.format(color=c, letter=l).encode()).decode()
            for role, c, l in (("user", "#4f7cff", "U"), ("assistant", "#f97316", "G"))}
 
+DEFAULT_PORT = 8501
+# Settings for any start: local only, no usage statistics, no Deploy button (.streamlit/config.toml says the same
+# for `streamlit run` from the repository root).
+STREAMLIT_FLAGS = ["--server.headless", "true", "--browser.gatherUsageStats", "false",
+                   "--client.toolbarMode", "minimal", "--server.maxUploadSize", "1"]
+
+
+class FlagError(ValueError):
+    """A bad command-line flag; the message is argparse's usage and error."""
+
+
+def parse_args(argv: list[str]):
+    """The flags, with host / port None where not given; FlagError instead of exiting on a bad one."""
+    ap = build_parser(__doc__, web=True, port=DEFAULT_PORT)
+    ap.set_defaults(host=None, port=None)  # None: not given, so whatever Streamlit was told holds
+
+    def error(message):
+        raise FlagError(f"{ap.format_usage()}{ap.prog}: error: {message}")
+
+    ap.error = error
+    args = ap.parse_args(argv)
+    from web_demo import logins
+
+    try:
+        args.logins = logins(args.auth)
+    except (OSError, ValueError) as e:
+        error(f"--auth: {e}")
+    return args
+
 
 @st.cache_resource(show_spinner="Loading the model...")
 def get_engine(argv: tuple):
     """One model and engine per process, shared by every browser session."""
     from model.engine import Engine
 
-    args = build_parser(__doc__, engine=True).parse_args(list(argv))
+    args = parse_args(list(argv))
     model, tokenizer = load_from_args(args)
     return Engine(model, tokenizer, model_name=model_id(args.model), max_batch=args.max_batch,
                   prefill_chunk=args.prefill_chunk)
 
 
-def to_html(text: str) -> str:
-    """Markdown and LaTeX to HTML for the chat bubble."""
-    import mdtex2html
+# ---- markdown and LaTeX to HTML, with the text's own HTML shown as text -------------------------------------------
+# Code (left for markdown) or a formula: $$..$$, \[..\], \(..\), or $..$ hugging its text (so "$5 and $10" is text).
+_PIECES = re.compile(r"(```.*?(?:```|$)|`[^`\n]*`)|\$\$(.+?)\$\$|\\\[(.+?)\\\]|\\\((.+?)\\\)"
+                     r"|(?<![\\$\w])\$(?=\S)([^$\n]*?\S)\$(?!\w)", re.S)
+_MATHML_TAGS = {"math", "mrow", "mi", "mn", "mo", "mtext", "mspace", "ms", "mfrac", "msqrt", "mroot", "mstyle",
+                "merror", "mpadded", "mphantom", "mfenced", "menclose", "msub", "msup", "msubsup", "munder", "mover",
+                "munderover", "mmultiscripts", "mprescripts", "none", "mtable", "mtr", "mtd", "mlabeledtr"}
+_MATHML_ATTRS = {"display", "mathvariant", "stretchy", "fence", "separator", "accent", "accentunder", "lspace",
+                 "rspace", "width", "height", "depth", "columnalign", "rowalign", "columnspacing", "rowspacing",
+                 "columnlines", "rowlines", "frame", "linethickness", "minsize", "maxsize", "movablelimits",
+                 "largeop", "symmetric", "mathsize", "mathcolor", "mathbackground", "displaystyle", "scriptlevel",
+                 "notation", "form", "open", "close", "separators", "columnspan", "rowspan", "xmlns"}
+_SAFE_SCHEMES = {"http", "https", "mailto"}
+
+
+def _mathml(tex: str, display: bool):
+    """The formula as an element tree of MathML elements only (None where it cannot be drawn safely)."""
+    import xml.etree.ElementTree as ET
+
+    from latex2mathml.converter import convert
 
     try:
-        return mdtex2html.convert(text)
-    except Exception:  # half-written markdown / LaTeX while streaming: show it as text
-        import html
+        root = ET.fromstring(convert(tex, display="block" if display else "inline"))
+    except Exception:  # noqa: BLE001 - half-written or unsupported LaTeX: shown as its source
+        return None
+    for element in root.iter():
+        element.tag = element.tag.rpartition("}")[2]
+        # latex2mathml copies \text{..}, \href and \style into the output as they are: only MathML stays.
+        if element.tag not in _MATHML_TAGS or not set(element.attrib) <= _MATHML_ATTRS:
+            return None
+    return root
 
-        return f"<p>{html.escape(text)}</p>"
+
+def _safe_url(url: str) -> bool:
+    """Whether a link or image address is a web or mail address (no javascript:, data:, vbscript: ...)."""
+    plain = re.sub(r"[\x00-\x20]", "", html.unescape(url))  # browsers drop these inside a scheme
+    scheme = re.match(r"([a-zA-Z][a-zA-Z0-9+.-]*):", plain)
+    return scheme is None or scheme.group(1).lower() in _SAFE_SCHEMES
+
+
+def to_html(text: str) -> str:
+    """Markdown and LaTeX to HTML for the chat bubble; HTML in the text is shown as text, never run."""
+    import markdown
+    from markdown.treeprocessors import Treeprocessor
+
+    formulas, token = [], f"mathformula{secrets.token_hex(6)}n"
+
+    def take(match):
+        code, *tex = match.groups()
+        if code is not None:
+            return code
+        display = tex[0] is not None or tex[1] is not None
+        source = next(t for t in tex if t is not None)
+        formulas.append((_mathml(source, display), match.group(0)))
+        return f"{token}{len(formulas) - 1}x"
+
+    class Finish(Treeprocessor):
+        """Formulas in place of their tokens; links and images to other than web / mail addresses disarmed."""
+
+        def run(self, root):
+            import xml.etree.ElementTree as ET
+
+            for parent in root.iter():
+                for attr, value in list(parent.attrib.items()):  # a formula in an address is its source again
+                    parent.attrib[attr] = re.sub(f"{token}(\\d+)x", lambda m: formulas[int(m.group(1))][1], value)
+                for attr in ("href", "src"):
+                    if attr in parent.attrib and not _safe_url(parent.attrib[attr]):
+                        del parent.attrib[attr]
+                for i, child in reversed(list(enumerate(parent))):
+                    self._expand(parent, child, i + 1, "tail", ET)
+                self._expand(parent, parent, 0, "text", ET)
+
+        @staticmethod
+        def _expand(parent, node, index, field, ET):
+            pieces = re.split(f"{token}(\\d+)x", getattr(node, field) or "")
+            if len(pieces) == 1:
+                return
+            setattr(node, field, pieces[0])
+            for n, rest in reversed(list(zip(pieces[1::2], pieces[2::2]))):
+                math, source = formulas[int(n)]
+                if math is None:
+                    math = ET.Element("code")
+                    math.text = source
+                math.tail = rest
+                parent.insert(index, math)
+
+    md = markdown.Markdown(extensions=["fenced_code", "tables"])
+    md.preprocessors.deregister("html_block")  # raw HTML stays text (escaped when serialised)
+    md.inlinePatterns.deregister("html")
+    md.ESCAPED_CHARS.append("$")  # \$ is a dollar sign
+    md.treeprocessors.register(Finish(md), "finish", 0)
+    return md.convert(_PIECES.sub(take, text))
 
 
 def bubble(text: str, role: str, key: str) -> None:
@@ -44,25 +162,86 @@ def bubble(text: str, role: str, key: str) -> None:
         from streamlit_chat import message
     except ImportError:  # fallback: Streamlit's own chat elements
         with st.chat_message(role):
-            st.markdown(text)
+            st.markdown(to_html(text), unsafe_allow_html=True)
         return
     message(to_html(text), is_user=role == "user", key=key, allow_html=True, logo=AVATARS[role])
 
 
-def main() -> None:
-    from web_demo import reply_stream
+# ---- start, flags and login -------------------------------------------------------------------------------------
+_reported = set()
+
+
+def refuse(message: str) -> None:
+    """Say what is wrong in the page and (once) in the terminal, and serve nothing else."""
+    if message not in _reported:
+        _reported.add(message)
+        print(f"web_demo2.py: {message}", file=sys.stderr, flush=True)
+    st.error(message)
+    st.stop()
+
+
+def binding_problem(args) -> str | None:
+    """Why the address / port Streamlit listens on is not the one the flags ask for (None: they agree)."""
+    bound, host = st.get_option("server.address"), args.host or "127.0.0.1"
+    if (bound or "0.0.0.0") != host:
+        where = f"listens on {bound}" if bound else "listens on every interface"
+        return (f"Streamlit {where} but --host is {host}: start with `python web_demo2.py --host {host}` "
+                f"(or `streamlit run web_demo2.py --server.address {host} -- ...`).")
+    if args.port is not None and args.port != st.get_option("server.port"):
+        return (f"Streamlit listens on port {st.get_option('server.port')} but --port is {args.port}: start with "
+                f"`python web_demo2.py --port {args.port}`.")
+    return None
+
+
+def logged_in(pairs: list[tuple[str, str]]) -> bool:
+    """True once this browser session has given one of the logins (always, with none configured)."""
+    state = st.session_state
+    if not pairs or state.get("user"):
+        return True
+    with st.form("login"):
+        st.markdown("**Log in to chat**")
+        user = st.text_input("User")
+        password = st.text_input("Password", type="password")
+        if st.form_submit_button("Log in"):
+            ok = False
+            for u, p in pairs:  # every pair compared, in constant time: the answer's timing says nothing
+                ok |= hmac.compare_digest(user.encode(), u.encode()) & hmac.compare_digest(password.encode(),
+                                                                                          p.encode())
+            if ok:
+                state.user = user
+                st.rerun()
+            st.error("Wrong user or password.")
+    return False
+
+
+def main(engine_for=None) -> None:
+    """The page; engine_for(argv tuple) gives the engine (default: load the model of the flags, once)."""
+    from web_demo import clean_text, reply_stream
 
     st.set_page_config(page_title="ChatGLM", page_icon=":robot:", layout="wide")
     try:
-        engine = get_engine(tuple(sys.argv[1:]))
-    except ModelLoadError as e:
-        st.error(f"The model could not be loaded. {e}")
+        args = parse_args(sys.argv[1:])
+    except FlagError as e:
+        refuse(str(e))
+    problem = binding_problem(args)
+    if problem:
+        refuse(problem)
+    if not logged_in(args.logins):
         st.stop()
+    try:
+        engine = (engine_for or get_engine)(tuple(sys.argv[1:]))
+    except ModelLoadError as e:
+        refuse(f"The model could not be loaded. {e}")
     state = st.session_state
     state.setdefault("history", [])  # [{"role", "content"}], this browser session's own
+    # Streamlit starts the next run (Stop, a new message) before the one still streaming has noticed that it was
+    # stopped: the older run may change the history only while it is the writer, which each new run ends.
+    shared = state.setdefault("shared", {"lock": threading.Lock(), "writer": None})
+    with shared["lock"]:
+        shared["writer"] = None
 
     with st.sidebar:
-        st.markdown(f"**{engine.model_name}**")
+        st.markdown(f"**{html.escape(engine.model_name)}**")
         max_length = st.slider("max_length", 0, 32768, 8192, step=1)
         top_p = st.slider("top_p", 0.0, 1.0, 0.8, step=0.01)
         temperature = st.slider("temperature", 0.0, 1.0, 0.95, step=0.01)
@@ -77,16 +256,23 @@ def main() -> None:
     query = st.chat_input("Input...")
     if not query:
         return
+    query = clean_text(query)
     state.history.append({"role": "user", "content": query})
     bubble(query, "user", key=f"msg-{len(state.history) - 1}")
-    reply = {"role": "assistant", "content": ""}
+    reply, me = {"role": "assistant", "content": ""}, object()
     placeholder = st.empty()
+    stream = reply_stream(engine, list(state.history), clean_text(system), max_length, top_p, temperature,
+                          length_label="max_length")
     try:
-        stream = reply_stream(engine, list(state.history), system, max_length, top_p, temperature)
-        state.history.append(reply)  # updated as it grows, so a Stop (a rerun) keeps what was written
+        with shared["lock"]:
+            shared["writer"] = me
+            state.history.append(reply)  # updated as it grows, so a Stop (a rerun) keeps what was written
         shown = 0.0
         for text in stream:
-            reply["content"] = text
+            with shared["lock"]:
+                if shared["writer"] is not me:
+                    return  # a newer run has drawn the history: it keeps what it showed
+                reply["content"] = text
             # While it grows the reply is plain HTML (a chat bubble is an iframe that would reload per redraw).
             if time.monotonic() - shown > 0.1:
                 placeholder.markdown(f'<div id="streaming-reply">{to_html(text)}</div>', unsafe_allow_html=True)
@@ -94,10 +280,31 @@ def main() -> None:
         placeholder.empty()
         bubble(reply["content"], "assistant", key=f"msg-{len(state.history) - 1}")
     except Exception as e:  # the message stays in the history; say what went wrong
-        if reply in state.history and not reply["content"]:
-            state.history.remove(reply)
+        with shared["lock"]:
+            if reply in state.history and not reply["content"]:
+                state.history.remove(reply)
         st.error(str(e))
+    finally:
+        stream.close()  # ends the generation in the engine, also when Streamlit stopped this run
+
+
+def run_streamlit(argv: list[str]) -> int:
+    """`python web_demo2.py FLAGS`: check the flags here, then become `streamlit run` listening where they say."""
+    try:
+        args = parse_args(argv)
+    except FlagError as e:
+        print(e, file=sys.stderr)
+        return 2
+    os.execv(sys.executable, [sys.executable, "-m", "streamlit", "run", os.path.abspath(__file__),
+                              "--server.address", args.host or "127.0.0.1",
+                              "--server.port", str(args.port or DEFAULT_PORT), *STREAMLIT_FLAGS, "--", *argv])
+    return 0  # not reached: execv replaced this process
 
 
 if __name__ == "__main__":
-    main()
+    from streamlit import runtime
+
+    if runtime.exists():
+        main()
+    else:
+        sys.exit(run_streamlit(sys.argv[1:]))

@@ -1,19 +1,23 @@
-"""web_demo.py (Gradio) in headless Chromium: streamed reply, Stop, Regenerate, Clear, one history per session."""
+"""web_demo.py (Gradio) in headless Chromium, replying through a scripted engine (tests/scripted_demo.py):
+streamed reply, Stop, Regenerate, Clear, one history per session, script in messages, errors, login, uploads."""
 
-import os
+import re
 
+import httpx
 import pytest
 
-from browser import wait_until
-from conftest import ROOT
+from browser import DANGER, PAYLOAD_TEXT, WATCH_DANGER, click_links, screenshot, wait_until
+from scripted_demo import FAIL, LONG, say
 from serving import ServerProcess
 
-SHOTS = os.path.join(ROOT, "resources")
+pytestmark = pytest.mark.browser
+SCRIPTED = "tests/scripted_demo.py"
+LOGIN = ("ada", "s3cret:pass")
 
 
 @pytest.fixture(scope="module")
 def web(v3_dir):
-    with ServerProcess("web_demo.py", v3_dir, ready_path="/") as server:
+    with ServerProcess(SCRIPTED, v3_dir, ready_path="/") as server:
         yield server
 
 
@@ -27,7 +31,7 @@ def last_bot(page) -> str | None:
 
 
 def user_texts(page) -> list[str]:
-    return page.locator("#chatbot .message.user").all_inner_texts()
+    return [t.strip() for t in page.locator("#chatbot .message.user").all_inner_texts()]
 
 
 def set_slider(page, elem_id: str, value: str) -> None:
@@ -40,116 +44,194 @@ def open_page(browser, url):
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.goto(url, timeout=60_000)
     page.locator("#user-input textarea").wait_for()
+    page.evaluate(WATCH_CHAT)
     return page
 
 
-# Every length the last reply shows, recorded in the page at each change of the chat: polling from here can
-# miss the steps of a reply that streams in well under a second.
-WATCH_LENGTHS = """() => {
-    window.replyLengths = new Set();
+def send(page, text: str) -> None:
+    page.locator("#user-input textarea").fill(text)
+    page.locator("#submit").click()
+
+
+def wait_idle(page, timeout_s: float = 30) -> None:
+    """Until no reply is pending (Gradio marks the chat while an event streams into it)."""
+    wait_until(page, lambda: page.locator("#chatbot .pending, #chatbot .generating").count() == 0,
+               timeout_s=timeout_s, what="the reply to end")
+
+
+def wait_reply(page, pattern: str, timeout_s: float = 30) -> str:
+    """The last reply, once it matches pattern (a regular expression, searched)."""
+    return wait_until(page, lambda: re.search(pattern, last_bot(page) or "") and last_bot(page), timeout_s=timeout_s,
+                      what=f"a reply matching {pattern!r}")
+
+
+# Every state of the chat (user messages, length of each reply), recorded in the page at each change: polling
+# from here can miss the steps of a reply that streams in well under a second, or a late update.
+WATCH_CHAT = """() => {
+    window.chatLog = [];
     const record = () => {
-        const bots = document.querySelectorAll('#chatbot .message.bot');
-        if (bots.length) window.replyLengths.add(bots[bots.length - 1].innerText.length);
+        const texts = sel => [...document.querySelectorAll('#chatbot ' + sel)].map(e => e.innerText.trim());
+        window.chatLog.push({users: texts('.message.user'), bots: texts('.message.bot').map(t => t.length)});
     };
     new MutationObserver(record).observe(document.querySelector('#chatbot'),
                                          {subtree: true, childList: true, characterData: true});
 }"""
 
 
-def streamed_lengths(page) -> list[int]:
-    return sorted(page.evaluate("[...window.replyLengths]"))
+def chat_log(page) -> list[dict]:
+    return page.evaluate("window.chatLog")
 
 
 def test_chat_streams_regenerates_and_clears(web, browser):
     page = open_page(browser, web.url)
-    page.evaluate(WATCH_LENGTHS)
-    page.locator("#user-input textarea").fill("你好，请介绍一下你自己")
-    page.locator("#submit").click()
-    for _attempt in range(4):
-        wait_until(page, lambda: last_bot(page) and (len(streamed_lengths(page)) >= 3 or
-                                                     page.locator("#chatbot .pending").count() == 0 and _stable(page)),
-                   what="a streamed reply (several lengths seen) or its end")
-        lengths = streamed_lengths(page)
-        if len(lengths) >= 3:
-            break
-        page.evaluate("window.replyLengths = new Set()")
-        # this random model sampled a stop token within a few tokens, before streaming could show: draw again
-        short = last_bot(page)
-        page.locator("#regenerate").click()
-        wait_until(page, lambda: last_bot(page) != short, what="a new reply")
-    assert len(lengths) >= 3, f"no reply streamed in several steps: lengths seen {sorted(lengths)}"
-    assert user_texts(page)[-1].strip() == "你好，请介绍一下你自己"
+    send(page, "你好，请介绍一下你自己")
+    first = wait_reply(page, r"^Reply \d+: this is a scripted reply\.$")
+    lengths = {s["bots"][-1] for s in chat_log(page) if s["bots"]}
+    assert len(lengths) >= 3, f"the reply did not stream in several steps: lengths seen {sorted(lengths)}"
+    assert user_texts(page) == ["你好，请介绍一下你自己"]
     assert page.locator("#user-input textarea").input_value() == ""  # the box is free for the next message
-    wait_until(page, lambda: page.locator("#chatbot .pending").count() == 0 and _stable(page), timeout_s=60,
-               what="the reply to finish")
-    os.makedirs(SHOTS, exist_ok=True)
-    page.screenshot(path=os.path.join(SHOTS, "web_demo.png"))
+    wait_idle(page)
+    screenshot(page, "web_demo.png")
 
-    first = bot_texts(page)[-1]
-    set_slider(page, "temperature", "0.9")
     page.locator("#regenerate").click()
-    wait_until(page, lambda: last_bot(page) not in (None, first), what="a regenerated reply")
-    assert len(user_texts(page)) == 1  # regenerate replaces the reply, it does not add a turn
+    wait_reply(page, rf"^(?!{re.escape(first)}$)Reply \d+: this is a scripted reply\.$")
+    # regenerate replaces the reply, it does not add a turn
+    assert user_texts(page) == ["你好，请介绍一下你自己"]
+    assert len(bot_texts(page)) == 1
 
     page.locator("#clear").click()
-
     wait_until(page, lambda: not bot_texts(page) and not user_texts(page), what="the history to clear")
-
-
-def _stable(page) -> bool:
-    before = bot_texts(page)
-    page.wait_for_timeout(700)
-    return before == bot_texts(page)
 
 
 def test_stop_ends_a_long_reply(web, browser):
     page = open_page(browser, web.url)
-    set_slider(page, "temperature", "0")  # greedy: this random model then loops and never ends on its own
-    page.locator("#user-input textarea").fill("Write a very long story")
-    page.locator("#submit").click()
+    send(page, LONG)
     wait_until(page, lambda: len(last_bot(page) or "") > 40, what="the reply to start")
     growing = len(bot_texts(page)[-1])
     wait_until(page, lambda: len(last_bot(page) or "") > growing, what="the reply to keep growing")
     page.locator("#stop").click()
-    page.wait_for_timeout(500)
-    stopped = bot_texts(page)[-1]
-    page.wait_for_timeout(1500)
-    assert bot_texts(page)[-1] == stopped  # nothing more arrives
-    page.screenshot(path=os.path.join(SHOTS, "web_demo_stopped.png"))
-    page.locator("#user-input textarea").fill("hi")  # and the demo takes the next message
-    page.locator("#submit").click()
-    wait_until(page, lambda: len(user_texts(page)) == 2 and len(bot_texts(page)) == 2, what="a second reply")
-    page.locator("#stop").click()
+    wait_idle(page)
+    screenshot(page, "web_demo_stopped.png")
+    send(page, say("next one"))  # the demo takes the next message ...
+    wait_until(page, lambda: bot_texts(page)[-1:] == ["next one"] and len(bot_texts(page)) == 2, what="a second reply")
+    # ... and from the moment that message showed, the stopped reply never changed (its updates would have come
+    # before the second reply's on the same ordered stream).
+    after = [s["bots"][0] for s in chat_log(page) if len(s["users"]) == 2]
+    assert len(set(after)) == 1, f"the stopped reply still grew: lengths {sorted(set(after))}"
+    assert all(len(s["users"]) == 2 for s in chat_log(page)[next(i for i, s in enumerate(chat_log(page))
+                                                                 if len(s["users"]) == 2):])
 
 
 def test_each_browser_session_has_its_own_history(web, browser):
     a, b = open_page(browser, web.url), open_page(browser, web.url)
-    a.locator("#user-input textarea").fill("only in session A")
-    a.locator("#submit").click()
-    wait_until(a, lambda: bot_texts(a), what="a reply in session A")
-    a.locator("#stop").click()
-    b.wait_for_timeout(500)
-    assert user_texts(b) == [] and bot_texts(b) == []
+    send(a, say("only in session A"))
+    wait_reply(a, "^only in session A$")
+    send(b, say("only in session B"))
+    wait_reply(b, "^only in session B$")
+    wait_idle(a), wait_idle(b)
+    assert user_texts(a) == [say("only in session A")] and bot_texts(a) == ["only in session A"]
+    assert user_texts(b) == [say("only in session B")] and bot_texts(b) == ["only in session B"]
+
+
+def _users_after_clear(page, mark: int) -> set[str]:
+    """User messages shown after the chat first emptied (from chat-log entry mark on)."""
+    log = chat_log(page)[mark:]
+    start = next(i for i, s in enumerate(log) if not s["users"] and not s["bots"])
+    return {u for s in log[start:] for u in s["users"] if u}  # "": a message being drawn
 
 
 def test_clear_while_a_reply_streams_leaves_the_chat_empty(web, browser):
     page = open_page(browser, web.url)
-    set_slider(page, "temperature", "0")  # greedy: a long reply, so Clear always lands mid-stream
-    for round_ in range(4):
-        page.locator("#user-input textarea").fill(f"Write a very long story, part {round_}")
-        page.locator("#submit").click()
-        wait_until(page, lambda: len(last_bot(page) or "") > 20 * (round_ + 1),
-                   what="the reply to stream")
+    empty = lambda: not bot_texts(page) and not user_texts(page)  # noqa: E731
+    for round_, regenerate_first in enumerate([False, False, False, True, True]):  # also Clear right after Regenerate
+        send(page, f"{LONG}, part {round_}")
+        wait_until(page, lambda: len(last_bot(page) or "") > 20, what="the reply to stream")
+        mark = len(chat_log(page))
+        if regenerate_first:
+            page.locator("#regenerate").click()
         page.locator("#clear").click()
-        wait_until(page, lambda: not bot_texts(page) and not user_texts(page), what="the history to clear")
-        page.wait_for_timeout(1200)  # late updates of the cancelled reply would show up here
-        assert bot_texts(page) == [] and user_texts(page) == []
-    for round_ in range(3):  # Clear right after Regenerate
-        page.locator("#user-input textarea").fill("hello")
-        page.locator("#submit").click()
-        wait_until(page, lambda: len(last_bot(page) or "") > 20, what="a reply")
-        page.locator("#regenerate").click()
-        page.wait_for_timeout(100 * round_)
+        wait_until(page, empty, what="the history to clear")
+        # A late update of the cancelled reply would bring the old message back before this one's reply.
+        send(page, say(f"after clear {round_}"))
+        wait_reply(page, f"^after clear {round_}$")
+        assert _users_after_clear(page, mark) == {say(f"after clear {round_}")}
         page.locator("#clear").click()
-        page.wait_for_timeout(1500)
-        assert bot_texts(page) == [] and user_texts(page) == []
+        wait_until(page, empty, what="the history to clear")
+
+
+@pytest.mark.parametrize("who", ["user", "model"])
+def test_script_in_a_message_or_reply_never_runs(web, browser, who):
+    """HTML in the user's message or the model's reply (while it streams and once done) runs nothing."""
+    page = open_page(browser, web.url)
+    page.evaluate(WATCH_DANGER, "#chatbot")
+    title = page.title()
+    send(page, f"{PAYLOAD_TEXT} {say('done')}" if who == "user" else say(PAYLOAD_TEXT))
+    wait_reply(page, "^done$" if who == "user" else r"end\.$")  # the whole reply is in
+    wait_idle(page)
+    click_links(page.locator("#chatbot"), "click me")
+    assert page.evaluate("window.danger") == [], "something able to run script was in the chat while it streamed"
+    assert page.evaluate(DANGER, "#chatbot") == []
+    assert page.title() == title != "PWNED"
+    assert "Watch:" in user_texts(page)[0] and (who == "user" or "Watch:" in last_bot(page))
+
+
+def test_surrogate_in_a_message_is_answered(web, browser):
+    page = open_page(browser, web.url)
+    # typed in the page: Python cannot hand Playwright a lone surrogate (it is no UTF-8)
+    page.locator("#user-input textarea").evaluate("(box, text) => { box.value = text.replace('?', '\\ud800');"
+                                                  " box.dispatchEvent(new Event('input', {bubbles: true})); }",
+                                                  say("a?b"))
+    page.locator("#submit").click()
+    wait_reply(page, "^a.b$")
+
+
+def test_an_error_shows_once_and_gives_the_message_back(v3_dir, browser):
+    with ServerProcess(SCRIPTED, v3_dir, ready_path="/") as server:
+        page = open_page(browser, server.url)
+        send(page, FAIL)
+        page.get_by_text("the scripted engine failed").first.wait_for()
+        # the unanswered message is back in the box, not left in the chat to merge with the next one
+        wait_until(page, lambda: page.locator("#user-input textarea").input_value() == FAIL and not user_texts(page),
+                   what="the message back in the box")
+        send(page, say("fine now"))
+        wait_reply(page, "^fine now$")
+        assert user_texts(page) == [say("fine now")]
+        set_slider(page, "max-length", "5")  # a conversation over the maximum length: a ValueError
+        send(page, "hello")
+        page.get_by_text("raise Maximum length").first.wait_for()
+        assert page.get_by_label("Maximum length").first.is_visible()  # the control the error names
+    log = server.proc.stdout.read()
+    assert log.count("Traceback") == 1, log  # the engine error, once; the too long conversation none
+    assert "share=True" not in log and "--share" in log
+
+
+def test_login_and_uploads(v3_dir, browser):
+    with ServerProcess(SCRIPTED, v3_dir, "--auth", ":".join(LOGIN), ready_path="/") as server:
+        refused = httpx.get(f"{server.url}/config", timeout=30)
+        assert refused.status_code in (401, 403)
+        upload = httpx.post(f"{server.url}/gradio_api/upload", files={"files": ("a.txt", b"x" * 100)}, timeout=30)
+        assert upload.status_code in (401, 403), upload.text  # no login: no upload
+        page = browser.new_page()
+        page.goto(server.url, timeout=60_000)
+        assert page.locator("#user-input textarea").count() == 0
+        page.get_by_label("username").fill(LOGIN[0])
+        page.get_by_label("password").fill("wrong")
+        page.get_by_role("button", name="Login").click()
+        page.get_by_text("Incorrect Credentials").wait_for()
+        page.get_by_label("username").fill(LOGIN[0])
+        page.get_by_label("password").fill(LOGIN[1])
+        page.get_by_role("button", name="Login").click()
+        page.locator("#user-input textarea").wait_for()
+        send(page, say("logged in"))
+        wait_reply(page, "^logged in$")
+        # even logged in, the upload route takes nothing (the demo has no file input)
+        cookies = {c["name"]: c["value"] for c in page.context.cookies()}
+        upload = httpx.post(f"{server.url}/gradio_api/upload", files={"files": ("a.txt", b"x" * 100)},
+                            cookies=cookies, timeout=30)
+        assert upload.status_code == 413, upload.text
+
+
+def test_uploads_are_refused_without_login_too(web):
+    upload = httpx.post(f"{web.url}/gradio_api/upload", files={"files": ("a.txt", b"x" * 100)}, timeout=30)
+    assert upload.status_code == 413, upload.text
+
