@@ -69,13 +69,24 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     return device
 
 
+def cuda_native_bf16(device: torch.device) -> bool:
+    """Whether the CUDA GPU `device` computes in bf16 natively: compute capability 8.0 (Ampere) or newer.
+    torch.cuda.is_bf16_supported() also says yes on pre-Ampere GPUs (T4, V100, RTX 20xx), where bf16 is
+    emulated and slow, and it asks only about the current GPU."""
+    if torch.version.hip is not None:  # ROCm: torch's answer is about the hardware
+        return torch.cuda.is_bf16_supported()
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index) >= (8, 0)
+
+
 def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """'auto'/None -> bf16 (or fp16) on GPU, fp16 on MPS, bf16 on CPUs with native bf16, else fp32."""
+    """'auto'/None -> bf16 on Ampere+ GPUs (fp16 on older ones), fp16 on MPS, bf16 on CPUs with native bf16,
+    else fp32."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None or dtype == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if cuda_native_bf16(device) else torch.float16
         if device.type == "mps":
             return torch.float16
         return torch.bfloat16 if kernels.native_bf16_gemm() else torch.float32
