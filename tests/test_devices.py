@@ -29,3 +29,73 @@ def test_auto_dtype_asks_about_the_gpu_it_loads_on(monkeypatch):
     monkeypatch.setattr(torch.version, "hip", None)
     assert pick_dtype("auto", torch.device("cuda:0")) == torch.float16
     assert pick_dtype("auto", torch.device("cuda:1")) == torch.bfloat16
+
+
+# ---- the KV cache grows on demand -----------------------------------------------------------------------------
+LONG_CONTEXT = 32768
+
+
+def long_context(monkeypatch, model):
+    """The model's context raised to LONG_CONTEXT for this test (a 32K / 128K checkpoint's config)."""
+    field = "max_sequence_length" if model.config.family == "chatglm1" else "seq_length"
+    monkeypatch.setattr(model.config, field, LONG_CONTEXT)
+
+
+@pytest.fixture
+def largest_cache(monkeypatch):
+    """Records the largest capacity any KVCache reached."""
+    from model.cache import KVCache
+
+    seen = [0]
+    reserve = KVCache.reserve
+
+    def spy(self, new_tokens):
+        reserve(self, new_tokens)
+        seen[0] = max(seen[0], self.capacity)
+
+    monkeypatch.setattr(KVCache, "reserve", spy)
+    return seen
+
+
+@pytest.mark.parametrize("name", ["chatglm2-tiny", "chatglm3-tiny", "chatglm1-tiny"])
+def test_chat_reserves_what_the_turn_uses_not_the_whole_context(monkeypatch, largest_cache, name):
+    # the reply's budget is the rest of the context: the cache must not be sized for it up front
+    model, tokenizer = loaded(name)
+    long_context(monkeypatch, model)
+    stream = model.stream_chat(tokenizer, "你好", do_sample=False, return_past_key_values=True)
+    for step, (_, _, cache) in zip(range(3), stream):
+        assert cache.capacity <= 1024
+    stream.close()
+    assert 0 < largest_cache[0] <= 1024
+    # chat() alike (it stops generating here after 40 tokens: only the first step's reservation matters)
+    largest_cache[0] = 0
+    model.chat(tokenizer, "你好", do_sample=False, logits_processor=[stop_after(40, tokenizer)])
+    assert 0 < largest_cache[0] <= 1024
+
+
+def stop_after(n, tokenizer):
+    """A logits hook forcing a stop id once n tokens were generated."""
+    stop = tokenizer.reply_stop_ids()[0]
+    count = [0]
+
+    def hook(ids, logits):
+        count[0] += 1
+        if count[0] > n:
+            logits = torch.full_like(logits, -1e4)
+            logits[:, stop] = 0
+        return logits
+
+    return hook
+
+
+@pytest.mark.parametrize("name", ["chatglm2-tiny", "chatglm1-tiny"])
+def test_generate_reserves_what_it_uses(monkeypatch, largest_cache, name):
+    from model.generation import SamplingParams, generate_tokens
+
+    model, tokenizer = loaded(name)
+    long_context(monkeypatch, model)
+    ids = torch.tensor([tokenizer.encode("你好")])
+    steps = generate_tokens(model, ids, max_new_tokens=LONG_CONTEXT - ids.shape[1], params=SamplingParams())
+    next(steps)
+    steps.close()
+    assert 0 < largest_cache[0] <= 1024
