@@ -160,7 +160,9 @@ def generate_tokens(model, input_ids: torch.Tensor, *, max_new_tokens: int, para
     ids, positions = input_ids, position_ids
     for step in range(max_new_tokens):
         out = model.transformer(ids, positions, attention_mask, cache, last_logits_only=True)
-        logits = out.logits[:, -1].float()
+        # on the ids' device, with the generator and the stop state: an output layer on another GPU than the
+        # embedding leaves its logits there
+        logits = out.logits[:, -1].float().to(device)
         for hook in logits_hooks:
             logits = hook(history, logits)
         if params.repetition_penalty != 1.0:

@@ -99,3 +99,86 @@ def test_generate_reserves_what_it_uses(monkeypatch, largest_cache, name):
     next(steps)
     steps.close()
     assert 0 < largest_cache[0] <= 1024
+
+
+# ---- logits from an output layer on another device --------------------------------------------------------
+class OnOtherDevice(torch.Tensor):
+    """A tensor on "another GPU": an op mixing it with an ordinary (non-scalar) tensor raises, as CUDA does for
+    cuda:1 with cuda:0; .to(a device) brings it over. (A CPU has no second device, and the meta device cannot
+    be copied back from.)"""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        flat = list(args) + list(kwargs.values())
+        flat += [x for a in flat if isinstance(a, (list, tuple)) for x in a]
+        if func in (torch.Tensor.to,) and any(isinstance(a, (torch.device, str)) for a in flat[1:]):
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs).as_subclass(torch.Tensor)
+        if any(type(a) is torch.Tensor and a.dim() > 0 for a in flat):
+            raise RuntimeError(f"Expected all tensors to be on the same device ({func.__name__})")
+        if any(isinstance(a, torch.Generator) for a in flat):  # seeded generators live on the ids' device
+            raise RuntimeError(f"Expected a generator of this tensor's device ({func.__name__})")
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+@pytest.fixture
+def output_on_other_device(monkeypatch):
+    """Makes a loaded model's logits come back on "another GPU"."""
+    def patch(model):
+        forward = model.transformer.forward
+
+        def split_forward(*args, **kwargs):
+            out = forward(*args, **kwargs)
+            out.logits = out.logits.as_subclass(OnOtherDevice)
+            return out
+
+        monkeypatch.setattr(model.transformer, "forward", split_forward)
+    return patch
+
+
+def test_the_stand_in_device_refuses_mixing():
+    a = torch.ones(3).as_subclass(OnOtherDevice)
+    with pytest.raises(RuntimeError, match="same device"):
+        a + torch.ones(3)
+    with pytest.raises(RuntimeError, match="generator"):
+        torch.multinomial(a, 1, generator=torch.Generator())
+    assert type(a.to("cpu")) is torch.Tensor and type(a.float() * 2) is OnOtherDevice
+
+
+@pytest.mark.parametrize("name", ["chatglm2-tiny", "chatglm3-tiny", "chatglm1-tiny"])
+@pytest.mark.parametrize("sampling", [dict(do_sample=False), dict(do_sample=True, seed=7, repetition_penalty=1.2)])
+def test_generation_with_the_output_layer_on_another_device(output_on_other_device, name, sampling):
+    model, tokenizer = loaded(name)
+    ids = torch.tensor([tokenizer.encode("你好")] * 2)
+    expected = model.generate(ids, max_new_tokens=8, **sampling)
+    output_on_other_device(model)
+    assert torch.equal(model.generate(ids, max_new_tokens=8, **sampling), expected)
+    expected_chat = model.chat(tokenizer, "你好", do_sample=False, max_new_tokens=8)
+    assert model.chat(tokenizer, "你好", do_sample=False, max_new_tokens=8) == expected_chat
+
+
+@pytest.mark.parametrize("name", ["chatglm2-tiny", "chatglm1-tiny"])
+def test_engine_with_the_output_layer_on_another_device(output_on_other_device, name):
+    from model.engine import Engine, GenerationRequest
+    from model.generation import SamplingParams
+
+    model, tokenizer = loaded(name)
+    stops = tuple(tokenizer.reply_stop_ids())
+    short, long = tokenizer.encode("你好"), tokenizer.encode("你好" * 20)
+    requests = [GenerationRequest(short, SamplingParams(), 6, stops),
+                GenerationRequest(long, SamplingParams(do_sample=True, seed=3), 6, stops)]
+
+    def run():
+        engine = Engine(model, tokenizer, max_queue=4, prefill_chunk=8)  # the long prompt is read in chunks
+        try:
+            handles = [engine.submit(r) for r in requests]
+            events = [list(h) for h in handles]
+        finally:
+            engine.close()
+        assert all(e[-1].error is None for e in events), [e[-1].error for e in events]
+        return ["".join(x.text for x in e) for e in events]
+
+    expected = run()
+    output_on_other_device(model)
+    assert run() == expected
