@@ -268,7 +268,7 @@ def load_weights(name_or_path: str, device=None, dtype=None, family: str | None 
     name -> GPU index or device) puts each tensor straight on its module's device and installs the hooks
     that move activations between devices.
     """
-    from .multigpu import as_torch_device, clean_device_map, device_for, dispatch
+    from .multigpu import as_torch_device, clean_device_map, device_for, dispatch, embedding_module
     from .quantization import quantize_weight, swap_linears
 
     path = resolve_model_dir(name_or_path, revision=revision)
@@ -280,7 +280,7 @@ def load_weights(name_or_path: str, device=None, dtype=None, family: str | None 
     model = build_empty_model(config)
     if device_map is not None:
         device_map = clean_device_map(device_map, model)
-        device = as_torch_device(device_for("transformer.embedding.word_embeddings.weight", device_map))
+        device = as_torch_device(device_for(embedding_module(config) + ".weight", device_map))
     device = pick_device(device)
     dtype = pick_dtype(dtype, device)
     bits = stored_bits or quantize

@@ -193,8 +193,9 @@ class ChatGLM1Model(nn.Module):
             cache.advance(T)
         if last_logits_only:
             x = x[:, -1:]
-        x = self.final_layernorm(x)
-        return ModelOutput(logits=F.linear(x, self.word_embeddings.weight),
+        weight = self.word_embeddings.weight  # tied output: on the embedding's device, wherever the norm ran
+        x = self.final_layernorm(x).to(weight.device)
+        return ModelOutput(logits=F.linear(x, weight),
                            past_key_values=cache if use_cache else None)
 
 
