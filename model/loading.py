@@ -313,7 +313,8 @@ def load_weights(name_or_path: str, device=None, dtype=None, family: str | None 
                 continue
             target = device if device_map is None else as_torch_device(device_for(name, device_map))
             if name in quantize_now:
-                q, scale = quantize_weight(tensor.to(dtype), bits)  # same result as quantize() after loading
+                # on the target device (a GPU does it in a moment), the same result as quantize() after loading
+                q, scale = quantize_weight(tensor.to(device=target, dtype=dtype), bits)
                 assign_tensor(model, name, q.to(target), filename)
                 name, tensor = name + "_scale", scale
                 seen.add(name.removesuffix("_scale"))
@@ -329,7 +330,7 @@ def load_weights(name_or_path: str, device=None, dtype=None, family: str | None 
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}; some weight "
                               f"file is missing or belongs to another model")
-    if stored_head is not None:
+    if stored_head is not None and not model.transformer.word_embeddings.weight.is_meta:
         embedding = model.transformer.word_embeddings.weight
         if not torch.equal(stored_head.to(embedding.device, embedding.dtype), embedding):
             logger.warning("%s: lm_head.weight differs from the word embeddings; ChatGLM-6B ties them and the "
@@ -340,6 +341,36 @@ def load_weights(name_or_path: str, device=None, dtype=None, family: str | None 
     model.name_or_path = str(name_or_path)
     model.config._name_or_path = str(name_or_path)
     return model
+
+
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def from_pretrained(name_or_path: str, *, family: str | None = None, dtype=None, device=None, device_map=None,
+                    revision: str | None = None, quantize: int | None = None):
+    """The model classes' from_pretrained, with Hugging Face's placement rules.
+
+    Neither device nor device_map: on the CPU, as transformers does, so that the original's small-GPU recipe
+    `from_pretrained(id).quantize(4).cuda()` never puts the whole float model on the GPU. device_map: a dict
+    (module name -> device), a strategy ("auto", "balanced", ...: the layers spread over every CUDA GPU, or
+    the one GPU, or the best device there is), or a device ("cuda:0", "cpu", 0).
+    """
+    from .multigpu import as_torch_device, auto_device_map
+
+    if device is None and device_map is None:
+        device = "cpu"
+    elif isinstance(device_map, str) and device_map in DEVICE_MAP_STRATEGIES:
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        device_map = None
+        if gpus >= 2:
+            path = resolve_model_dir(name_or_path, revision=revision)
+            device_map = auto_device_map(ChatGLMConfig.from_checkpoint_dir(path, family=family), gpus)
+        elif device is None:
+            device = "cuda" if gpus == 1 else "auto"
+    elif isinstance(device_map, (str, int, torch.device)):  # one device for everything
+        device, device_map = (device if device is not None else as_torch_device(device_map)), None
+    return load_weights(name_or_path, device=device, dtype=dtype, family=family, revision=revision,
+                        quantize=quantize, device_map=device_map)
 
 
 def _progress(total: int, desc: str, enabled: bool):

@@ -232,11 +232,12 @@ class ChatGLM1ForConditionalGeneration(ChatMixin, PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, dtype=None, torch_dtype=None, device=None,
-                        revision=None, **kwargs):
-        from .loading import load_weights
+                        device_map=None, revision=None, **kwargs):
+        from .loading import from_pretrained
 
-        return load_weights(pretrained_model_name_or_path, device=device, dtype=dtype or torch_dtype,
-                            family="chatglm1", revision=revision, quantize=kwargs.get("quantize"))
+        return from_pretrained(pretrained_model_name_or_path, family="chatglm1", dtype=dtype or torch_dtype,
+                               device=device, device_map=device_map, revision=revision,
+                               quantize=kwargs.get("quantize"))
 
     def quantize(self, bits: int, **kwargs):
         from .quantization import quantize

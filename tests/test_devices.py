@@ -182,3 +182,74 @@ def test_engine_with_the_output_layer_on_another_device(output_on_other_device, 
     expected = run()
     output_on_other_device(model)
     assert run() == expected
+
+
+# ---- from_pretrained: device_map, the CPU by default, quantizing on the target device ---------------------------
+def model_class(name):
+    from model.loading import build_empty_model
+    from model.config import ChatGLMConfig
+
+    return type(build_empty_model(ChatGLMConfig.from_checkpoint_dir(model_dir(name))))
+
+
+@pytest.mark.parametrize("name", ["chatglm2-tiny", "chatglm1-tiny"])
+def test_from_pretrained_follows_a_device_map(name):
+    from model.multigpu import layer_module
+
+    reference, tokenizer = loaded(name)
+    device_map = {m: "cpu" for m in ("transformer.embedding", "transformer.encoder.final_layernorm",
+                                     "transformer.output_layer", "transformer.word_embeddings",
+                                     "transformer.final_layernorm")}
+    device_map.update({layer_module(reference.config, i): "cpu" for i in range(reference.config.num_layers)})
+    device_map = {k: v for k, v in device_map.items() if k in dict(reference.named_modules())}
+    model = model_class(name).from_pretrained(model_dir(name), device_map=device_map, dtype=torch.float32)
+    assert hasattr(model.get_submodule(layer_module(model.config, 1)), "_hf_hook")  # dispatched as the map says
+    ids = torch.tensor([tokenizer.encode("你好")])
+    torch.testing.assert_close(model(ids).logits, reference(ids).logits)
+
+
+@pytest.mark.parametrize("strategy", ["auto", "balanced", "sequential"])
+def test_from_pretrained_device_map_strategies(monkeypatch, strategy):
+    import model.multigpu
+
+    cls = model_class("chatglm2-tiny")
+    # no GPU: the best device there is (the CPU here)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    loaded_model = cls.from_pretrained(model_dir("chatglm2-tiny"), device_map=strategy, dtype=torch.float32)
+    assert {p.device.type for p in loaded_model.parameters()} == {"cpu"}
+    # two GPUs (each standing in for by the CPU): the layers spread over them, embedding on the first
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    placed = []
+    real = model.multigpu.as_torch_device
+    monkeypatch.setattr(model.multigpu, "as_torch_device",
+                        lambda d: placed.append(d) or (torch.device("cpu") if isinstance(d, int) else real(d)))
+    split = cls.from_pretrained(model_dir("chatglm2-tiny"), device_map=strategy, dtype=torch.float32)
+    assert set(placed) == {0, 1} and hasattr(split.transformer.encoder.layers[1], "_hf_hook")
+
+
+@pytest.mark.parametrize("name", ["chatglm2-tiny", "chatglm1-tiny"])
+def test_from_pretrained_loads_on_the_cpu_even_with_a_gpu(monkeypatch, name):
+    # AutoModel.from_pretrained(id).quantize(4).cuda(): the float model must not go to the (6 GB) GPU first
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    model = model_class(name).from_pretrained(model_dir(name), dtype=torch.float32)
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    from model import load_model
+
+    reference, tokenizer = load_model(model_dir(name), device="cpu", dtype="float32", quantize=4)
+    ids = torch.tensor([tokenizer.encode("你好")])
+    torch.testing.assert_close(model.quantize(4)(ids).logits, reference(ids).logits)
+
+
+@pytest.mark.parametrize("name", ["chatglm2-tiny", "chatglm1-tiny"])
+def test_quantize_while_loading_runs_on_the_target_device(monkeypatch, name):
+    import model.quantization
+    from model import load_model
+
+    devices = []
+    real = model.quantization.quantize_weight
+    monkeypatch.setattr(model.quantization, "quantize_weight", lambda w, bits: devices.append(w.device) or real(w, bits))
+    meta, _ = load_model(model_dir(name), device="meta", dtype="float16", quantize=4)
+    assert devices and set(devices) == {torch.device("meta")}  # not the CPU, then copied
+    assert {p.device.type for p in meta.parameters()} == {"meta"}
