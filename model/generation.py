@@ -171,10 +171,12 @@ def generate_tokens(model, input_ids: torch.Tensor, *, max_new_tokens: int, para
         token = next_token(logits, params, generator)
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         yield token
-        if stop.numel():
-            finished |= is_in(token, stop)
-        if step == max_new_tokens - 1 or bool(finished.all()):
+        if step == max_new_tokens - 1:
             return
+        if stop.numel():  # without stop ids no row finishes: no need to wait for the device to tell
+            finished |= is_in(token, stop)
+            if bool(finished.all()):
+                return
         ids = token[:, None]
         positions = next_position_ids(model, positions)
         if attention_mask is not None:
