@@ -63,7 +63,7 @@ def test_chat_reserves_what_the_turn_uses_not_the_whole_context(monkeypatch, lar
     model, tokenizer = loaded(name)
     long_context(monkeypatch, model)
     stream = model.stream_chat(tokenizer, "你好", do_sample=False, return_past_key_values=True)
-    for step, (_, _, cache) in zip(range(3), stream):
+    for _, (_, _, cache) in zip(range(3), stream):
         assert cache.capacity <= 1024
     stream.close()
     assert 0 < largest_cache[0] <= 1024

@@ -42,7 +42,7 @@ def meta_model(request):
     return on_meta(*request.param)
 
 
-def prompts(tokenizer, texts, pad_left=True):
+def prompts(tokenizer, texts):
     """(ids on the CPU, their attention mask) for prompts left-padded to one length."""
     rows = [tokenizer.encode(t) for t in texts]
     width = max(map(len, rows))
