@@ -10,7 +10,7 @@ from typing import Iterator
 import torch
 
 from .cache import KVCache
-from .generation import SamplingParams, generate_tokens
+from .generation import DECODE_ROOM, SamplingParams, generate_tokens
 from .tokenizer import ChatGLMTokenizer, StreamDecoder
 
 TRAINING_TIME = ("[[训练时间]]", "2023年")
@@ -139,7 +139,8 @@ class ChatMixin:
                 input_ids = tokenizer.encode(tokenizer.build_prompt(query, history))
         stop_ids = tokenizer.reply_stop_ids()
         if cache is None:
-            cache = KVCache.for_model(self.config, 1, self.dtype, self.device, capacity=len(input_ids) + 256)
+            cache = KVCache.for_model(self.config, 1, self.dtype, self.device,
+                                      capacity=len(input_ids) + DECODE_ROOM)
         context = cache.length + len(input_ids)
         max_length = self.config.seq_length if max_length is None else max_length
         budget = max_length - context

@@ -24,12 +24,13 @@ TORCH_VERSION = parse_version(torch.__version__)
 
 
 def code_path(device: torch.device) -> str:
-    """The device type whose branches tensors on `device` take: its own, or on a CPU the forced one."""
-    if device.type != "cpu":
+    """The device type whose branches tensors on `device` take: its own, or on a CPU (or torch's meta device,
+    which tests run the model on to catch tensors made on the wrong device) the forced one."""
+    if device.type not in ("cpu", "meta"):
         return device.type
     forced = os.environ.get(FORCE_ENV, "").strip().lower()
     if forced in ("", "0", "false", "no", "cpu"):
-        return "cpu"
+        return device.type
     if forced in ("1", "true", "yes", "cuda"):
         return "cuda"
     if forced == "mps":

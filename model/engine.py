@@ -134,6 +134,7 @@ class _Sequence:
         self.stop_ids = set(request.stop_ids)
         self.budget = min(request.max_new_tokens, engine.context_length - len(request.input_ids))
         self.history = list(request.input_ids)  # prompt and generated ids, for penalties
+        self.device = device  # of the ids, the generator and the sampling; the logits are moved here
         self.generator = make_generator(request.params.seed, device)
         self.decoder = StreamDecoder(engine.tokenizer)
         self.hooks = []
@@ -147,6 +148,7 @@ class _Sequence:
 
     def sample(self, logits: torch.Tensor) -> int:
         """(1, vocab) float logits of this sequence -> its next id (exactly as generate_tokens does)."""
+        logits = logits.to(self.device)  # from an output layer on another GPU than the embedding
         if self.hooks or self.params.repetition_penalty != 1.0:
             seen = torch.tensor([self.history], device=logits.device)
             for hook in self.hooks:

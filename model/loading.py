@@ -69,13 +69,24 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     return device
 
 
+def cuda_native_bf16(device: torch.device) -> bool:
+    """Whether the CUDA GPU `device` computes in bf16 natively: compute capability 8.0 (Ampere) or newer.
+    torch.cuda.is_bf16_supported() also says yes on pre-Ampere GPUs (T4, V100, RTX 20xx), where bf16 is
+    emulated and slow, and it asks only about the current GPU."""
+    if torch.version.hip is not None:  # ROCm: torch's answer is about the hardware
+        return torch.cuda.is_bf16_supported()
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index) >= (8, 0)
+
+
 def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """'auto'/None -> bf16 (or fp16) on GPU, fp16 on MPS, bf16 on CPUs with native bf16, else fp32."""
+    """'auto'/None -> bf16 on Ampere+ GPUs (fp16 on older ones), fp16 on MPS, bf16 on CPUs with native bf16,
+    else fp32."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None or dtype == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if cuda_native_bf16(device) else torch.float16
         if device.type == "mps":
             return torch.float16
         return torch.bfloat16 if kernels.native_bf16_gemm() else torch.float32
@@ -257,7 +268,7 @@ def load_weights(name_or_path: str, device=None, dtype=None, family: str | None 
     name -> GPU index or device) puts each tensor straight on its module's device and installs the hooks
     that move activations between devices.
     """
-    from .multigpu import as_torch_device, clean_device_map, device_for, dispatch
+    from .multigpu import as_torch_device, clean_device_map, device_for, dispatch, embedding_module
     from .quantization import quantize_weight, swap_linears
 
     path = resolve_model_dir(name_or_path, revision=revision)
@@ -269,7 +280,7 @@ def load_weights(name_or_path: str, device=None, dtype=None, family: str | None 
     model = build_empty_model(config)
     if device_map is not None:
         device_map = clean_device_map(device_map, model)
-        device = as_torch_device(device_for("transformer.embedding.word_embeddings.weight", device_map))
+        device = as_torch_device(device_for(embedding_module(config) + ".weight", device_map))
     device = pick_device(device)
     dtype = pick_dtype(dtype, device)
     bits = stored_bits or quantize
@@ -302,7 +313,8 @@ def load_weights(name_or_path: str, device=None, dtype=None, family: str | None 
                 continue
             target = device if device_map is None else as_torch_device(device_for(name, device_map))
             if name in quantize_now:
-                q, scale = quantize_weight(tensor.to(dtype), bits)  # same result as quantize() after loading
+                # on the target device (a GPU does it in a moment), the same result as quantize() after loading
+                q, scale = quantize_weight(tensor.to(device=target, dtype=dtype), bits)
                 assign_tensor(model, name, q.to(target), filename)
                 name, tensor = name + "_scale", scale
                 seen.add(name.removesuffix("_scale"))
@@ -318,7 +330,7 @@ def load_weights(name_or_path: str, device=None, dtype=None, family: str | None 
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}; some weight "
                               f"file is missing or belongs to another model")
-    if stored_head is not None:
+    if stored_head is not None and not model.transformer.word_embeddings.weight.is_meta:
         embedding = model.transformer.word_embeddings.weight
         if not torch.equal(stored_head.to(embedding.device, embedding.dtype), embedding):
             logger.warning("%s: lm_head.weight differs from the word embeddings; ChatGLM-6B ties them and the "
@@ -329,6 +341,36 @@ def load_weights(name_or_path: str, device=None, dtype=None, family: str | None 
     model.name_or_path = str(name_or_path)
     model.config._name_or_path = str(name_or_path)
     return model
+
+
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def from_pretrained(name_or_path: str, *, family: str | None = None, dtype=None, device=None, device_map=None,
+                    revision: str | None = None, quantize: int | None = None):
+    """The model classes' from_pretrained, with Hugging Face's placement rules.
+
+    Neither device nor device_map: on the CPU, as transformers does, so that the original's small-GPU recipe
+    `from_pretrained(id).quantize(4).cuda()` never puts the whole float model on the GPU. device_map: a dict
+    (module name -> device), a strategy ("auto", "balanced", ...: the layers spread over every CUDA GPU, or
+    the one GPU, or the best device there is), or a device ("cuda:0", "cpu", 0).
+    """
+    from .multigpu import as_torch_device, auto_device_map
+
+    if device is None and device_map is None:
+        device = "cpu"
+    elif isinstance(device_map, str) and device_map in DEVICE_MAP_STRATEGIES:
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        device_map = None
+        if gpus >= 2:
+            path = resolve_model_dir(name_or_path, revision=revision)
+            device_map = auto_device_map(ChatGLMConfig.from_checkpoint_dir(path, family=family), gpus)
+        elif device is None:
+            device = "cuda" if gpus == 1 else "auto"
+    elif isinstance(device_map, (str, int, torch.device)):  # one device for everything
+        device, device_map = (device if device is not None else as_torch_device(device_map)), None
+    return load_weights(name_or_path, device=device, dtype=dtype, family=family, revision=revision,
+                        quantize=quantize, device_map=device_map)
 
 
 def _progress(total: int, desc: str, enabled: bool):

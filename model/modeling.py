@@ -365,13 +365,13 @@ class ChatGLMForConditionalGeneration(ChatMixin, PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, dtype=None, torch_dtype=None,
                         device=None, device_map=None, family=None, revision=None, **kwargs):
-        """Load a checkpoint directory or Hub id (no remote code); see model.load_model for the options."""
-        from .loading import load_weights
+        """Load a checkpoint directory or Hub id (no remote code); on the CPU unless device / device_map say
+        otherwise (see model.loading.from_pretrained); see model.load_model for the other options."""
+        from .loading import from_pretrained
 
-        device = device if device is not None else (device_map if isinstance(device_map, str) else None)
-        return load_weights(pretrained_model_name_or_path, device=device, dtype=dtype or torch_dtype,
-                            family=family or getattr(config, "family", None), revision=revision,
-                            quantize=kwargs.get("quantize"))
+        return from_pretrained(pretrained_model_name_or_path, family=family or getattr(config, "family", None),
+                               dtype=dtype or torch_dtype, device=device, device_map=device_map, revision=revision,
+                               quantize=kwargs.get("quantize"))
 
     def quantize(self, bits: int, **kwargs) -> "ChatGLMForConditionalGeneration":
         """Weight-only quantization of every block's linears to 4 or 8 bits, in place (as the original)."""

@@ -193,8 +193,9 @@ class ChatGLM1Model(nn.Module):
             cache.advance(T)
         if last_logits_only:
             x = x[:, -1:]
-        x = self.final_layernorm(x)
-        return ModelOutput(logits=F.linear(x, self.word_embeddings.weight),
+        weight = self.word_embeddings.weight  # tied output: on the embedding's device, wherever the norm ran
+        x = self.final_layernorm(x).to(weight.device)
+        return ModelOutput(logits=F.linear(x, weight),
                            past_key_values=cache if use_cache else None)
 
 
@@ -231,11 +232,12 @@ class ChatGLM1ForConditionalGeneration(ChatMixin, PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, dtype=None, torch_dtype=None, device=None,
-                        revision=None, **kwargs):
-        from .loading import load_weights
+                        device_map=None, revision=None, **kwargs):
+        from .loading import from_pretrained
 
-        return load_weights(pretrained_model_name_or_path, device=device, dtype=dtype or torch_dtype,
-                            family="chatglm1", revision=revision, quantize=kwargs.get("quantize"))
+        return from_pretrained(pretrained_model_name_or_path, family="chatglm1", dtype=dtype or torch_dtype,
+                               device=device, device_map=device_map, revision=revision,
+                               quantize=kwargs.get("quantize"))
 
     def quantize(self, bits: int, **kwargs):
         from .quantization import quantize

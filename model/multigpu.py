@@ -11,27 +11,47 @@ from .config import ChatGLMConfig
 logger = logging.getLogger(__name__)
 
 FIRST_DEVICE_MODULES = ("transformer.embedding", "transformer.encoder.final_layernorm", "transformer.output_layer")
+# ChatGLM-6B: the output is the word-embedding matrix (tied), so the final norm goes with it
+FIRST_DEVICE_MODULES_V1 = ("transformer.word_embeddings", "transformer.final_layernorm")
 ORIGINAL_ONLY_KEYS = ("transformer.rotary_pos_emb", "lm_head")  # names in the original's maps we do not have
 
 
-def _layer_params(config: ChatGLMConfig) -> int:
-    h, f = config.hidden_size, config.ffn_hidden_size
+def _v1(config) -> bool:
+    return getattr(config, "family", None) == "chatglm1"
+
+
+def embedding_module(config) -> str:
+    """The name of the word-embedding module: where inputs enter, the model's main device."""
+    return FIRST_DEVICE_MODULES_V1[0] if _v1(config) else FIRST_DEVICE_MODULES[0]
+
+
+def layer_module(config, i: int) -> str:
+    return f"transformer.layers.{i}" if _v1(config) else f"transformer.encoder.layers.{i}"
+
+
+def _layer_params(config) -> int:
+    h = config.hidden_size
+    if _v1(config):  # qkv, dense, two MLP linears with biases, two LayerNorms
+        f = config.inner_hidden_size
+        return h * 3 * h + 3 * h + h * h + h + 2 * h * f + f + h + 4 * h
+    f = config.ffn_hidden_size
     qkv = h * (h + 2 * config.num_kv_heads * config.kv_channels)
     return qkv + h * h + h * 2 * f + f * h + 2 * h
 
 
-def auto_device_map(config: ChatGLMConfig, num_gpus: int) -> dict[str, int]:
+def auto_device_map(config, num_gpus: int) -> dict[str, int]:
     """Embeddings, final norm and output layer on GPU 0; layers in order so every GPU holds about as many
-    parameters (for the 6B shape on 2 GPUs: layers 0-12 on GPU 0, 13-27 on GPU 1, as the original)."""
+    parameters (for the 6B shapes on 2 GPUs: layers 0-12 on GPU 0, 13-27 on GPU 1, as the original)."""
     if num_gpus < 1:
         raise ValueError(f"num_gpus must be at least 1, got {num_gpus}")
     layer = _layer_params(config)
-    first = 2 * config.padded_vocab_size * config.hidden_size + config.hidden_size
+    tied = _v1(config)
+    first = (1 if tied else 2) * config.padded_vocab_size * config.hidden_size + config.hidden_size
     share = (first + config.num_layers * layer) / num_gpus
-    device_map: dict[str, int] = {name: 0 for name in FIRST_DEVICE_MODULES}
+    device_map: dict[str, int] = {name: 0 for name in (FIRST_DEVICE_MODULES_V1 if tied else FIRST_DEVICE_MODULES)}
     for i in range(config.num_layers):
         middle = first + (i + 0.5) * layer  # a layer goes where its middle falls in the running total
-        device_map[f"transformer.encoder.layers.{i}"] = min(num_gpus - 1, int(middle // share))
+        device_map[layer_module(config, i)] = min(num_gpus - 1, int(middle // share))
     return device_map
 
 
@@ -93,6 +113,6 @@ def dispatch(model, device_map: dict):
     from accelerate import dispatch_model
 
     placed = {k: as_torch_device(v) for k, v in device_map.items()}
-    main = placed.get("transformer.embedding", next(iter(placed.values())))
+    main = as_torch_device(device_for(embedding_module(model.config) + ".weight", device_map))
     # force_hooks: the same code path whether the map names one device or several (and testable on a CPU)
     return dispatch_model(model, device_map=placed, main_device=main, force_hooks=True)

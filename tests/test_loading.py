@@ -214,7 +214,7 @@ def test_transformers_auto_classes_without_remote_code():
     model = AutoModel.from_pretrained(path, dtype=torch.float32)
     assert type(model).__name__ == "ChatGLMForConditionalGeneration"
     assert type(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)) is type(model)
-    ref, _ = loaded("chatglm3-tiny")  # on the CPU; model is on the best device there is
+    ref, _ = loaded("chatglm3-tiny")  # on the CPU, as model (from_pretrained's default, as transformers')
     inputs = tokenizer(["你好"], return_tensors="pt")
     got = model.generate(**inputs.to(model.device), max_new_tokens=6).cpu()
     assert torch.equal(got, ref.generate(**inputs.to("cpu"), max_new_tokens=6))

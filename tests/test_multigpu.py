@@ -74,3 +74,33 @@ def test_one_gpu_or_fewer_loads_on_one_device():
     model = load_model_on_gpus(model_dir("chatglm2-tiny"), num_gpus=1, device="cpu", dtype="float32")
     assert not hasattr(model.transformer.encoder.layers[0], "_hf_hook")
     assert {p.device.type for p in model.parameters()} == {"cpu"}
+
+
+SIX_B_V1 = dict(num_layers=28, hidden_size=4096, num_attention_heads=32, inner_hidden_size=16384, vocab_size=130528)
+
+
+def test_chatglm1_two_gpus_split_like_the_original():
+    from model.config_v1 import ChatGLM1Config
+
+    device_map = auto_device_map(ChatGLM1Config(**SIX_B_V1), 2)
+    # the original's ChatGLM-6B helper: embeddings and final norm on GPU 0 (the output is the embedding), 13 + 15
+    assert device_map["transformer.word_embeddings"] == 0 and device_map["transformer.final_layernorm"] == 0
+    assert [device_map[f"transformer.layers.{i}"] for i in range(28)] == [0] * 13 + [1] * 15
+    assert len(device_map) == 30
+
+
+def test_chatglm1_split_over_gpus_loads_and_chats(monkeypatch):
+    from model.multigpu import device_map_for
+    from utils import load_model_on_gpus
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    gpu_map = device_map_for(model_dir("chatglm1-tiny"), 2)  # --num-gpus 2
+    assert set(gpu_map.values()) == {0, 1} and gpu_map["transformer.final_layernorm"] == 0
+    reference, tokenizer = loaded("chatglm1-tiny")
+    cpu_map = {name: "cpu" for name in gpu_map}  # the same split, every "GPU" the CPU
+    model = load_model_on_gpus(model_dir("chatglm1-tiny"), device_map=cpu_map, dtype="float32")
+    assert hasattr(model.transformer.layers[1], "_hf_hook")
+    ids = torch.tensor([tokenizer.encode("你好")])
+    torch.testing.assert_close(model(ids).logits, reference(ids).logits)
+    assert model.chat(tokenizer, "你好", do_sample=False, max_new_tokens=8) == \
+        reference.chat(tokenizer, "你好", do_sample=False, max_new_tokens=8)

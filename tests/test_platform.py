@@ -62,7 +62,11 @@ def test_code_path_switch(monkeypatch):
     monkeypatch.setenv("CHATGLM_FORCE_GPU_PATHS", "tpu")
     with pytest.raises(ValueError, match="CHATGLM_FORCE_GPU_PATHS"):
         code_path(cpu)
-    assert code_path(torch.device("meta")) == "meta"  # only CPU tensors are redirected
+    # meta tensors too (tests/test_meta.py runs the GPU branches on meta); GPU tensors never
+    monkeypatch.setenv("CHATGLM_FORCE_GPU_PATHS", "mps")
+    assert code_path(torch.device("meta")) == "mps" and code_path(torch.device("cuda")) == "cuda"
+    monkeypatch.delenv("CHATGLM_FORCE_GPU_PATHS")
+    assert code_path(torch.device("meta")) == "meta"
     assert parse_version("2.13.0+cpu") == (2, 13) and parse_version("2.10.0a0+git1234") == (2, 10)
 
 
