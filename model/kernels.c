@@ -11,11 +11,21 @@
  * float32 matmul of x with the dequantized weight up to summation order.
  * Every exported function returns 0, NO_BF16 or NO_MEMORY (model/kernels.py raises for the last two) and
  * trusts its sizes: model/kernels.py checks them against the tensors first.
+ *
+ * Several rows of x (a batch of sequences decoding together) share each read of the weights: the tiles loop
+ * over the rows of x while their weight rows are in cache. On CPUs with AMX (and the OS granting its tile
+ * state) the integer and bf16 kernels multiply 16 weight rows with up to 16 rows of x per tile instruction,
+ * so up to decode_rows() rows cost about what one row costs: the time to stream the weights.
  */
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AMX_INT8__) && defined(__AMX_BF16__) && defined(__AVX512VNNI__) && defined(__AVX512BF16__)
+#define HAVE_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #define ROWS 4  /* output rows per tile: independent accumulator chains and shared loads of x */
 /* Software prefetch of the rows this many ahead: a tile reads ROWS short row streams at once, too short for
@@ -30,6 +40,21 @@
 int chatglm_kernels_abi(void) { return 7; }
 
 static inline float nibble_value(unsigned v) { return (float)((int)(v & 15u) - (int)((v & 8u) << 1)); }
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {  /* round to nearest even, as torch; NaN stays NaN */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
 
 static inline void finish_row(float *y, long n, float acc, const float *scale, const float *bias) {
     float v = scale ? acc * scale[n] : acc;
@@ -64,14 +89,10 @@ static void q8_tile(const float *x, int K, const int8_t *w, long n0, int rows, c
 
 int gemv_q8(const float *x, int M, int K, const int8_t *w, int N, const float *scale, const float *bias,
             float *y) {
-    for (int m = 0; m < M; m++) {
-        const float *xm = x + (long)m * K;
-        float *ym = y + (long)m * N;
 #pragma omp parallel for schedule(static)
-        for (long n0 = 0; n0 < N; n0 += ROWS) {
-            int rows = N - n0 < ROWS ? (int)(N - n0) : ROWS;
-            q8_tile(xm, K, w, n0, rows, scale, bias, ym);
-        }
+    for (long n0 = 0; n0 < N; n0 += ROWS) {  /* every row of x while the tile's weights are in cache */
+        int rows = N - n0 < ROWS ? (int)(N - n0) : ROWS;
+        for (int m = 0; m < M; m++) q8_tile(x + (long)m * K, K, w, n0, rows, scale, bias, y + (long)m * N);
     }
     return 0;
 }
@@ -107,22 +128,215 @@ static void q4_tile(const float *xe, const float *xo, int K2, const uint8_t *w, 
 int gemv_q4(const float *x, int M, int K, const uint8_t *w, int N, const float *scale, const float *bias,
             float *y) {
     int K2 = K / 2;
-    float *buf = (float *)malloc(sizeof(float) * (size_t)K);
+    float *buf = (float *)malloc(sizeof(float) * (size_t)M * (size_t)K);  /* per row m: xe [K2], xo [K2] */
     if (!buf) return NO_MEMORY;
-    float *xe = buf, *xo = buf + K2;
-    for (int m = 0; m < M; m++) {
-        const float *xm = x + (long)m * K;
-        float *ym = y + (long)m * N;
-        for (int j = 0; j < K2; j++) { xe[j] = xm[2 * j]; xo[j] = xm[2 * j + 1]; }
+    for (long m = 0; m < M; m++)
+        for (int j = 0; j < K2; j++) { buf[m * K + j] = x[m * K + 2 * j]; buf[m * K + K2 + j] = x[m * K + 2 * j + 1]; }
 #pragma omp parallel for schedule(static)
-        for (long n0 = 0; n0 < N; n0 += ROWS) {
-            int rows = N - n0 < ROWS ? (int)(N - n0) : ROWS;
-            q4_tile(xe, xo, K2, w, n0, rows, scale, bias, ym);
-        }
+    for (long n0 = 0; n0 < N; n0 += ROWS) {
+        int rows = N - n0 < ROWS ? (int)(N - n0) : ROWS;
+        for (long m = 0; m < M; m++) q4_tile(buf + m * K, buf + m * K + K2, K2, w, n0, rows, scale, bias, y + m * N);
     }
     free(buf);
     return 0;
 }
+
+/* ---------------------------------------------------------------- AMX: 16 weight rows x up to 16 rows of x
+ * For several rows of x (a batch decoding together): one tile instruction multiplies 16 weight rows with up to
+ * 16 rows of x, so the weights are read once per call and the arithmetic stays far below the time to read
+ * them. The integer kernels form the same exact integer dot products as the AVX512-VNNI tiles below (and so
+ * the same results); the bf16 one sums in float32 in its own order, and is used for every row count (and the
+ * same rows) so that a row's result does not depend on the batch it is in.
+ * Each returns how many leading output rows (a multiple of 16) it wrote, 0 when AMX is not usable (the
+ * caller does them all), or -1 when out of memory. */
+#ifdef HAVE_AMX
+#define AMX_PREFETCH 512 /* bytes ahead on each of a tile's 16 weight rows */
+
+typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } tile_config;
+
+static int amx_usable(void) {  /* Linux grants a process the AMX tile state on request (once) */
+    static int state;  /* 0: not asked yet, 1: granted, -1: refused */
+    if (!state) state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) ? -1 : 1;
+    return state > 0;
+}
+
+/* Tiles for m rows of x: 0, 1 accumulators (16 weight rows x m 32-bit sums), 2, 3 weights (16 rows of 64
+ * bytes), 4..7 x (16 rows of 4m bytes: 64 bytes of each row of x, 4 bytes of each in turn per tile row). */
+static void configure_tiles(int m) {
+    tile_config c __attribute__((aligned(64)));
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; t++) { c.rows[t] = 16; c.colsb[t] = t == 2 || t == 3 ? 64 : 4 * m; }
+    _tile_loadconfig(&c);
+}
+
+/* m rows of x (`bytes` each, `stride` apart, each byte XOR `flip`) in the layout of tiles 4..7: per 64 bytes
+ * of the rows, 16 tile rows of 4m bytes; tile row t holds bytes 4t..4t+3 of each row of x in turn. */
+static void pack_x(uint8_t *dst, const uint8_t *src, long stride, int m, long bytes, uint8_t flip) {
+    for (long i = 0; i < m; i++)
+        for (long c = 0; c < bytes; c++) dst[(c / 4) * 4 * m + i * 4 + c % 4] = src[i * stride + c] ^ flip;
+}
+
+static inline void prefetch_rows(const void *a, long stride) {
+    for (int r = 0; r < 16; r++) _mm_prefetch((const char *)a + r * stride + AMX_PREFETCH, _MM_HINT_T0);
+}
+
+/* int8: x_q = 256 hi + lo with hi = (x_q + 32768 >> 8) - 128 signed and lo unsigned (xh, xl as the VNNI
+ * kernel's digits): dot = 256 dot(w, hi) + dot(w, lo). */
+static long amx_q8v(const uint8_t *xh, const uint8_t *xl, const int32_t *xq, const float *sx, int M, int K,
+                    const int8_t *w, int N, const float *scale, const float *bias, float *y) {
+    const long covered = K / 64 * 64, groups = N / 16 * 16;
+    if (!covered || !groups || !amx_usable()) return 0;
+    uint8_t *b = (uint8_t *)malloc((size_t)covered * 16 * 2);
+    if (!b) return -1;
+    for (int m0 = 0; m0 < M; m0 += 16) {
+        const int m = M - m0 < 16 ? M - m0 : 16;
+        uint8_t *bh = b, *bl = b + covered * m;
+        pack_x(bh, xh + (long)m0 * K, K, m, covered, 0x80);
+        pack_x(bl, xl + (long)m0 * K, K, m, covered, 0);
+#pragma omp parallel
+        {
+            int32_t ch[256], cl[256];
+            configure_tiles(m);
+#pragma omp for schedule(static)
+            for (long n0 = 0; n0 < groups; n0 += 16) {
+                const int8_t *a = w + n0 * K;
+                _tile_zero(0);
+                _tile_zero(1);
+                for (long k = 0; k < covered; k += 64) {
+                    prefetch_rows(a + k, K);
+                    _tile_loadd(2, a + k, K);
+                    _tile_loadd(4, bh + k * m, 4 * m);
+                    _tile_loadd(5, bl + k * m, 4 * m);
+                    _tile_dpbssd(0, 2, 4);
+                    _tile_dpbsud(1, 2, 5);
+                }
+                _tile_stored(0, ch, 4 * m);
+                _tile_stored(1, cl, 4 * m);
+                for (int r = 0; r < 16; r++)
+                    for (int i = 0; i < m; i++) {
+                        const int32_t *q = xq + (long)(m0 + i) * K;
+                        int64_t dot = 256 * (int64_t)ch[r * m + i] + cl[r * m + i];
+                        for (long kk = covered; kk < K; kk++) dot += (int64_t)a[r * (long)K + kk] * q[kk];
+                        finish_row(y + (long)(m0 + i) * N, n0 + r, (float)dot * sx[m0 + i], scale, bias);
+                    }
+            }
+            _tile_release();
+        }
+    }
+    free(b);
+    return groups;
+}
+
+/* int4: the VNNI kernel's operands: u = nibble ^ 8 (unsigned, even and odd columns apart) against x_q's
+ * de-interleaved digits (per row of x: xeh, xel, xoh, xol [K/2], in `digits`); dot = 128 dot(u, hi) +
+ * dot(u, lo) - 8 sum(x_q). */
+static long amx_q4v(const int8_t *digits, const int32_t *xq, const int64_t *xqsum, const float *sx, int M, int K,
+                    const uint8_t *w, int N, const float *scale, const float *bias, float *y) {
+    const long K2 = K / 2, covered = K2 / 64 * 64, groups = N / 16 * 16;
+    if (!covered || !groups || !amx_usable()) return 0;
+    uint8_t *b = (uint8_t *)malloc((size_t)covered * 16 * 4);
+    if (!b) return -1;
+    for (int m0 = 0; m0 < M; m0 += 16) {
+        const int m = M - m0 < 16 ? M - m0 : 16;
+        const long part = covered * m;
+        for (int d = 0; d < 4; d++)
+            pack_x(b + d * part, (const uint8_t *)digits + (long)m0 * 4 * K2 + d * K2, 4 * K2, m, covered, 0);
+#pragma omp parallel
+        {
+            int32_t ch[256], cl[256];
+            uint8_t ue[1024] __attribute__((aligned(64))), uo[1024] __attribute__((aligned(64)));
+            const __m512i flip = _mm512_set1_epi8((char)0x88), nib = _mm512_set1_epi8(0x0f);
+            configure_tiles(m);
+#pragma omp for schedule(static)
+            for (long n0 = 0; n0 < groups; n0 += 16) {
+                const uint8_t *a = w + n0 * K2;
+                _tile_zero(0);
+                _tile_zero(1);
+                for (long j = 0; j < covered; j += 64) {
+                    prefetch_rows(a + j, K2);
+                    for (int r = 0; r < 16; r++) {
+                        __m512i v = _mm512_xor_si512(_mm512_loadu_si512((const void *)(a + r * K2 + j)), flip);
+                        _mm512_store_si512((void *)(ue + 64 * r), _mm512_and_si512(_mm512_srli_epi16(v, 4), nib));
+                        _mm512_store_si512((void *)(uo + 64 * r), _mm512_and_si512(v, nib));
+                    }
+                    _tile_loadd(2, ue, 64);
+                    _tile_loadd(3, uo, 64);
+                    _tile_loadd(4, b + j * m, 4 * m);
+                    _tile_loadd(5, b + part + j * m, 4 * m);
+                    _tile_loadd(6, b + 2 * part + j * m, 4 * m);
+                    _tile_loadd(7, b + 3 * part + j * m, 4 * m);
+                    _tile_dpbusd(0, 2, 4);
+                    _tile_dpbusd(0, 3, 6);
+                    _tile_dpbusd(1, 2, 5);
+                    _tile_dpbusd(1, 3, 7);
+                }
+                _tile_stored(0, ch, 4 * m);
+                _tile_stored(1, cl, 4 * m);
+                for (int r = 0; r < 16; r++)
+                    for (int i = 0; i < m; i++) {
+                        const uint8_t *wr = a + r * K2;
+                        const int32_t *q = xq + (long)(m0 + i) * K;
+                        int64_t dot = 128 * (int64_t)ch[r * m + i] + cl[r * m + i] - 8 * xqsum[m0 + i];
+                        for (long jj = covered; jj < K2; jj++)
+                            dot += (int64_t)nibble_value(wr[jj] >> 4) * q[2 * jj] + (int64_t)nibble_value(wr[jj]) * q[2 * jj + 1];
+                        finish_row(y + (long)(m0 + i) * N, n0 + r, (float)dot * sx[m0 + i], scale, bias);
+                    }
+            }
+            _tile_release();
+        }
+    }
+    free(b);
+    return groups;
+}
+
+/* bf16: bf16 pairs of the weight rows against pairs of x, summed in float32 */
+static long amx_bf16(const uint16_t *x, int M, int K, const uint16_t *w, int N, const float *bias, float *y) {
+    const long covered = K / 32 * 32, groups = N / 16 * 16;
+    if (!covered || !groups || !amx_usable()) return 0;
+    uint8_t *b = (uint8_t *)malloc((size_t)covered * 2 * 16);
+    if (!b) return -1;
+    for (int m0 = 0; m0 < M; m0 += 16) {
+        const int m = M - m0 < 16 ? M - m0 : 16;
+        pack_x(b, (const uint8_t *)(x + (long)m0 * K), 2L * K, m, 2 * covered, 0);
+#pragma omp parallel
+        {
+            float c[256];
+            configure_tiles(m);
+#pragma omp for schedule(static)
+            for (long n0 = 0; n0 < groups; n0 += 16) {
+                const uint16_t *a = w + n0 * K;
+                _tile_zero(0);
+                for (long k = 0; k < covered; k += 32) {
+                    prefetch_rows(a + k, 2L * K);
+                    _tile_loadd(2, a + k, 2L * K);
+                    _tile_loadd(4, b + 2 * k * m, 4 * m);
+                    _tile_dpbf16ps(0, 2, 4);
+                }
+                _tile_stored(0, c, 4 * m);
+                for (int r = 0; r < 16; r++)
+                    for (int i = 0; i < m; i++) {
+                        const uint16_t *xr = x + (long)(m0 + i) * K, *wr = a + r * (long)K;
+                        float tail = 0.f;
+                        for (long kk = covered; kk < K; kk++) tail += bf16_to_float(xr[kk]) * bf16_to_float(wr[kk]);
+                        finish_row(y + (long)(m0 + i) * N, n0 + r, c[r * m + i] + tail, NULL, bias);
+                    }
+            }
+            _tile_release();
+        }
+    }
+    free(b);
+    return groups;
+}
+#else
+static int amx_usable(void) { return 0; }
+#define amx_q8v(...) 0L
+#define amx_q4v(...) 0L
+#define amx_bf16(...) 0L
+#endif
+
+/* Rows of x up to which the matrix-vector kernels beat de-quantize + GEMM (read by model/kernels.py). */
+int decode_rows(void) { return amx_usable() ? 16 : ROWS; }
 
 /* ---------------------------------------------------------------- int8 / int4 with integer dot products
  * For bf16 models: x is quantized per row to 16 (int8 weights) or 15 (int4) bits, far finer than bf16's
@@ -168,20 +382,24 @@ static void q8v_tile(const uint8_t *xh, const uint8_t *xl, const int32_t *xq, in
 
 int gemv_q8v(const float *x, int M, int K, const int8_t *w, int N, const float *scale, const float *bias,
              float *y) {
-    int32_t *xq = (int32_t *)malloc(sizeof(int32_t) * (size_t)K);
-    uint8_t *xh = (uint8_t *)malloc((size_t)K), *xl = (uint8_t *)malloc((size_t)K);
-    if (!xq || !xh || !xl) { free(xq); free(xh); free(xl); return NO_MEMORY; }
-    for (int m = 0; m < M; m++) {
-        float sx = quantize_row(x + (long)m * K, K, xq, 32767);
-        for (int k = 0; k < K; k++) { int32_t u = xq[k] + 32768; xh[k] = (uint8_t)(u >> 8); xl[k] = (uint8_t)(u & 255); }
-        float *ym = y + (long)m * N;
-#pragma omp parallel for schedule(static)
-        for (long n0 = 0; n0 < N; n0 += ROWS) {
-            int rows = N - n0 < ROWS ? (int)(N - n0) : ROWS;
-            q8v_tile(xh, xl, xq, K, w, n0, rows, sx, scale, bias, ym);
-        }
+    /* per row m: xq [K], its two digits xh / xl [K] (x_q + 32768 = 256 xh + xl) and its scale sx */
+    int32_t *xq = (int32_t *)malloc(sizeof(int32_t) * (size_t)M * (size_t)K);
+    uint8_t *xh = (uint8_t *)malloc((size_t)M * (size_t)K), *xl = (uint8_t *)malloc((size_t)M * (size_t)K);
+    float *sx = (float *)malloc(sizeof(float) * (size_t)M);
+    if (!xq || !xh || !xl || !sx) { free(xq); free(xh); free(xl); free(sx); return NO_MEMORY; }
+    for (long m = 0; m < M; m++) {
+        sx[m] = quantize_row(x + m * K, K, xq + m * K, 32767);
+        for (long k = m * K; k < (m + 1) * K; k++) { int32_t u = xq[k] + 32768; xh[k] = (uint8_t)(u >> 8); xl[k] = (uint8_t)(u & 255); }
     }
-    free(xq); free(xh); free(xl);
+    long done = amx_q8v(xh, xl, xq, sx, M, K, w, N, scale, bias, y);  /* output rows done with AMX */
+    if (done < 0) { free(xq); free(xh); free(xl); free(sx); return NO_MEMORY; }
+#pragma omp parallel for schedule(static)
+    for (long n0 = done; n0 < N; n0 += ROWS) {
+        int rows = N - n0 < ROWS ? (int)(N - n0) : ROWS;
+        for (long m = 0; m < M; m++)
+            q8v_tile(xh + m * K, xl + m * K, xq + m * K, K, w, n0, rows, sx[m], scale, bias, y + m * N);
+    }
+    free(xq); free(xh); free(xl); free(sx);
     return 0;
 }
 
@@ -221,27 +439,36 @@ static void q4v_tile(const int8_t *xeh, const int8_t *xel, const int8_t *xoh, co
 int gemv_q4v(const float *x, int M, int K, const uint8_t *w, int N, const float *scale, const float *bias,
              float *y) {
     int K2 = K / 2, covered = K2 / 64 * 64;
-    int32_t *xq = (int32_t *)malloc(sizeof(int32_t) * (size_t)K);
-    int8_t *buf = (int8_t *)malloc((size_t)K2 * 4);
-    if (!xq || !buf) { free(xq); free(buf); return NO_MEMORY; }
-    int8_t *xeh = buf, *xel = buf + K2, *xoh = buf + 2 * K2, *xol = buf + 3 * K2;
-    for (int m = 0; m < M; m++) {
-        float sx = quantize_row(x + (long)m * K, K, xq, 16383);
-        int64_t xqsum = 0;
+    /* per row m: xq [K], x_q's digits de-interleaved (xeh, xel, xoh, xol [K2] each), sx and sum(x_q) */
+    int32_t *xq = (int32_t *)malloc(sizeof(int32_t) * (size_t)M * (size_t)K);
+    int8_t *buf = (int8_t *)malloc((size_t)M * (size_t)K2 * 4);
+    float *sx = (float *)malloc(sizeof(float) * (size_t)M);
+    int64_t *xqsum = (int64_t *)malloc(sizeof(int64_t) * (size_t)M);
+    if (!xq || !buf || !sx || !xqsum) { free(xq); free(buf); free(sx); free(xqsum); return NO_MEMORY; }
+    for (long m = 0; m < M; m++) {
+        int32_t *q = xq + m * K;
+        int8_t *xeh = buf + m * 4 * K2, *xel = xeh + K2, *xoh = xeh + 2 * K2, *xol = xeh + 3 * K2;
+        sx[m] = quantize_row(x + m * K, K, q, 16383);
+        xqsum[m] = 0;
         for (int j = 0; j < K2; j++) {
-            int32_t e = xq[2 * j], o = xq[2 * j + 1];
+            int32_t e = q[2 * j], o = q[2 * j + 1];
             xeh[j] = (int8_t)(e >> 7); xel[j] = (int8_t)(e & 127);
             xoh[j] = (int8_t)(o >> 7); xol[j] = (int8_t)(o & 127);
-            if (j < covered) xqsum += e + o;
-        }
-        float *ym = y + (long)m * N;
-#pragma omp parallel for schedule(static)
-        for (long n0 = 0; n0 < N; n0 += ROWS) {
-            int rows = N - n0 < ROWS ? (int)(N - n0) : ROWS;
-            q4v_tile(xeh, xel, xoh, xol, xq, xqsum, K2, w, n0, rows, sx, scale, bias, ym);
+            if (j < covered) xqsum[m] += e + o;
         }
     }
-    free(xq); free(buf);
+    long done = amx_q4v(buf, xq, xqsum, sx, M, K, w, N, scale, bias, y);  /* output rows done with AMX */
+    if (done < 0) { free(xq); free(buf); free(sx); free(xqsum); return NO_MEMORY; }
+#pragma omp parallel for schedule(static)
+    for (long n0 = done; n0 < N; n0 += ROWS) {
+        int rows = N - n0 < ROWS ? (int)(N - n0) : ROWS;
+        for (long m = 0; m < M; m++) {
+            const int8_t *xeh = buf + m * 4 * K2;
+            q4v_tile(xeh, xeh + K2, xeh + 2 * K2, xeh + 3 * K2, xq + m * K, xqsum[m], K2, w, n0, rows, sx[m], scale,
+                     bias, y + m * N);
+        }
+    }
+    free(xq); free(buf); free(sx); free(xqsum);
     return 0;
 }
 int has_vnni(void) { return 1; }
@@ -256,21 +483,6 @@ int has_vnni(void) { return 0; }
 #endif
 
 /* ---------------------------------------------------------------- bf16 */
-
-static inline float bf16_to_float(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t float_to_bf16(float f) {  /* round to nearest even, as torch; NaN stays NaN */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
 
 #ifdef __AVX512BF16__
 /* x is bf16 here (xb), so the products are the exact bf16 x bf16 products a bf16 matmul forms. */
@@ -295,12 +507,12 @@ static void bf16_tile(const uint16_t *xb, int K, const uint16_t *w, long n0, int
 }
 
 int gemv_bf16(const uint16_t *x, int M, int K, const uint16_t *w, int N, const float *bias, float *y) {
-    for (int m = 0; m < M; m++) {
+    long done = amx_bf16(x, M, K, w, N, bias, y);  /* output rows done with AMX */
+    if (done < 0) return NO_MEMORY;
 #pragma omp parallel for schedule(static)
-        for (long n0 = 0; n0 < N; n0 += ROWS) {
-            int rows = N - n0 < ROWS ? (int)(N - n0) : ROWS;
-            bf16_tile(x + (long)m * K, K, w, n0, rows, bias, y + (long)m * N);
-        }
+    for (long n0 = done; n0 < N; n0 += ROWS) {
+        int rows = N - n0 < ROWS ? (int)(N - n0) : ROWS;
+        for (long m = 0; m < M; m++) bf16_tile(x + m * K, K, w, n0, rows, bias, y + m * N);
     }
     return 0;
 }

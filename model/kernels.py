@@ -36,8 +36,9 @@ import torch
 log = logging.getLogger(__name__)
 
 # Inputs of up to this many rows (tokens) use the matrix-vector kernels; longer ones use a GEMM, which wins once
-# the weights are reused across many rows. kernels.c reads the weights once per row (so few rows);
-# kernels_avx2.c multiplies each weight tile with several rows at once and says how many rows it is good for.
+# the weights are reused across many rows. Each build says how many rows it is good for (decode_rows() in C):
+# kernels.c 16 where it can use AMX tiles (16 weight rows x 16 rows of x per instruction), else this many;
+# kernels_avx2.c multiplies each weight tile with several rows at once.
 DECODE_TOKENS = 4
 
 SOURCE = Path(__file__).with_name("kernels.c")
@@ -373,9 +374,9 @@ def gemm_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def blocked_gemm(rows: torch.Tensor, n_out: int, fill, work: torch.dtype) -> torch.Tensor:
-    """rows [M, K] @ W^T -> [M, n_out] in `work`, for a weight W that is written GEMM_BLOCK_BYTES at a time by
-    fill(n0, n1, buffer) (rows n0..n1 of W into buffer, returned) and never exists whole: no weight-sized
-    temporaries and no page faults per call."""
+    """rows [M, K] @ W^T -> [M, n_out] in `work` (contiguous), for a weight W that is written GEMM_BLOCK_BYTES at
+    a time by fill(n0, n1, buffer) (rows n0..n1 of W into buffer, returned) and never exists whole: no
+    weight-sized temporaries and no page faults per call."""
     k = rows.shape[1]
     block = max(64, (GEMM_BLOCK_BYTES // (k * torch.finfo(work).bits // 8)) // 64 * 64)
     xt = rows.to(work).t()
@@ -384,7 +385,9 @@ def blocked_gemm(rows: torch.Tensor, n_out: int, fill, work: torch.dtype) -> tor
     for n0 in range(0, n_out, block):
         n1 = min(n0 + block, n_out)
         torch.mm(fill(n0, n1, buffer[: n1 - n0]), xt, out=out[n0:n1])
-    return out.t()
+    # the transposed view would be copied by every consumer that needs rows (attention's bmm copied it per
+    # head: 16 s of a 17.5 s int4 decoding step at batch 8); one copy here costs M x n_out, not M x K x n_out
+    return out.t().contiguous()
 
 
 # ---- float32 linears through oneDNN ------------------------------------------------------------------

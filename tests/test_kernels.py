@@ -250,6 +250,42 @@ def test_gemv_gives_each_row_the_same_bits_alone_or_in_a_batch(bits, integer):
         assert torch.equal(run(x[lo:hi].contiguous()), batch[lo:hi])
 
 
+GEMV_KINDS = {  # name: (weight format, integer products, tolerance against the exact product)
+    "q8": (8, False, 1e-6), "q4": (4, False, 1e-6), "q8 integer": (8, True, 2e-4), "q4 integer": (4, True, 2e-4),
+    "bf16": (16, False, 1e-6)}
+
+
+@native
+@pytest.mark.parametrize("kind", GEMV_KINDS)
+def test_gemv_every_batch_size_up_to_16(kind):
+    """A server decodes up to 16 sequences together through these kernels (AMX tiles of 16 weight rows x up to 16
+    rows of x where the CPU has AMX): every batch size 1-16 must give the exact product within the kernel's
+    tolerance, and every row the bits it gets alone. 50 x 1100: whole tiles plus 2 rows, and a tail of K in
+    every format (int8 and bf16: 12 columns past 64 / 32-column steps, int4: 76)."""
+    bits, integer, tol = GEMV_KINDS[kind]
+    if integer and not kernels.has_integer_kernels():
+        pytest.skip("no integer-product kernels")
+    if bits == 16 and not kernels.has_bf16():
+        pytest.skip("no native bf16 kernel")
+    g = torch.Generator().manual_seed(8)
+    n, k = 50, 1100
+    w, x, bias = torch.randn(n, k, generator=g), torch.randn(16, k, generator=g), torch.randn(n, generator=g)
+    if bits == 16:
+        w, x = w.bfloat16(), x.bfloat16()
+        exact = x.double() @ w.double().T + bias.double()
+        run = lambda rows: kernels.gemv_bf16(rows, w, bias)  # noqa: E731
+    else:
+        q, scale = quantize_weight(w, bits)
+        exact = x.double() @ dequantize_weight(q, scale, bits, torch.float64).T + bias.double()
+        run = lambda rows: kernels.gemv_quantized(rows, q, bits, scale, bias, integer)  # noqa: E731
+    alone = [run(x[i:i + 1].contiguous())[0] for i in range(16)]
+    for m in range(1, 17):
+        y = run(x[:m].contiguous())
+        assert y.shape == (m, n) and _rel(y, exact[:m]) < tol, f"batch of {m}"
+        for i in range(m):
+            assert torch.equal(y[i], alone[i]), f"row {i} of a batch of {m}"
+
+
 @native
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("n,k", [(37, 70), (13, 34), (130, 4096)])
@@ -357,6 +393,7 @@ def test_quantized_linear_every_path(monkeypatch, use_native, bits, tokens, dtyp
     x = torch.randn(2, tokens, layer.in_features, generator=torch.Generator().manual_seed(5)).to(dtype)
     y = layer(x)
     assert y.shape == (2, tokens, layer.out_features) and y.dtype == dtype
+    assert y.is_contiguous()  # a strided result costs every consumer a copy (attention's bmm: one per head)
     exact = _reference(layer, x.reshape(-1, layer.in_features)).reshape(y.shape)
     tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the output rounding alone is 2^-9 relative
     assert _rel(y, exact) < tol
@@ -392,7 +429,7 @@ def test_bf16_linear_matches_torch(tokens, monkeypatch):
     with torch.inference_mode():
         ours = layer(x)
     theirs = torch.nn.functional.linear(x, layer.weight, layer.bias)
-    assert ours.dtype == torch.bfloat16
+    assert ours.dtype == torch.bfloat16 and ours.is_contiguous()
     # equal up to summation order, then one bf16 rounding each
     torch.testing.assert_close(ours.float(), theirs.float(), rtol=1e-2, atol=1e-2)
 
