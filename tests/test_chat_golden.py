@@ -24,6 +24,7 @@ def greedy24(name):
 
 
 @pytest.mark.parametrize("turn", [0, 1])
+@pytest.mark.slow
 def test_chatglm2_chat(turn):
     model, tokenizer = loaded("chatglm2-tiny")
     case = chat_case("chatglm2-tiny")["chat"][turn]
@@ -33,6 +34,7 @@ def test_chatglm2_chat(turn):
 
 
 @pytest.mark.parametrize("turn", [0, 1])
+@pytest.mark.slow
 def test_chatglm2_stream_chat(turn):
     model, tokenizer = loaded("chatglm2-tiny")
     case = chat_case("chatglm2-tiny")["stream_chat"][turn]
@@ -41,6 +43,7 @@ def test_chatglm2_stream_chat(turn):
     assert as_lists(items[-1][1]) == case["history_out"]
 
 
+@pytest.mark.slow
 def test_chatglm2_stream_chat_with_past():
     model, tokenizer = loaded("chatglm2-tiny")
     past = None
@@ -53,6 +56,7 @@ def test_chatglm2_stream_chat_with_past():
         assert past[0][0].shape[0] == case["past_len_after"]
 
 
+@pytest.mark.slow
 def test_chatglm3_chat():
     model, tokenizer = loaded("chatglm3-tiny")
     first, second = chat_case("chatglm3-tiny")["chat"]
@@ -67,6 +71,7 @@ def test_chatglm3_chat():
 
 
 @pytest.mark.parametrize("turn", [0, 1])
+@pytest.mark.slow
 def test_chatglm3_stream_chat(turn):
     model, tokenizer = loaded("chatglm3-tiny")
     case = chat_case("chatglm3-tiny")["stream_chat"][turn]

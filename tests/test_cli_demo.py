@@ -29,6 +29,7 @@ def ask(child, text) -> str:
     return child.before.replace("\r\n", "\n")
 
 
+@pytest.mark.slow
 def test_replies_equal_the_model_and_clear_forgets(tmp_path):
     model, tokenizer = loaded("chatglm2-tiny")
     child = spawn(model_dir("chatglm2-tiny"))
@@ -53,6 +54,7 @@ def test_replies_equal_the_model_and_clear_forgets(tmp_path):
     assert child.exitstatus == 0
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_reply_not_the_program(tmp_path):
     from model.tiny import write_checkpoint
 
@@ -76,6 +78,7 @@ def test_ctrl_c_stops_the_reply_not_the_program(tmp_path):
     assert child.exitstatus == 0 and "Traceback" not in (child.before or "")
 
 
+@pytest.mark.slow
 def test_missing_model_says_what_to_do(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), MODEL_PATH="")
     child = pexpect.spawn(sys.executable, ["cli_demo.py"], cwd=ROOT, encoding="utf-8", timeout=60, env=env)

@@ -58,6 +58,7 @@ def largest_cache(monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["chatglm2-tiny", "chatglm3-tiny", "chatglm1-tiny"])
+@pytest.mark.slow
 def test_chat_reserves_what_the_turn_uses_not_the_whole_context(monkeypatch, largest_cache, name):
     # the reply's budget is the rest of the context: the cache must not be sized for it up front
     model, tokenizer = loaded(name)
@@ -148,6 +149,7 @@ def test_the_stand_in_device_refuses_mixing():
 
 @pytest.mark.parametrize("name", ["chatglm2-tiny", "chatglm3-tiny", "chatglm1-tiny"])
 @pytest.mark.parametrize("sampling", [dict(do_sample=False), dict(do_sample=True, seed=7, repetition_penalty=1.2)])
+@pytest.mark.slow
 def test_generation_with_the_output_layer_on_another_device(output_on_other_device, name, sampling):
     model, tokenizer = loaded(name)
     ids = torch.tensor([tokenizer.encode("你好")] * 2)

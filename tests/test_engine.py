@@ -53,6 +53,7 @@ def test_engine_text_equals_the_model_alone(engine):
         assert last.completion_tokens == 24
 
 
+@pytest.mark.slow
 def test_concurrent_requests_each_get_their_own_text(engine):
     texts = ["你好", "hello there", "1 + 1 = ?", "天气"]
     expected = [alone(engine.model, engine.tokenizer, prompt(engine.tokenizer, t), 16) for t in texts]
@@ -118,6 +119,7 @@ def test_bad_requests_are_refused_at_submit(engine, bad, message):
     assert engine.stats.queued == 0
 
 
+@pytest.mark.slow
 def test_presence_penalty_keeps_generated_ids_distinct(engine):
     ids = prompt(engine.tokenizer)
     model, tokenizer = engine.model, engine.tokenizer
@@ -201,6 +203,7 @@ def batch_engine(request):
     eng.close()
 
 
+@pytest.mark.slow
 def test_batched_output_equals_each_request_alone(batch_engine):
     """Mixed prompt lengths, budgets, sampling settings and arrival times: every text is the text it gets alone."""
     eng = batch_engine
@@ -229,6 +232,7 @@ def test_batched_output_equals_each_request_alone(batch_engine):
     assert eng.stats.running == 0 and eng.cache.rows == 0
 
 
+@pytest.mark.slow
 def test_cancelling_one_request_leaves_the_others_unchanged(batch_engine):
     eng, tok = batch_engine, batch_engine.tokenizer
     requests = [GenerationRequest(prompt(tok, t), GREEDY, 30, ()) for t in ["你好", "hello there", "天气"]]
@@ -242,6 +246,7 @@ def test_cancelling_one_request_leaves_the_others_unchanged(batch_engine):
     assert [collect(h)[0] for h in handles] == expected
 
 
+@pytest.mark.slow
 def test_the_batch_cache_is_reused_not_grown(batch_engine):
     """Many requests of growing length pass through: the cache returns to its initial size when idle."""
     eng, tok = batch_engine, batch_engine.tokenizer
@@ -258,6 +263,7 @@ def test_the_batch_cache_is_reused_not_grown(batch_engine):
     assert eng.cache.nbytes() == initial
 
 
+@pytest.mark.slow
 def test_long_prompts_are_read_in_chunks_between_decode_steps():
     """Prompts longer than prefill_chunk are read a chunk per step while the others keep decoding; every
     text is still the text alone, and a request cancelled while its prompt is being read frees everything."""

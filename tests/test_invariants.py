@@ -10,6 +10,7 @@ PROMPTS = ["你好", "Tell me a story about the weather in 北京 today, please.
 
 
 @pytest.mark.parametrize("name", FLOAT_MODELS)
+@pytest.mark.slow
 def test_cache_continuation_equals_full_forward(name):
     model, tokenizer = loaded(name)
     ids = torch.tensor([tokenizer.encode(PROMPTS[1])])
@@ -27,6 +28,7 @@ def test_cache_continuation_equals_full_forward(name):
 
 
 @pytest.mark.parametrize("name", FLOAT_MODELS)
+@pytest.mark.slow
 def test_cache_grows_past_its_capacity(name):
     model, tokenizer = loaded(name)
     ids = torch.tensor([tokenizer.encode(" ".join(PROMPTS) * 3)])
@@ -41,6 +43,7 @@ def test_cache_grows_past_its_capacity(name):
 
 
 @pytest.mark.parametrize("name", FLOAT_MODELS)
+@pytest.mark.slow
 def test_reused_chat_cache_equals_rereading_the_conversation(name):
     """Turn 2 on turn 1's cache gives the reply of a fresh run over exactly the tokens in that cache."""
     model, tokenizer = loaded(name)
@@ -68,6 +71,7 @@ def test_reused_chat_cache_equals_rereading_the_conversation(name):
 
 @pytest.mark.parametrize("name", FLOAT_MODELS)
 @pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.slow
 def test_stream_equals_chat(name, seed):
     model, tokenizer = loaded(name)
     kwargs = dict(do_sample=True, temperature=1.5, top_p=0.95, max_new_tokens=30, seed=seed)
@@ -80,6 +84,7 @@ def test_stream_equals_chat(name, seed):
 
 
 @pytest.mark.parametrize("name", FLOAT_MODELS)
+@pytest.mark.slow
 def test_batched_greedy_equals_one_by_one(name):
     model, tokenizer = loaded(name)
     enc = tokenizer(PROMPTS, padding=True, return_tensors="pt")
@@ -92,6 +97,7 @@ def test_batched_greedy_equals_one_by_one(name):
         assert all(t == tokenizer.pad_token_id for t in batched[i].tolist()[len(alone):])
 
 
+@pytest.mark.slow
 def test_seeded_sampling_is_reproducible_and_greedy_limits():
     model, tokenizer = loaded("chatglm2-tiny")
     ids = torch.tensor([tokenizer.encode("你好")])

@@ -40,6 +40,7 @@ def test_native_kernels_build_where_ci_expects_them():
 
 @pytest.mark.skipif(not (_cpu_has("avx512f", "avx512bw", "avx512vl") and _cpu_has("avx2", "fma")),
                     reason="this run already tests the only build this CPU uses")
+@pytest.mark.slow
 def test_avx2_build_on_an_avx512_cpu(tmp_path):
     """AVX-512 CPUs use kernels.c; kernels_avx2.c (what AVX2-only CPUs use) gets the same kernel tests here."""
     env = dict(os.environ, CHATGLM_NATIVE_KERNELS="avx2", CHATGLM_KERNEL_CACHE=str(tmp_path))
@@ -50,6 +51,7 @@ def test_avx2_build_on_an_avx512_cpu(tmp_path):
     assert " passed" in done.stdout
 
 
+@pytest.mark.slow
 def test_unavailable_compiler_falls_back_to_torch(tmp_path):
     code = ("from model import kernels; import sys; "
             "print(kernels.available(), kernels.why_unavailable(), sep='|')")
@@ -90,6 +92,7 @@ def test_cc_is_a_command_split_as_a_shell_would(fresh_build, monkeypatch):
 
 
 @native
+@pytest.mark.slow
 def test_unusable_cache_dir_falls_back_to_a_private_temporary_dir(fresh_build, monkeypatch, caplog):
     (fresh_build / "a file").write_text("")
     monkeypatch.setenv("CHATGLM_KERNEL_CACHE", str(fresh_build / "a file" / "cache"))  # mkdir must fail
@@ -153,6 +156,7 @@ def test_kernels_turned_off_on_purpose_do_not_warn(fresh_build, monkeypatch, cap
 
 
 @native
+@pytest.mark.slow
 def test_gemv_reports_allocation_failure_as_memory_error(tmp_path):
     """A kernel whose malloc fails raises MemoryError, neither crashing nor returning torch.empty's garbage."""
     # built with a malloc that always fails, through arguments in CC

@@ -204,6 +204,7 @@ def test_rope_ratio_semantics_per_family():
     torch.testing.assert_close(sin[0, 0], torch.sin(pos[0, :, None].float() * theta(500000.0)))
 
 
+@pytest.mark.slow
 def test_transformers_auto_classes_without_remote_code():
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -227,12 +228,14 @@ def run_offline(code: str, cache: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_hub_id_unreachable_and_not_cached_says_what_to_do(tmp_path):
     r = run_offline("from model import load_model; load_model('THUDM/chatglm2-6b')", str(tmp_path))
     assert r.returncode != 0
     assert "ModelNotFoundError" in r.stderr and "--model" in r.stderr and "python -m model.tiny" in r.stderr
 
 
+@pytest.mark.slow
 def test_hub_id_unreachable_uses_the_local_cache(tmp_path):
     repo = tmp_path / "models--THUDM--chatglm3-6b"
     snap = repo / "snapshots" / ("a" * 40)
@@ -253,6 +256,7 @@ def test_not_a_path_nor_hub_id():
         load_model("./does/not/exist")
 
 
+@pytest.mark.slow
 def test_tiny_checkpoint_writer(tmp_path):
     r = subprocess.run([sys.executable, "-m", "model.tiny", str(tmp_path / "t"), "--family", "chatglm2"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -267,6 +271,7 @@ def test_tiny_checkpoint_writer(tmp_path):
     assert history == [("你好", response)]
 
 
+@pytest.mark.slow
 def test_tiny_checkpoint_writer_chatglm1(tmp_path, caplog):
     r = subprocess.run([sys.executable, "-m", "model.tiny", str(tmp_path / "t"), "--family", "chatglm1"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -150,6 +150,7 @@ def test_seeded_sampling_cannot_run_on_meta():
 
 
 @pytest.mark.parametrize("name", MODELS)
+@pytest.mark.slow
 def test_engine_batch_operations(monkeypatch, path, name):
     """Prefill into a row, a long prompt read in chunks into its own cache and adopted, batched decode steps
     with per-row masks, rows leaving: all on meta. Sampling is replaced by a fixed id (it yields a Python int)."""

@@ -21,6 +21,7 @@ PARAMS = [(name, i, path) for name in MODELS for i in range(len(cases(name))) fo
 
 
 @pytest.mark.parametrize("name,index,path", PARAMS)
+@pytest.mark.slow
 def test_prefill_decode_and_greedy(name, index, path, monkeypatch):
     monkeypatch.setenv("CHATGLM_FORCE_GPU_PATHS", path)
     model, tokenizer = loaded(name)

@@ -89,6 +89,7 @@ def test_chatglm1_two_gpus_split_like_the_original():
     assert len(device_map) == 30
 
 
+@pytest.mark.slow
 def test_chatglm1_split_over_gpus_loads_and_chats(monkeypatch):
     from model.multigpu import device_map_for
     from utils import load_model_on_gpus

@@ -56,6 +56,7 @@ def test_save_and_reload_round_trip(tmp_path, bits):
         load_model(str(tmp_path), quantize=12 - bits)
 
 
+@pytest.mark.slow
 def test_quantized_chat_matches_reference():
     model, tokenizer = loaded("chatglm2-tiny-int4")
     chat = golden_case("chatglm2-tiny-int4")["runs"]["float32"]["chat"]
@@ -79,6 +80,7 @@ def test_quantization_error_is_that_of_round_to_nearest():
 
 
 @pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.slow
 def test_quantized_model_error_is_no_worse_than_the_originals(bits):
     """Quantized vs float logits on the golden prompts: our error equals the original's (same weights, same
     rows), and on the way every quantized linear's error is the error of round-to-nearest itself: the

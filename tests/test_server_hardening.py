@@ -22,6 +22,7 @@ GREEDY = SamplingParams()
 
 # ---- DNS rebinding and the API key --------------------------------------------------------------------
 @pytest.mark.parametrize("fixture", ["v3", "basic_v3"])
+@pytest.mark.slow
 def test_a_foreign_host_name_is_refused(request, fixture):
     server = request.getfixturevalue(fixture)
     port = server.url.rsplit(":", 1)[1]
@@ -43,6 +44,7 @@ def test_accepted_host_names():
     assert [host_name(h) for h in ("A.example:80", "[::1]:8000", "::1", "x")] == ["a.example", "::1", "::1", "x"]
 
 
+@pytest.mark.slow
 def test_allowed_hosts_flag(v3_dir):
     from serving import ServerProcess
 

@@ -85,6 +85,7 @@ def settle(server) -> dict:
     raise AssertionError(f"work left over: {m}")
 
 
+@pytest.mark.slow
 def test_soak_with_random_disconnects(server):
     before_text = greedy_reply(server.url)
     idle = settle(server)

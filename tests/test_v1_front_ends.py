@@ -31,6 +31,7 @@ def basic_v1():
         yield server
 
 
+@pytest.mark.slow
 def test_openai_api_reply_equals_chat_streamed_or_not(openai_v1):
     body = {"model": "m", "temperature": 0, "max_tokens": 24,
             "messages": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好!有什么事?"},
@@ -52,6 +53,7 @@ def test_openai_api_reply_equals_chat_streamed_or_not(openai_v1):
     assert refused.status_code == 400 and "ChatGLM3" in refused.json()["error"]["message"]
 
 
+@pytest.mark.slow
 def test_basic_api_keeps_question_answer_pairs(basic_v1):
     history = [["你好", "你好!"]]
     r = httpx.post(basic_v1.url, json={"prompt": "写一句诗", "history": history, "temperature": 0,
@@ -60,6 +62,7 @@ def test_basic_api_keeps_question_answer_pairs(basic_v1):
     assert r["history"] == history + [["写一句诗", r["response"]]]
 
 
+@pytest.mark.slow
 def test_cli_demo_streams_and_clears():
     child = spawn(model_dir(V1))
     first = ask(child, "你好,世界")
