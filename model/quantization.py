@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 INT4PACK_MAX_ROWS = 256  # bf16 rows up to which torch's int4 packed product beats de-quantize + GEMM
 INT4PACK_MAX_ROWS_F32 = 4  # float32: torch's kernel costs ~1/5 of a de-quantize per row
 _INT4PACK_INNER_K_TILES = 2
+INT4PACK_CHUNK_ROWS = 1024  # a multiple of 64, the row block of the CPU packing (N % 64 may be a tail)
 _logged: set[str] = set()
 
 
@@ -50,6 +51,21 @@ def _log_once(message: str) -> None:
 def int4pack_available() -> bool:
     return (hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
             and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"))
+
+
+def _int4pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The stored int4 weight [out, in/2] repacked for _weight_int4pack_mm_for_cpu, INT4PACK_CHUNK_ROWS rows at
+    a time (torch's packing is row-local: tests/test_kernels.py checks it against one whole-matrix call), so
+    the int32 input the op wants costs a chunk's memory, not 8 bytes per weight."""
+    packed = None
+    for r0 in range(0, weight.shape[0], INT4PACK_CHUNK_ROWS):
+        w = weight[r0:r0 + INT4PACK_CHUNK_ROWS].to(torch.int32)
+        unsigned = torch.stack(((w >> 4) + 8, (w & 0x0F) ^ 0x08), dim=-1).flatten(-2)  # q + 8, even column first
+        chunk = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned, _INT4PACK_INNER_K_TILES)
+        if packed is None:
+            packed = chunk.new_empty((weight.shape[0],) + chunk.shape[1:])
+        packed[r0:r0 + chunk.shape[0]] = chunk
+    return packed
 
 
 def int4pack_group_size(in_features: int) -> int | None:
@@ -185,11 +201,9 @@ class QuantizedLinear(nn.Module):
         cache = self.__dict__.setdefault("_int4pack_cache", {})
         wkey = key(self.weight)
         if cache.get("key") != wkey:
-            unsigned = unpack_int4(self.weight.detach()).to(torch.int32) + 8
             cache.clear()
             cache["key"] = wkey
-            cache["packed"] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned.contiguous(),
-                                                                                  _INT4PACK_INNER_K_TILES)
+            cache["packed"] = _int4pack_weight(self.weight.detach())
             _log_once("int4 on CPU without the native kernels: torch's _weight_int4pack_mm_for_cpu (weights "
                       "repacked once per layer)")
         group = int4pack_group_size(self.in_features)

@@ -16,7 +16,7 @@ import torch
 
 from model import kernels
 from model.modeling import Linear
-from model.quantization import QuantizedLinear, dequantize_weight, quantize_weight
+from model.quantization import QuantizedLinear, dequantize_weight, quantize_weight, unpack_int4
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 native = pytest.mark.skipif(not kernels.available(), reason=f"native kernels: {kernels.why_unavailable()}")
@@ -459,6 +459,18 @@ def test_int4_packed_product_follows_a_changed_weight(monkeypatch):
         layer.weight.copy_(layer.weight.flip(0))
         layer.weight_scale.mul_(2)
     assert _rel(layer(x), _reference(layer, x)) < 2e-2
+
+
+def test_int4_repacking_in_row_chunks_equals_one_whole_matrix_call(monkeypatch):
+    from model import quantization
+
+    if not quantization.int4pack_available():
+        pytest.skip("this torch has no _weight_int4pack_mm_for_cpu")
+    monkeypatch.setattr(quantization, "INT4PACK_CHUNK_ROWS", 64)  # 112 rows: a full block and a tail
+    layer = _layer(4, n=112, k=64)
+    whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+        unpack_int4(layer.weight).to(torch.int32) + 8, quantization._INT4PACK_INNER_K_TILES)
+    assert torch.equal(quantization._int4pack_weight(layer.weight), whole)
 
 
 @pytest.mark.parametrize("case", ["shape", "missing op", "rows", "float16"])
