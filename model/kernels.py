@@ -199,7 +199,8 @@ def _log_unavailable(exc: Exception) -> None:
         todo = ("install gcc with OpenMP or set CC to a C compiler command (e.g. CC='ccache gcc'); "
                 "CHATGLM_KERNEL_CACHE sets where they are built")
     log.warning("native CPU kernels unavailable (%s): int8 / int4 / bf16 layers use torch's kernels, which decode "
-                "int4 about 200x slower. To fix: %s. CHATGLM_NATIVE_KERNELS=0 uses torch without this warning",
+                "int4 about 2-4x slower in bf16 (30-50x in float32). To fix: %s. CHATGLM_NATIVE_KERNELS=0 uses torch "
+                "without this warning",
                 exc, todo)
 
 

@@ -11,7 +11,13 @@ Kernels, chosen per call by device, dtype and the number of tokens:
 - CPU, longer inputs (prompts): the layer is de-quantized block by block by the native kernel (to bf16 where
   the CPU has native bf16 GEMMs, else float32) and multiplied with a regular GEMM, which beats any
   matrix-vector kernel once there are many tokens.
-- CPU without the native kernels: torch's `_weight_int8pack_mm` for int8, de-quantize + GEMM otherwise.
+- CPU without the native kernels (ARM, macOS, Windows, no compiler, CHATGLM_NATIVE_KERNELS=0): torch's packed
+  products. int8: `_weight_int8pack_mm` (reads the stored layout as is). int4: `_weight_int4pack_mm_for_cpu`
+  on a copy repacked once per layer (`_convert_weight_to_int4pack_for_cpu`, as packed as the stored weight),
+  whose value = (u - 8) * scale + zero per group of K: u = q + 8, the row's scale repeated in every group and
+  zero 0 give q * scale exactly. bf16 inputs for up to INT4PACK_MAX_ROWS rows, float32 inputs for up to
+  INT4PACK_MAX_ROWS_F32 (torch's float32 variant is far slower); other dtypes, shapes the op refuses (out %
+  16, in % 32) and a torch without the op de-quantize + GEMM.
 - CUDA and MPS: de-quantize with torch, then the vendor GEMM. (cpm_kernels ships no weight-only int4 / int8
   kernel of its own: the original's extraction kernels are a CUDA binary embedded in its source that it
   loads through cpm_kernels' module loader.)
@@ -23,7 +29,48 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import logging
+
 from . import kernels
+
+log = logging.getLogger(__name__)
+
+INT4PACK_MAX_ROWS = 256  # bf16 rows up to which torch's int4 packed product beats de-quantize + GEMM
+INT4PACK_MAX_ROWS_F32 = 4  # float32: torch's kernel costs ~1/5 of a de-quantize per row
+_INT4PACK_INNER_K_TILES = 2
+INT4PACK_CHUNK_ROWS = 1024  # a multiple of 64, the row block of the CPU packing (N % 64 may be a tail)
+_logged: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        log.info(message)
+
+
+def int4pack_available() -> bool:
+    return (hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+            and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"))
+
+
+def _int4pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The stored int4 weight [out, in/2] repacked for _weight_int4pack_mm_for_cpu, INT4PACK_CHUNK_ROWS rows at
+    a time (torch's packing is row-local: tests/test_kernels.py checks it against one whole-matrix call), so
+    the int32 input the op wants costs a chunk's memory, not 8 bytes per weight."""
+    packed = None
+    for r0 in range(0, weight.shape[0], INT4PACK_CHUNK_ROWS):
+        w = weight[r0:r0 + INT4PACK_CHUNK_ROWS].to(torch.int32)
+        unsigned = torch.stack(((w >> 4) + 8, (w & 0x0F) ^ 0x08), dim=-1).flatten(-2)  # q + 8, even column first
+        chunk = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned, _INT4PACK_INNER_K_TILES)
+        if packed is None:
+            packed = chunk.new_empty((weight.shape[0],) + chunk.shape[1:])
+        packed[r0:r0 + chunk.shape[0]] = chunk
+    return packed
+
+
+def int4pack_group_size(in_features: int) -> int | None:
+    """The largest group size torch's CPU int4 product takes that divides in_features (None: none does)."""
+    return next((g for g in (256, 128, 64, 32) if in_features % g == 0), None)
 
 QUANTIZED_LINEARS = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h",
                      "mlp.dense_4h_to_h")
@@ -116,6 +163,9 @@ class QuantizedLinear(nn.Module):
             else:
                 y = self._blocked_gemm(rows)
             return y.to(x.dtype).reshape(*shape, self.out_features)
+        if x.device.type == "cpu" and self.bits == 4 and self._int4pack_fits(rows):
+            y = self._int4pack_mm(rows)
+            return y.reshape(*shape, self.out_features)
         if (x.device.type == "cpu" and self.bits == 8 and rows.shape[0] <= kernels.DECODE_TOKENS
                 and x.dtype in (torch.float32, torch.bfloat16)):
             y = torch._weight_int8pack_mm(rows.contiguous(), self.weight, self.weight_scale.to(x.dtype))
@@ -124,6 +174,53 @@ class QuantizedLinear(nn.Module):
             return y.reshape(*shape, self.out_features)
         weight = dequantize_weight(self.weight, self.weight_scale, self.bits, x.dtype)
         return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+
+    def _int4pack_fits(self, rows: torch.Tensor) -> bool:
+        limit = {torch.bfloat16: INT4PACK_MAX_ROWS, torch.float32: INT4PACK_MAX_ROWS_F32}.get(rows.dtype, 0)
+        if rows.shape[0] > limit:
+            return False
+        if not int4pack_available():
+            _log_once("int4 on CPU without the native kernels: this torch has no _weight_int4pack_mm_for_cpu; "
+                      "de-quantizing the whole layer per call")
+            return False
+        if self.out_features % 16 or int4pack_group_size(self.in_features) is None:
+            _log_once(f"int4 on CPU without the native kernels: {self.out_features}x{self.in_features} does not "
+                      "fit torch's int4 packed product (out % 16, in % 32); de-quantizing per call")
+            return False
+        return True
+
+    def _int4pack(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(torch's int4 packed weight, scales_and_zeros in dtype, group size), made once per layer and kept
+        (remade when weight / weight_scale change). The repacked weight is as large as the stored one."""
+        def key(param):
+            try:
+                return param.data_ptr(), param._version
+            except RuntimeError:  # made under torch.inference_mode(): no version counter
+                return param.data_ptr(), None
+
+        cache = self.__dict__.setdefault("_int4pack_cache", {})
+        wkey = key(self.weight)
+        if cache.get("key") != wkey:
+            cache.clear()
+            cache["key"] = wkey
+            cache["packed"] = _int4pack_weight(self.weight.detach())
+            _log_once("int4 on CPU without the native kernels: torch's _weight_int4pack_mm_for_cpu (weights "
+                      "repacked once per layer)")
+        group = int4pack_group_size(self.in_features)
+        skey = (dtype, key(self.weight_scale))
+        if cache.get("scales_key") != skey:
+            scale = self.weight_scale.detach().to(dtype)
+            sz = torch.stack((scale, torch.zeros_like(scale)), dim=-1)
+            cache["scales_key"] = skey
+            cache["scales"] = sz.expand(self.in_features // group, self.out_features, 2).contiguous()
+        return cache["packed"], cache["scales"], group
+
+    def _int4pack_mm(self, rows: torch.Tensor) -> torch.Tensor:
+        packed, scales, group = self._int4pack(rows.dtype)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows.contiguous(), packed, group, scales)
+        if self.bias is not None:
+            y = y + self.bias.to(rows.dtype)
+        return y
 
     def _blocked_gemm(self, rows: torch.Tensor) -> torch.Tensor:
         """Many tokens: de-quantize a cache-sized block of output rows at a time and multiply it with a GEMM."""
