@@ -33,8 +33,9 @@ def reply_stream(engine, history: list[dict], system: str, max_length: int, top_
     from model.engine import GenerationRequest
     from model.generation import SamplingParams
 
-    messages = [Message("system", clean_text(system))] if system.strip() and engine.family == "chatglm3" else []
-    messages += [Message(m["role"], clean_text(_text(m["content"]))) for m in history]
+    # (the tokenizer reads lone surrogates as U+FFFD: no cleaning needed for the prompt itself)
+    messages = [Message("system", system)] if system.strip() and engine.family == "chatglm3" else []
+    messages += [Message(m["role"], _text(m["content"])) for m in history]
     ids = build_prompt_ids(engine.tokenizer, messages)
     limit = min(int(max_length), engine.context_length)
     if len(ids) >= limit:
@@ -82,7 +83,9 @@ def logins(auth: list[str] | None) -> list[tuple[str, str]]:
 
 def clean_text(text: str) -> str:
     """text with unpaired surrogates (which browsers can send and UTF-8 cannot hold) replaced by U+FFFD."""
-    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    from model.tokenizer import replace_lone_surrogates
+
+    return replace_lone_surrogates(text)
 
 
 def _text(content) -> str:

@@ -261,7 +261,7 @@ def main(engine_for=None) -> None:
     bubble(query, "user", key=f"msg-{len(state.history) - 1}")
     reply, me = {"role": "assistant", "content": ""}, object()
     placeholder = st.empty()
-    stream = reply_stream(engine, list(state.history), clean_text(system), max_length, top_p, temperature,
+    stream = reply_stream(engine, list(state.history), system, max_length, top_p, temperature,
                           length_label="max_length")
     try:
         with shared["lock"]:
