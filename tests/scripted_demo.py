@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SAY, END = "please say: ", " :end"
 LONG = "write a very long story"
 FAIL = "please fail"
-PIECE_S = 0.06  # between streamed pieces: slow enough that both pages show the reply growing in steps
+PIECE_S = 0.15  # between streamed pieces: longer than web_demo2's 0.1 s redraw interval, so the reply shows growing
 
 
 def say(text: str) -> str:
