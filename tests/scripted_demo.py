@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SAY, END = "please say: ", " :end"
 LONG = "write a very long story"
 FAIL = "please fail"
-PIECE_S = 0.15  # between streamed pieces: longer than web_demo2's 0.1 s redraw interval, so the reply shows growing
+PIECE_S = 0.06  # between streamed pieces: slow enough that both pages show the reply growing in steps
+NUMBERED_PIECE_S = 0.15  # the short numbered reply: above web_demo2's 0.1 s redraw interval, so it shows growing
 
 
 def say(text: str) -> str:
@@ -64,6 +65,7 @@ class ScriptedEngine:
         from model.engine import Event
 
         pieces, error = self._reply(user)
+        numbered = isinstance(pieces, list) and pieces[0].startswith("Reply ")
         if self.family == "chatglm3":
             handle._put(Event(text="\n"))  # a ChatGLM3 reply opens with its (empty) metadata line
         for count, piece in enumerate(pieces, 1):
@@ -71,7 +73,7 @@ class ScriptedEngine:
                 break
             # A said reply's last piece follows at once (as a fast model's do): the page must show what it merged.
             if not (isinstance(pieces, list) and count == len(pieces) and SAY in user):
-                time.sleep(PIECE_S)
+                time.sleep(NUMBERED_PIECE_S if numbered else PIECE_S)
             handle._put(Event(text=piece, completion_tokens=count))
         if handle.cancelled:
             handle._put(Event(finish="cancelled"))
