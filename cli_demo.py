@@ -38,7 +38,7 @@ class Conversation:
         shown, before = "", self.history
         sampling = dict(do_sample=self.args.temperature > 0, temperature=self.args.temperature or 1.0,
                         top_p=self.args.top_p, max_length=self.args.max_length)
-        from model.conversation import PUNCTUATION_MARKS
+        from model.reply import PUNCTUATION_MARKS
 
         v1 = self.tokenizer.family == "chatglm1"  # re-reads the whole conversation each turn (no cache reuse)
         stream = self.model.stream_chat(self.tokenizer, query, before, past_key_values=None if v1 else self.cache,

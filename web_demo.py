@@ -29,38 +29,35 @@ def reply_stream(engine, history: list[dict], system: str, max_length: int, top_
     on_start(handle) receives the engine handle, so a Stop button elsewhere can cancel the generation;
     length_label names the page's maximum length control in the error for a too long conversation.
     """
-    from model.conversation import Message, ReplyParser, build_prompt_ids
-    from model.engine import GenerationRequest
-    from model.generation import SamplingParams
+    from model.service import CompletionSettings, ConversationError, Finish, LocalService, Message
 
+    service = LocalService(engine)
     # (the tokenizer reads lone surrogates as U+FFFD: no cleaning needed for the prompt itself)
-    messages = [Message("system", system)] if system.strip() and engine.family == "chatglm3" else []
+    messages = service.capabilities.system_messages(system)
     messages += [Message(m["role"], _text(m["content"])) for m in history]
-    ids = build_prompt_ids(engine.tokenizer, messages)
-    limit = min(int(max_length), engine.context_length)
-    if len(ids) >= limit:
-        raise ValueError(f"the conversation is {len(ids)} tokens, over the maximum length {limit}: "
-                         f"clear the history or raise {length_label}")
-    greedy = temperature <= 0 or top_p <= 0  # the sliders' zero ends: always the most likely token
-    params = SamplingParams(do_sample=not greedy, temperature=1.0 if greedy else temperature,
-                            top_p=1.0 if greedy else top_p)
-    handle = engine.submit(GenerationRequest(ids, params, limit - len(ids), tuple(engine.tokenizer.reply_stop_ids())))
-    if on_start is not None:
-        on_start(handle)
-    parser, text = ReplyParser(engine.family), ""
+    settings = CompletionSettings(temperature=temperature, top_p=top_p, max_length=int(max_length))
     try:
-        for event in handle:
-            if event.finish == "error":
-                raise RuntimeError(event.error)
-            if event.finish == "cancelled":
-                return  # Stop / Clear: nothing more may reach the page
-            parts = parser.feed(event.text) + (parser.finish() if event.finish else [])
-            delta = "".join(p.content for p in parts)
-            if delta:
-                text += delta
+        ids = service.prompt_ids(messages, settings)
+    except ConversationError as e:
+        if e.param != "max_length":
+            raise
+        raise ValueError(str(e).replace("raise max_length", f"raise {length_label}")) from None
+    (completion,) = service.start(messages, settings, prompt_ids=ids)
+    if on_start is not None:
+        on_start(completion)
+    text = ""
+    try:
+        for item in completion:
+            if isinstance(item, Finish):
+                if item.reason == "error":
+                    raise RuntimeError(item.error)
+                if item.reason == "cancelled":
+                    return  # Stop / Clear: nothing more may reach the page
+            elif item.content:
+                text += item.content
                 yield text
     finally:
-        handle.cancel()  # Stop button, closed tab, or finished: the engine moves on
+        completion.cancel()  # Stop button, closed tab, or finished: the engine moves on
 
 
 def logins(auth: list[str] | None) -> list[tuple[str, str]]:
@@ -99,9 +96,9 @@ def _text(content) -> str:
 def create_demo(engine):
     import gradio as gr
 
-    from model.engine import EngineBusy
+    from model.service import ServiceBusy
 
-    v3 = engine.family == "chatglm3"
+    v3 = engine.format.has_system_role
     active = {}  # browser session -> the handle of the reply being generated for it
 
     def cancel_reply(request: gr.Request):
@@ -139,7 +136,7 @@ def create_demo(engine):
             if latest != shown and active.get(request.session_hash) is mine[0]:
                 yield history + [{"role": "assistant", "content": latest}], gr.skip()
         except Exception as e:  # noqa: BLE001 - every failure becomes a toast
-            if isinstance(e, EngineBusy):
+            if isinstance(e, ServiceBusy):
                 message = "The model is busy with other users; try again in a moment."
             elif isinstance(e, ValueError):
                 message = str(e)

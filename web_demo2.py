@@ -245,7 +245,7 @@ def main(engine_for=None) -> None:
         max_length = st.slider("max_length", 0, 32768, 8192, step=1)
         top_p = st.slider("top_p", 0.0, 1.0, 0.8, step=0.01)
         temperature = st.slider("temperature", 0.0, 1.0, 0.95, step=0.01)
-        system = st.text_input("system prompt") if engine.family == "chatglm3" else ""
+        system = st.text_input("system prompt") if engine.format.has_system_role else ""
         if st.button("Clear history", key="clear"):
             state.history = []
         st.button("Stop", key="stop", help="end the reply being written (it is kept)")

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import BatchCache, KVCache
-from .generation import (SamplingParams, apply_repetition_penalty, guard_non_finite, make_generator,
-                         next_position_ids, next_token, prompt_position_ids)
+from .formats import format_for
+from .generation import (SamplingParams, SequenceSampler, choose_rows, next_position_ids, prompt_position_ids,
+                         reply_budget)
 from .tokenizer import StreamDecoder
 
 logger = logging.getLogger(__name__)
@@ -38,24 +39,9 @@ class EngineClosed(RuntimeError):
 @dataclass
 class GenerationRequest:
     input_ids: list[int]
-    params: SamplingParams
+    params: SamplingParams  # presence / frequency penalties included
     max_new_tokens: int
     stop_ids: tuple[int, ...] = ()
-    presence_penalty: float = 0.0  # OpenAI-style: subtracted once from every id generated so far
-    frequency_penalty: float = 0.0  # ... and this times how often it was generated
-
-
-def occurrence_penalty(prompt_length: int, presence: float, frequency: float):
-    """A logits hook lowering the logits of ids already generated (the prompt does not count)."""
-
-    def hook(ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        generated = ids[:, prompt_length:]
-        if generated.numel() == 0:
-            return logits
-        counts = torch.zeros_like(logits).scatter_add_(1, generated, torch.ones_like(generated, dtype=logits.dtype))
-        return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
-
-    return hook
 
 
 @dataclass
@@ -130,32 +116,15 @@ class _Sequence:
     def __init__(self, handle: RequestHandle, engine: "Engine", device):
         request = handle.request
         self.handle = handle
-        self.params = request.params
         self.stop_ids = set(request.stop_ids)
-        self.budget = min(request.max_new_tokens, engine.context_length - len(request.input_ids))
-        self.history = list(request.input_ids)  # prompt and generated ids, for penalties
-        self.device = device  # of the ids, the generator and the sampling; the logits are moved here
-        self.generator = make_generator(request.params.seed, device)
+        self.prompt = list(request.input_ids)
+        self.budget = reply_budget(engine.context_length, len(self.prompt), request.max_new_tokens)
+        self.sampler = SequenceSampler(request.params, torch.tensor([self.prompt], device=device))
         self.decoder = StreamDecoder(engine.tokenizer)
-        self.hooks = []
-        if request.presence_penalty or request.frequency_penalty:
-            self.hooks.append(occurrence_penalty(len(request.input_ids), request.presence_penalty,
-                                                 request.frequency_penalty))
         self.count = 0
         self.next_id: int | None = None  # the sampled id to feed at the next step
         self.position: torch.Tensor | None = None  # position ids of the last token fed
         self.stage: KVCache | None = None  # its own cache while a long prompt is read chunk by chunk
-
-    def sample(self, logits: torch.Tensor) -> int:
-        """(1, vocab) float logits of this sequence -> its next id (exactly as generate_tokens does)."""
-        logits = logits.to(self.device)  # from an output layer on another GPU than the embedding
-        if self.hooks or self.params.repetition_penalty != 1.0:
-            seen = torch.tensor([self.history], device=logits.device)
-            for hook in self.hooks:
-                logits = hook(seen, logits)
-            if self.params.repetition_penalty != 1.0:
-                logits = apply_repetition_penalty(logits, seen, self.params.repetition_penalty)
-        return int(next_token(guard_non_finite(logits), self.params, self.generator)[0])
 
 
 class Engine:
@@ -179,7 +148,7 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.model_name = model_name or getattr(model, "name_or_path", None) or "chatglm"
-        self.family = tokenizer.family
+        self.format = format_for(tokenizer.family)
         self.context_length = model.config.seq_length
         self.max_queue = max_queue
         self.max_batch = max_batch
@@ -188,8 +157,8 @@ class Engine:
         self._running: list[_Sequence] = []  # index = row in self.cache
         # Prompts longer than prefill_chunk are read a chunk per step between decode steps, one such prompt at a
         # time, in a cache of their own that joins the batch when complete; the others wait in _pending.
-        # (ChatGLM-6B's prompt attends to itself both ways, so it is always read whole; None: never chunk.)
-        self.prefill_chunk = prefill_chunk if model.config.family != "chatglm1" else None
+        # (A prompt that attends to itself both ways, as ChatGLM-6B's, is always read whole; None: never chunk.)
+        self.prefill_chunk = prefill_chunk if self.format.chunked_prefill else None
         self._staged: _Sequence | None = None
         self._pending: collections.deque[RequestHandle] = collections.deque()
         self._queue: queue.Queue[RequestHandle | None] = queue.Queue()
@@ -296,11 +265,11 @@ class Engine:
         elif self._long(handle):
             seq = _Sequence(handle, self, self.model.device)
             seq.stage = KVCache.for_model(self.model.config, 1, self.model.dtype, self.model.device,
-                                          capacity=len(seq.history))
+                                          capacity=len(seq.prompt))
             self._staged = seq
             with self._lock:
                 self.stats.running += 1
-                self.stats.prompt_tokens += len(seq.history)
+                self.stats.prompt_tokens += len(seq.prompt)
         else:
             self._prefill(handle)
 
@@ -321,13 +290,13 @@ class Engine:
         self._running.append(seq)
         with self._lock:
             self.stats.running = self._in_progress()
-            self.stats.prompt_tokens += len(seq.history)
+            self.stats.prompt_tokens += len(seq.prompt)
         try:
-            ids = torch.tensor([seq.history], dtype=torch.long, device=model.device)
+            ids = torch.tensor([seq.prompt], dtype=torch.long, device=model.device)
             positions = prompt_position_ids(model, ids)
             seq.position = positions[..., -1:]
             out = model.transformer(ids, positions, None, row, last_logits_only=True)
-            self._take(seq, seq.sample(out.logits[:, -1].float()))
+            self._take(seq, choose_rows([seq.sampler], out.logits[:, -1])[0])
         except Exception as e:  # a bug or an out-of-memory: fail this request, keep serving the others
             logger.exception("prefill failed")
             self._fail(seq, e)
@@ -340,17 +309,17 @@ class Engine:
             self._end_staged(Event(finish="cancelled"))
             return
         start = seq.stage.length
-        end = min(start + self.prefill_chunk, len(seq.history))
+        end = min(start + self.prefill_chunk, len(seq.prompt))
         try:
-            ids = torch.tensor([seq.history[start:end]], dtype=torch.long, device=model.device)
+            ids = torch.tensor([seq.prompt[start:end]], dtype=torch.long, device=model.device)
             positions = prompt_position_ids(model, ids, start)
             out = model.transformer(ids, positions, None, seq.stage, last_logits_only=True)
-            if end < len(seq.history):
+            if end < len(seq.prompt):
                 return
             self.cache.adopt(seq.stage)
             seq.stage, seq.position, self._staged = None, positions[..., -1:], None
             self._running.append(seq)
-            self._take(seq, seq.sample(out.logits[:, -1].float()))
+            self._take(seq, choose_rows([seq.sampler], out.logits[:, -1])[0])
         except Exception as e:
             logger.exception("prefill failed")
             if self._staged is seq:
@@ -379,8 +348,7 @@ class Engine:
             positions = torch.cat(steps)
             mask = self.cache.step_mask()
             logits = self.model.transformer(ids, positions, mask, self.cache, last_logits_only=True).logits
-            logits = logits[:, -1].float()
-            chosen = [seq.sample(logits[i:i + 1]) for i, seq in enumerate(running)]
+            chosen = choose_rows([s.sampler for s in running], logits[:, -1])  # the step's one host sync
         except Exception as e:
             logger.exception("decode step failed")
             for seq in reversed(running):
@@ -411,7 +379,6 @@ class Engine:
             return
         if delta:
             handle._put(Event(text=delta, completion_tokens=seq.count))
-        seq.history.append(token_id)
         seq.next_id = token_id
 
     def _fail(self, seq: _Sequence, error: Exception) -> None:

@@ -19,7 +19,9 @@ class SamplingParams:
     temperature: float = 1.0
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
-    repetition_penalty: float = 1.0  # 1 = off
+    repetition_penalty: float = 1.0  # 1 = off; over the prompt and the reply (as transformers')
+    presence_penalty: float = 0.0  # OpenAI-style: subtracted once from every id generated so far
+    frequency_penalty: float = 0.0  # ... and this times how often it was generated
     seed: int | None = None
 
     def validate(self) -> None:
@@ -35,6 +37,25 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return not self.do_sample or self.temperature <= 0
+
+    @classmethod
+    def resolve(cls, defaults, temperature: float | None = None, top_p: float | None = None,
+                top_k: int | None = None, **rest) -> "SamplingParams":
+        """Parameters from a front end's settings, the family's defaults filling what it leaves None.
+        A temperature or top_p of 0 means greedy: always the most likely token."""
+        temperature = defaults.temperature if temperature is None else temperature
+        top_p = defaults.top_p if top_p is None else top_p
+        top_k = defaults.top_k if top_k is None else top_k
+        if temperature <= 0 or top_p <= 0:
+            return cls(do_sample=False, **rest)
+        return cls(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k, **rest)
+
+
+def reply_budget(context_length: int, prompt_end: int, requested: int | None) -> int:
+    """The one context rule: prompt and reply together fit the context. prompt_end: tokens in the cache and the
+    prompt; requested: the caller's limit on new tokens (None: the rest of the context)."""
+    room = context_length - prompt_end
+    return room if requested is None else min(requested, room)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen_ids: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -120,6 +141,60 @@ def next_position_ids(model, positions: torch.Tensor) -> torch.Tensor:
     return own(positions) if own is not None else positions[..., -1:] + 1
 
 
+class SequenceSampler:
+    """The sampling state of one sequence (or of rows sharing its parameters, as in `generate`): its generator,
+    the ids its penalties and hooks look at, and the choice of the next id. No host synchronisation."""
+
+    def __init__(self, params: SamplingParams, prompt_ids: torch.Tensor, hooks: Sequence["LogitsHook"] = ()):
+        params.validate()
+        self.params = params
+        self.hooks = list(hooks)
+        self.device = prompt_ids.device  # of the ids, the generator and the sampling; logits are moved here
+        self.generator = make_generator(params.seed, self.device)
+        self.prompt_length = prompt_ids.shape[1]
+        self.occurrence = bool(params.presence_penalty or params.frequency_penalty)
+        self.need_ids = bool(self.hooks) or params.repetition_penalty != 1.0 or self.occurrence
+        self.ids = prompt_ids  # (B, L): the prompt and what was generated, when something reads them
+        self.counts: torch.Tensor | None = None  # (B, vocab): how often each id was generated
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, vocab) logits of the last position -> (B,) next ids."""
+        return next_token(self.process(logits), self.params, self.generator)
+
+    def process(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, vocab) logits -> float logits after the hooks, penalties and the non-finite guard."""
+        logits = logits.float().to(self.device)  # from an output layer on another GPU than the embedding
+        for hook in self.hooks:
+            logits = hook(self.ids, logits)
+        if self.params.repetition_penalty != 1.0:
+            logits = apply_repetition_penalty(logits, self.ids, self.params.repetition_penalty)
+        if self.occurrence and self.counts is not None:
+            logits = (logits - self.params.frequency_penalty * self.counts
+                      - self.params.presence_penalty * (self.counts > 0).to(logits.dtype))
+        return guard_non_finite(logits)
+
+    def record(self, token: torch.Tensor, vocab: int) -> None:
+        """Note the (B,) ids chosen, for the penalties and hooks of the next step."""
+        if not self.need_ids:
+            return
+        self.ids = torch.cat([self.ids, token[:, None]], dim=-1)
+        if self.occurrence:
+            if self.counts is None:
+                self.counts = torch.zeros(token.shape[0], vocab, device=self.device)
+            self.counts.scatter_add_(1, token[:, None], torch.ones(token.shape[0], 1, device=self.device))
+
+
+def choose_rows(samplers: Sequence[SequenceSampler], logits: torch.Tensor) -> list[int]:
+    """(B, vocab) logits, one row per sampler (each of batch 1) -> the B chosen ids, with one host
+    synchronisation for the whole batch."""
+    chosen = torch.cat([s.choose(logits[i:i + 1]).to(samplers[0].device) for i, s in enumerate(samplers)])
+    ids = chosen.tolist()
+    vocab = logits.shape[-1]
+    for sampler, token in zip(samplers, chosen.split(1)):
+        sampler.record(token, vocab)
+    return ids
+
+
 LogitsHook = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ids so far (B, L), logits (B, V)) -> logits
 
 
@@ -133,7 +208,6 @@ def generate_tokens(model, input_ids: torch.Tensor, *, max_new_tokens: int, para
     Rows that emitted a stop id keep receiving pad_id; the loop ends when every row has stopped or after
     max_new_tokens. The cache ends up holding every token fed to the model (the last yielded one is not fed).
     """
-    params.validate()
     device = input_ids.device
     B, T = input_ids.shape
     if cache is None:
@@ -143,16 +217,14 @@ def generate_tokens(model, input_ids: torch.Tensor, *, max_new_tokens: int, para
     limit = model.config.seq_length
     if past + T > limit:
         raise ValueError(f"the input is {past + T} tokens long; this model's context is {limit} tokens")
-    max_new_tokens = min(max_new_tokens, limit - past - T + 1)
+    max_new_tokens = reply_budget(limit, past + T, max_new_tokens)
     if position_ids is None:
         position_ids = prompt_position_ids(model, input_ids, past)
     if attention_mask is not None and attention_mask.shape[-1] == T and past:
         attention_mask = torch.cat([attention_mask.new_ones(B, past), attention_mask], dim=-1)
-    generator = make_generator(params.seed, device)
+    sampler = SequenceSampler(params, input_ids, logits_hooks)
     stop = torch.tensor(list(stop_ids), device=device, dtype=torch.long)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    history = input_ids  # for the repetition penalty and hooks
-    need_history = params.repetition_penalty != 1.0 or bool(logits_hooks)
     if max_new_tokens > 0:
         # Not the whole budget: a chat's budget is the rest of the context (0.87 GiB of cache for ChatGLM2-6B,
         # 3.5 GiB at 128K), mostly never used; each forward grows the cache as it needs.
@@ -160,15 +232,7 @@ def generate_tokens(model, input_ids: torch.Tensor, *, max_new_tokens: int, para
     ids, positions = input_ids, position_ids
     for step in range(max_new_tokens):
         out = model.transformer(ids, positions, attention_mask, cache, last_logits_only=True)
-        # on the ids' device, with the generator and the stop state: an output layer on another GPU than the
-        # embedding leaves its logits there
-        logits = out.logits[:, -1].float().to(device)
-        for hook in logits_hooks:
-            logits = hook(history, logits)
-        if params.repetition_penalty != 1.0:
-            logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
-        logits = guard_non_finite(logits)
-        token = next_token(logits, params, generator)
+        token = sampler.choose(out.logits[:, -1])
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         yield token
         if step == max_new_tokens - 1:
@@ -177,9 +241,8 @@ def generate_tokens(model, input_ids: torch.Tensor, *, max_new_tokens: int, para
             finished |= is_in(token, stop)
             if bool(finished.all()):
                 return
+        sampler.record(token, out.logits.shape[-1])
         ids = token[:, None]
         positions = next_position_ids(model, positions)
         if attention_mask is not None:
             attention_mask = torch.cat([attention_mask, (~finished).long()[:, None]], dim=-1)
-        if need_history:
-            history = torch.cat([history, ids], dim=-1)

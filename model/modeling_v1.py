@@ -206,7 +206,6 @@ class ChatGLM1ForConditionalGeneration(ChatMixin, PreTrainedModel):
     base_model_prefix = "transformer"
     main_input_name = "input_ids"
     _no_split_modules = ["GLMBlock"]
-    CHAT_DEFAULTS = {"max_length": 2048, "top_p": 0.7, "temperature": 0.95}
 
     def __init__(self, config: ChatGLM1Config, dtype=None, device=None):
         super().__init__(config)

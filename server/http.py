@@ -13,7 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model.engine import EngineBusy, EngineClosed, Event, GenerationRequest, RequestHandle
+from model.service import Completion, ConversationError, LocalService, ServiceBusy, ServiceUnavailable
 
 MiB = 1024 * 1024
 
@@ -204,42 +204,44 @@ async def _send_error(send, status: int, message: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-# ---- engine bridging -----------------------------------------------------------------------------------
-def submit(engine, requests: list[GenerationRequest]) -> list[RequestHandle]:
-    """Queue the requests of one call for the running event loop, all or none; a full queue becomes 503."""
+# ---- service bridging ----------------------------------------------------------------------------------
+def as_service(engine_or_service) -> LocalService:
+    """Apps are built over an engine (tests, scripts) or a LocalService."""
+    return engine_or_service if isinstance(engine_or_service, LocalService) else LocalService(engine_or_service)
+
+
+def start(service: LocalService, messages, settings, **kwargs) -> list[Completion]:
+    """Queue the choices of one call for the running event loop, all or none; a full queue becomes 503."""
     try:
-        return engine.submit_all(requests, loop=asyncio.get_running_loop())
-    except EngineBusy as e:
+        return service.start(messages, settings, loop=asyncio.get_running_loop(), **kwargs)
+    except ServiceBusy as e:
         raise APIError(503, f"the server is busy: {e}", type="server_error", code="overloaded",
                        headers={"Retry-After": "1"}) from e
-    except EngineClosed as e:
+    except ServiceUnavailable as e:
         raise APIError(503, str(e), type="server_error", code="shutting_down") from e
+    except ConversationError as e:
+        raise APIError(400, str(e), param=e.param) from e
     except ValueError as e:
         raise APIError(400, str(e)) from e
 
 
-async def events_until_disconnect(handle: RequestHandle, request: Request):
-    """The handle's events; if the client goes away the generation is cancelled (and iteration ends)."""
+async def parts_until_disconnect(completion: Completion, request: Request):
+    """The completion's items; if the client goes away the generation is cancelled (and iteration ends)."""
 
     async def watch():
         while True:
             if await request.is_disconnected():
-                handle.cancel()
+                completion.cancel()
                 return
             await asyncio.sleep(0.2)
 
     watcher = asyncio.create_task(watch())
     try:
-        async for event in handle:
-            yield event
+        async for item in completion:
+            yield item
     finally:
         watcher.cancel()
-        handle.cancel()  # no-op when finished; frees the slot when the consumer stopped early
-
-
-def raise_for_engine_error(event: Event) -> None:
-    if event.finish == "error":
-        raise APIError(500, f"generation failed: {event.error}", type="server_error")
+        completion.cancel()  # no-op when finished; frees the slot when the consumer stopped early
 
 
 def serve(create_app, description: str, argv=None) -> int:

@@ -32,10 +32,15 @@ class ScriptedEngine:
     """What the demos use of model.engine.Engine, replying by the script above."""
 
     def __init__(self, tokenizer, model_name: str = "scripted"):
-        self.tokenizer, self.family, self.model_name = tokenizer, tokenizer.family, model_name
+        from model.formats import format_for
+
+        self.tokenizer, self.format, self.model_name = tokenizer, format_for(tokenizer.family), model_name
         self.context_length, self.max_queue = 8192, 32
         self.replies = 0
         self._lock = threading.Lock()
+
+    def submit_all(self, requests, loop=None):
+        return [self.submit(r, loop) for r in requests]
 
     def submit(self, request, loop=None):
         from model.engine import RequestHandle
@@ -66,7 +71,7 @@ class ScriptedEngine:
 
         pieces, error = self._reply(user)
         numbered = isinstance(pieces, list) and pieces[0].startswith("Reply ")
-        if self.family == "chatglm3":
+        if self.format.segments:
             handle._put(Event(text="\n"))  # a ChatGLM3 reply opens with its (empty) metadata line
         for count, piece in enumerate(pieces, 1):
             if handle.cancelled or count >= handle.request.max_new_tokens:

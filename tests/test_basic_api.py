@@ -7,7 +7,7 @@ import pytest
 
 from conftest import loaded
 from model import load_model
-from model.conversation import ReplyParser
+from model.formats import reply_parser
 from model.generation import SamplingParams
 
 
@@ -36,7 +36,7 @@ def test_v3_role_history(basic_v3, v3_dir):
                {"role": "assistant", "metadata": "", "content": "hello"}]
     body = post(basic_v3, prompt="more", history=history, temperature=0, max_length=120).json()
     ids = tokenizer.build_chat_ids("more", history)
-    parser = ReplyParser("chatglm3")
+    parser = reply_parser("chatglm3")
     text = ""
     for delta, _ in model.stream_ids(tokenizer, ids, params=SamplingParams(), max_new_tokens=120 - len(ids),
                                      stop_ids=tokenizer.reply_stop_ids()):

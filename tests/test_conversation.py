@@ -6,9 +6,10 @@ import random
 import pytest
 
 from conftest import loaded
-from model.chat import process_response_v3
-from model.conversation import (DEFAULT_TOOL_PROMPT, ConversationError, Message, ReplyParser, build_prompt_ids,
-                                render_tool_call)
+from model.reply import process_response_v3
+from model.formats import (DEFAULT_TOOL_PROMPT, ConversationError, Message, build_prompt_ids, render_tool_call,
+                           reply_parser)
+from model.reply import ReplyParser
 
 TOOL = {"name": "get_weather", "description": "Weather of a city",
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
@@ -40,12 +41,12 @@ def all_splits(parser_factory, text, trials=60):
 @pytest.mark.parametrize("family", ["chatglm2", "chatglm3"])
 def test_plain_reply_is_stripped_and_training_time_replaced(family):
     text = ("\n" if family == "chatglm3" else "") + "  你好，我是在[[训练时间]]训练的。  \n"
-    content, calls = all_splits(lambda: ReplyParser(family), text)
+    content, calls = all_splits(lambda: reply_parser(family), text)
     assert content == "你好，我是在2023年训练的。" and calls == []
 
 
 def test_inner_whitespace_is_kept_and_trailing_whitespace_waits():
-    parser = ReplyParser("chatglm2")
+    parser = reply_parser("chatglm2")
     assert [p.content for p in parser.feed("a  ")] == ["a"]
     assert [p.content for p in parser.feed(" b\n")] == ["   b"]
     assert parser.finish() == []
@@ -59,15 +60,15 @@ def test_stop_strings_end_the_reply_and_are_not_returned(stop):
         i = expected.find(s)
         if i >= 0:
             expected = expected[:i]
-    content, _ = all_splits(lambda: ReplyParser("chatglm2", stop=stop), text)
+    content, _ = all_splits(lambda: reply_parser("chatglm2", stop=stop), text)
     assert content == expected.strip()
-    parser = ReplyParser("chatglm2", stop=stop)
+    parser = reply_parser("chatglm2", stop=stop)
     run(parser, text, [3])
     assert parser.stopped == any(s in text for s in stop)
 
 
 def test_partial_stop_string_is_held_back_then_released():
-    parser = ReplyParser("chatglm2", stop=["END"])
+    parser = reply_parser("chatglm2", stop=["END"])
     assert [p.content for p in parser.feed("abc EN")] == ["abc"]
     assert [p.content for p in parser.feed("d? no, ENx")] == [" ENd? no, ENx"]
     assert not parser.stopped
@@ -77,7 +78,7 @@ def test_partial_stop_string_is_held_back_then_released():
 
 def test_tool_call_is_parsed_to_json_arguments():
     text = "get_weather\n```python\ntool_call(city='北京', days=3, detail={'wind': True})\n```"
-    content, calls = all_splits(lambda: ReplyParser("chatglm3", tool_names=["get_weather"]), text)
+    content, calls = all_splits(lambda: reply_parser("chatglm3", tool_names=["get_weather"]), text)
     assert content == ""
     assert calls == [{"name": "get_weather",
                       "arguments": json.dumps({"city": "北京", "days": 3, "detail": {"wind": True}},
@@ -88,36 +89,36 @@ def test_tool_call_agrees_with_the_original_post_processing():
     text = "get_weather\n```python\ntool_call(city='Paris')\n```"
     history = [{"role": "system", "content": "x", "tools": [TOOL]}]
     original, _ = process_response_v3(text, history)
-    _, calls = run(ReplyParser("chatglm3", tool_names=["get_weather"]), text, [5])
+    _, calls = run(reply_parser("chatglm3", tool_names=["get_weather"]), text, [5])
     assert json.loads(calls[0]["arguments"]) == original["parameters"] and calls[0]["name"] == original["name"]
 
 
 def test_unknown_name_or_no_tools_means_content():
     text = "interpreter\nprint(1)"
-    assert run(ReplyParser("chatglm3"), text, [2])[0] == "print(1)"
-    assert run(ReplyParser("chatglm3", tool_names=["other"]), text, [2])[0] == "print(1)"
+    assert run(reply_parser("chatglm3"), text, [2])[0] == "print(1)"
+    assert run(reply_parser("chatglm3", tool_names=["other"]), text, [2])[0] == "print(1)"
 
 
 def test_text_that_cannot_be_a_name_streams_at_once():
-    parser = ReplyParser("chatglm3", tool_names=["get_weather"])
+    parser = reply_parser("chatglm3", tool_names=["get_weather"])
     assert [p.content for p in parser.feed("Hello, wor")] == ["Hello, wor"]
 
 
 def test_unreadable_tool_call_falls_back_to_content():
     text = "get_weather\nnot python at all"
-    content, calls = run(ReplyParser("chatglm3", tool_names=["get_weather"]), text, [])
+    content, calls = run(reply_parser("chatglm3", tool_names=["get_weather"]), text, [])
     assert calls == [] and content == "get_weather\nnot python at all"
 
 
 def test_content_then_tool_call_in_a_second_segment():
     text = "\nLet me look.<|assistant|>get_weather\n```python\ntool_call(city='Rome')\n```"
-    content, calls = all_splits(lambda: ReplyParser("chatglm3", tool_names=["get_weather"]), text)
+    content, calls = all_splits(lambda: reply_parser("chatglm3", tool_names=["get_weather"]), text)
     assert content == "Let me look." and [c["name"] for c in calls] == ["get_weather"]
 
 
 def test_forced_tool_starts_inside_the_call():
     text = "```python\ntool_call(city='Oslo')\n```"
-    _, calls = run(ReplyParser("chatglm3", tool_names=["get_weather"], forced_tool="get_weather"), text, [4, 9])
+    _, calls = run(reply_parser("chatglm3", tool_names=["get_weather"], forced_tool="get_weather"), text, [4, 9])
     assert calls == [{"name": "get_weather", "arguments": '{"city": "Oslo"}'}]
 
 

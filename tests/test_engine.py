@@ -8,8 +8,8 @@ import torch
 
 from conftest import loaded
 from serving import StepGate
-from model.engine import Engine, EngineBusy, GenerationRequest, occurrence_penalty
-from model.generation import SamplingParams, generate_tokens
+from model.engine import Engine, EngineBusy, GenerationRequest
+from model.generation import SamplingParams, SequenceSampler, generate_tokens
 
 GREEDY = SamplingParams()
 
@@ -125,20 +125,19 @@ def test_presence_penalty_keeps_generated_ids_distinct(engine):
     model, tokenizer = engine.model, engine.tokenizer
     plain = [int(t) for t in generate_tokens(model, torch.tensor([ids]), max_new_tokens=40, params=GREEDY)]
     assert len(set(plain)) < len(plain)  # the random tiny model repeats itself when greedy
-    hook = occurrence_penalty(len(ids), 1e4, 0.0)
-    penalised = [int(t) for t in generate_tokens(model, torch.tensor([ids]), max_new_tokens=40, params=GREEDY,
-                                                 logits_hooks=[hook])]
+    present = SamplingParams(presence_penalty=1e4)
+    penalised = [int(t) for t in generate_tokens(model, torch.tensor([ids]), max_new_tokens=40, params=present)]
     assert len(set(penalised)) == len(penalised)
-    text, _ = collect(engine.submit(GenerationRequest(ids, GREEDY, 40, presence_penalty=1e4)))
-    expected = "".join(d for d, _ in model.stream_ids(tokenizer, ids, params=GREEDY, max_new_tokens=40, stop_ids=(),
-                                                      logits_processor=[hook]))
+    text, _ = collect(engine.submit(GenerationRequest(ids, present, 40)))
+    expected = "".join(d for d, _ in model.stream_ids(tokenizer, ids, params=present, max_new_tokens=40, stop_ids=()))
     assert text == expected and text != alone(model, tokenizer, ids, 40)
 
 
 def test_frequency_penalty_counts_only_generated_ids():
-    logits = torch.zeros(1, 8)
-    ids = torch.tensor([[3, 3, 5, 5, 5, 3, 1]])  # prompt of 3, then 5, 5, 3, 1
-    out = occurrence_penalty(3, presence=0.5, frequency=1.0)(ids, logits)
+    sampler = SequenceSampler(SamplingParams(presence_penalty=0.5, frequency_penalty=1.0), torch.tensor([[3, 3, 5]]))
+    for token in (5, 5, 3, 1):  # generated after a prompt of 3, 3, 5
+        sampler.record(torch.tensor([token]), 8)
+    out = sampler.process(torch.zeros(1, 8))
     assert out.tolist() == [[0, -1.5, 0, -1.5, 0, -2.5, 0, 0]]
 
 
@@ -157,12 +156,8 @@ class BatchSizes:
 
 def alone_events(model, tokenizer, request):
     """Text and finish reason of one request run by itself through generate_tokens (no engine)."""
-    hooks = []
-    if request.presence_penalty or request.frequency_penalty:
-        hooks.append(occurrence_penalty(len(request.input_ids), request.presence_penalty, request.frequency_penalty))
     pieces = list(model.stream_ids(tokenizer, request.input_ids, params=request.params,
-                                   max_new_tokens=request.max_new_tokens, stop_ids=request.stop_ids,
-                                   logits_processor=hooks))
+                                   max_new_tokens=request.max_new_tokens, stop_ids=request.stop_ids))
     return "".join(d for d, _ in pieces), pieces[-1][1]
 
 
@@ -217,7 +212,7 @@ def test_batched_output_equals_each_request_alone(batch_engine):
         GenerationRequest(prompt(tok, texts[1]), GREEDY, 12, stops),
         GenerationRequest(prompt(tok, texts[2]), sampled, 25, stops),
         GenerationRequest(prompt(tok, texts[3]), SamplingParams(repetition_penalty=1.3), 20, stops),
-        GenerationRequest(prompt(tok, texts[4]), GREEDY, 40, (), presence_penalty=2.0),
+        GenerationRequest(prompt(tok, texts[4]), SamplingParams(presence_penalty=2.0), 40, ()),
         GenerationRequest(prompt(tok, texts[5]), SamplingParams(do_sample=True, top_k=5, seed=3), 18, stops),
         GenerationRequest(prompt(tok, texts[6]), GREEDY, 3, stops),
     ]

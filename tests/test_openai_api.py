@@ -11,7 +11,7 @@ import pytest
 
 from conftest import KEY, loaded
 from model import load_model
-from model.conversation import ReplyParser
+from model.formats import reply_parser
 from model.engine import Engine
 from model.generation import SamplingParams
 from serving import ScriptedModel, ThreadServer
@@ -23,7 +23,7 @@ def client(server, key="unused"):
 
 def expected_reply(model, tokenizer, ids, max_tokens, stop=None):
     """What the reply must be: the model's own greedy stream, through the reply rules."""
-    parser = ReplyParser(tokenizer.family, stop=stop)
+    parser = reply_parser(tokenizer.family, stop=stop)
     text, finish = "", None
     for delta, finish in model.stream_ids(tokenizer, ids, params=SamplingParams(), max_new_tokens=max_tokens,
                                           stop_ids=tokenizer.reply_stop_ids()):

@@ -176,8 +176,9 @@ def test_prompts_are_built_off_the_event_loop(monkeypatch):
             return build(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(server.openai_app, "build_prompt_ids", recording(server.openai_app.build_prompt_ids))
-    monkeypatch.setattr(server.basic_app, "build_prompt_ids", recording(server.basic_app.build_prompt_ids))
+    from model.formats import ChatFormat
+
+    monkeypatch.setattr(ChatFormat, "prompt_ids", recording(ChatFormat.prompt_ids))  # what every prompt goes through
     servers = [ThreadServer(server.openai_app.create_app(engine)), ThreadServer(server.basic_app.create_app(engine))]
     try:
         r = httpx.post(f"{servers[0].url}{CHAT}", json={"messages": USER, "max_tokens": 2}, timeout=60)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import as_lists, dedup, golden_case, golden_tensors, loaded, model_dir
-from model.chat import process_response_v1
+from model.reply import process_response_v1
 
 V1_MODELS = ["chatglm1-tiny", "chatglm1-tiny-int4"]
 ATOL = 1e-4

@@ -102,14 +102,14 @@ def test_web_demo2_replies(browser):
 
 def test_stream_parser_rewrites_punctuation_as_the_original():
     """Streamed in random pieces, a v1 reply's text equals the original post-processing of the whole text."""
-    from model.chat import process_response_v1
-    from model.conversation import ReplyParser
+    from model.reply import process_response_v1
+    from model.formats import reply_parser
 
     rng = random.Random(0)
     alphabet = list("中文ab ,!:;?，\n") + ["[[训练时间]]"]
     for _ in range(2000):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 25)))
-        parser, pieces, i = ReplyParser("chatglm1"), [], 0
+        parser, pieces, i = reply_parser("chatglm1"), [], 0
         while i < len(text):
             j = i + rng.randint(1, 4)
             pieces += [p.content for p in parser.feed(text[i:j])]

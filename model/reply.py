@@ -1,123 +1,51 @@
-"""Role messages -> prompt ids, and the streaming reply parser (content, stop strings, ChatGLM3 tool calls).
+"""The reply parser every path shares: generated text in, content deltas and ChatGLM3 tool calls out.
 
-Servers speak in OpenAI-style messages; this module turns them into the prompt each family was trained on and
-turns the generated text back into content deltas and tool calls, so that a streamed reply joined together is
-exactly the non-streamed reply.
+One incremental parser per reply. Front ends read its content deltas and tool calls; the original whole-text
+post-processing (`process_response`) is the same parser run over the whole text.
 """
 
 from __future__ import annotations
 
+import ast
+import copy
 import json
 import re
-from dataclasses import dataclass, field
-
-from .chat import TRAINING_TIME, parse_tool_call, widen_punctuation
+from dataclasses import dataclass
 
 ASSISTANT_MARK = "<|assistant|>"
-DEFAULT_TOOL_PROMPT = "Answer the following questions as best as you can. You have access to the following tools:"
 PUNCTUATION_MARKS = ",!:;?"  # rewritten by ChatGLM-6B's post-processing, depending on the next character
 _NAME_CHARS = re.compile(r"[\w.\-]*", re.ASCII)  # what a metadata (tool name) line may hold
 
-
-class ConversationError(ValueError):
-    """The messages cannot be turned into a prompt for this model (the message says why)."""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
+TRAINING_TIME = ("[[训练时间]]", "2023年")
 
 
-@dataclass
-class Message:
-    role: str  # system, user, assistant, tool (= observation)
-    content: str = ""
-    tool_calls: list[dict] = field(default_factory=list)  # assistant: [{"name", "arguments" (JSON text)}]
+_CJK = "\u4e00-\u9fff"
+_PUNCTUATION = ((",", "，"), ("!", "！"), (":", "："), (";", "；"), ("?", "？"))
 
 
-def render_tool_call(name: str, arguments: str) -> str:
-    """An assistant tool call as ChatGLM3 writes it: a python block calling tool_call(**arguments)."""
+def widen_punctuation(text: str) -> str:
+    """The original's rewrite, mark by mark: after a CJK character, then before one. Each character's result
+    depends only on its two neighbours and the length never changes, which lets a stream rewrite as it goes."""
+    for ascii_mark, wide in _PUNCTUATION:
+        mark = re.escape(ascii_mark)
+        text = re.sub(f"([{_CJK}]){mark}", lambda m: m.group(1) + wide, text)
+        text = re.sub(f"{mark}([{_CJK}])", lambda m: wide + m.group(1), text)
+    return text
+
+
+def parse_tool_call(code: str) -> dict | None:
+    """Keyword arguments of a `tool_call(a=1, b='x')` expression, read as literals (never executed)."""
     try:
-        args = json.loads(arguments) if arguments.strip() else {}
-    except json.JSONDecodeError as e:
-        raise ConversationError(f"tool call arguments of {name!r} are not valid JSON: {e}") from e
-    if not isinstance(args, dict):
-        raise ConversationError(f"tool call arguments of {name!r} must be a JSON object")
-    if not all(isinstance(k, str) and k.isidentifier() for k in args):
-        raise ConversationError(f"tool call arguments of {name!r} must have identifier keys")
-    call = ", ".join(f"{k}={v!r}" for k, v in args.items())
-    return f"```python\ntool_call({call})\n```"
-
-
-def build_prompt_ids(tokenizer, messages: list[Message], tools: list[dict] | None = None,
-                     forced_tool: str | None = None) -> list[int]:
-    """Prompt ids for a conversation ending in a user (or tool) message, ready for the assistant's reply.
-
-    tools: function definitions ({"name", "description", "parameters"}) offered to a ChatGLM3 model;
-    forced_tool: name of a tool the reply must call (its name is written as the reply's metadata line).
-    """
-    if not messages:
-        raise ConversationError("messages must not be empty", "messages")
-    if tokenizer.family == "chatglm3":
-        return _chatglm3_ids(tokenizer, messages, tools, forced_tool)
-    if tools or forced_tool or any(m.role == "tool" or m.tool_calls for m in messages):
-        raise ConversationError("tool calling needs a ChatGLM3 checkpoint; this model is " + tokenizer.family,
-                                "tools")
-    return tokenizer.encode(tokenizer.build_prompt(*_chatglm2_turns(messages)))
-
-
-def _chatglm2_turns(messages: list[Message]) -> tuple[str, list[tuple[str, str]]]:
-    """ChatGLM2 has no roles beyond question/answer rounds: system text opens the first question."""
-    system = "\n".join(m.content for m in messages if m.role == "system")
-    history: list[tuple[str, str]] = []
-    query: str | None = None
-    for m in messages:
-        if m.role == "user":
-            query = m.content if query is None else query + "\n" + m.content
-        elif m.role == "assistant":
-            if query is None:
-                raise ConversationError("an assistant message must follow a user message", "messages")
-            history.append((query, m.content))
-            query = None
-    if query is None:
-        raise ConversationError("the last message must be from the user", "messages")
-    if system:
-        if history:
-            history[0] = (system + "\n" + history[0][0], history[0][1])
-        else:
-            query = system + "\n" + query
-    return query, history
-
-
-def _chatglm3_ids(tokenizer, messages, tools, forced_tool) -> list[int]:
-    history: list[dict] = []
-    for m in messages:
-        if m.role == "system":
-            history.append({"role": "system", "content": m.content})
-        elif m.role == "user":
-            history.append({"role": "user", "content": m.content})
-        elif m.role == "tool":
-            history.append({"role": "observation", "content": m.content})
-        elif m.role == "assistant":
-            if m.content or not m.tool_calls:
-                history.append({"role": "assistant", "metadata": "", "content": m.content})
-            for call in m.tool_calls:
-                history.append({"role": "assistant", "metadata": call["name"],
-                                "content": render_tool_call(call["name"], call.get("arguments") or "")})
-        else:
-            raise ConversationError(f"unknown role {m.role!r}", "messages")
-    if tools:
-        system = next((h for h in history if h["role"] == "system"), None)
-        if system is None:
-            system = {"role": "system", "content": DEFAULT_TOOL_PROMPT}
-            history.insert(0, system)
-        system["tools"] = tools
-    last = history.pop()
-    if last["role"] not in ("user", "observation"):
-        raise ConversationError("the last message must be from the user or a tool", "messages")
-    ids = tokenizer.build_chat_ids(last["content"], history, last["role"])
-    if forced_tool:
-        ids += tokenizer.sp.encode(f"{forced_tool}\n")
-    return ids
+        node = ast.parse(code.strip(), mode="eval").body
+    except SyntaxError:
+        return None
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "tool_call"
+            and not node.args and all(kw.arg for kw in node.keywords)):
+        return None
+    try:
+        return {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
+    except (ValueError, TypeError, SyntaxError, RecursionError):
+        return None
 
 
 # ---- the reply ---------------------------------------------------------------------------------------
@@ -138,10 +66,13 @@ class ReplyParser:
       does not is content (the original would take any first line for a name).
     """
 
-    def __init__(self, family: str, stop: list[str] | None = None, tool_names: list[str] | None = None,
-                 forced_tool: str | None = None):
-        self.v3 = family == "chatglm3"
-        self.v1 = family == "chatglm1"
+    def __init__(self, *, segments: bool = False, widen: bool = False, stop: list[str] | None = None,
+                 tool_names: list[str] | None = None, forced_tool: str | None = None):
+        self.v3 = segments  # ChatGLM3: the reply is segments, each opening with a metadata line
+        self.v1 = widen  # ChatGLM-6B: ASCII punctuation next to CJK text becomes full-width
+        self.content = ""  # every content delta returned so far, joined
+        self.segments: list[str] = [""]  # ChatGLM3: the raw text of each segment (split at <|assistant|>)
+        self._mark_tail = ""  # ... and a possible start of <|assistant|> not yet placed
         self.raw = ""  # ChatGLM-6B: the content so far, before its punctuation rewrite
         self.sent = 0  # ... and how much of it has been returned
         self.stop = [s for s in (stop or []) if s]
@@ -165,6 +96,8 @@ class ReplyParser:
     def feed(self, text: str) -> list[ReplyPart]:
         if self.stopped:
             return []
+        if self.v3:
+            self._track_segments(text)
         out: list[ReplyPart] = []
         while text and not self.stopped:
             if self.state == "meta":
@@ -180,6 +113,8 @@ class ReplyParser:
         out: list[ReplyPart] = []
         if self.stopped:
             return out
+        self.segments[-1] += self._mark_tail
+        self._mark_tail = ""
         if self.state == "meta" and self.meta:
             meta, self.meta, self.state = self.meta, "", "content"
             self._feed_content(meta, out)
@@ -189,6 +124,15 @@ class ReplyParser:
         self.pending = ""
         self._release(out, final=True)
         return out
+
+    def _track_segments(self, text: str) -> None:
+        pieces = (self._mark_tail + text).split(ASSISTANT_MARK)
+        for i, piece in enumerate(pieces):
+            if i:
+                self.segments.append("")
+            hold = _overlap(piece, ASSISTANT_MARK) if i == len(pieces) - 1 else 0
+            self.segments[-1] += piece[:len(piece) - hold]
+            self._mark_tail = piece[len(piece) - hold:]
 
     # ---- states -----------------------------------------------------------------------------------
     def _feed_meta(self, text: str, out: list[ReplyPart]) -> str:
@@ -275,8 +219,8 @@ class ReplyParser:
             self._add(widen_punctuation(self.raw[start:end + 1])[self.sent - start:end - start], out)
             self.sent = end
 
-    @staticmethod
-    def _add(text: str, out: list[ReplyPart]) -> None:
+    def _add(self, text: str, out: list[ReplyPart]) -> None:
+        self.content += text
         if out and out[-1].tool_call is None:
             out[-1].content += text
         else:
@@ -289,3 +233,58 @@ def _overlap(text: str, marker: str) -> int:
         if marker.startswith(text[-n:]):
             return n
     return 0
+
+
+# ---- the original whole-text post-processing, as the parser over the whole text -------------------------
+def parse(text: str, **traits) -> ReplyParser:
+    """A parser that has read the whole of text."""
+    parser = ReplyParser(**traits)
+    parser.feed(text)
+    parser.finish()
+    return parser
+
+
+def process_response_v2(text: str) -> str:
+    """ChatGLM2: the reply stripped, "[[训练时间]]" -> "2023年"."""
+    return parse(text).content
+
+
+def process_response_v1(text: str) -> str:
+    """ChatGLM-6B: as ChatGLM2, then ASCII , ! : ; ? next to a CJK character become their full-width forms."""
+    return parse(text, widen=True).content
+
+
+def original_v3_turns(segments: list[str], tools_offered: bool) -> tuple[str | dict, list[dict]]:
+    """The original ChatGLM3 reading of a reply's segments: (response, the assistant turns for the history).
+
+    A segment's first line is its metadata (any text, as the original takes it). With metadata the response is
+    {"name", "parameters"} when tools were offered and the segment is a readable tool_call(...) in a code block,
+    else {"name", "content"}; without, the stripped content.
+    """
+    response: str | dict = ""
+    turns = []
+    for segment in segments:
+        metadata, content = segment.split("\n", maxsplit=1) if "\n" in segment else ("", segment)
+        if not metadata.strip():
+            content = content.strip()
+            turns.append({"role": "assistant", "metadata": metadata, "content": content})
+            response = content.replace(*TRAINING_TIME)
+            continue
+        turns.append({"role": "assistant", "metadata": metadata, "content": content})
+        if tools_offered:
+            parameters = parse_tool_call("\n".join(content.split("\n")[1:-1]))
+            if parameters is not None:
+                response = {"name": metadata.strip(), "parameters": parameters}
+                continue
+        response = {"name": metadata.strip(), "content": content}
+    return response, turns
+
+
+def tools_offered(history: list[dict]) -> bool:
+    return bool(history) and history[0].get("role") == "system" and "tools" in history[0]
+
+
+def process_response_v3(output: str, history: list[dict]) -> tuple[str | dict, list[dict]]:
+    """ChatGLM3: split the reply into assistant turns; a turn with metadata is a tool call (or tool content)."""
+    response, turns = original_v3_turns(parse(output, segments=True).segments, tools_offered(history))
+    return response, copy.deepcopy(history) + turns
