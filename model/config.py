@@ -8,7 +8,8 @@ import os
 
 from transformers import PretrainedConfig
 
-from .hub import CheckpointError, read_json
+from .config_v1 import V1_SHAPE_KEYS, ChatGLM1Config, is_v1_config
+from .hub import CheckpointError, UnsupportedConfigError, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -16,10 +17,6 @@ FAMILIES = ("chatglm2", "chatglm3")
 # config.json keys that set tensor shapes: a checkpoint without them cannot be loaded (the 6B defaults would only
 # fail later, on the first tensor, with a shape error that does not name the key)
 SHAPE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "kv_channels", "padded_vocab_size")
-
-
-class UnsupportedConfigError(CheckpointError):
-    """A config.json flag has a value this implementation does not compute."""
 
 
 def check_shape_keys(config_dict: dict, keys, config_path: str) -> None:
@@ -126,8 +123,6 @@ class ChatGLMConfig(PretrainedConfig):
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
         """A ChatGLM-6B config.json gives a ChatGLM1Config (all three families share model_type "chatglm")."""
-        from .config_v1 import ChatGLM1Config, is_v1_config
-
         if cls is ChatGLMConfig and is_v1_config(config_dict):
             return ChatGLM1Config.from_dict(config_dict, **kwargs)
         return super().from_dict(config_dict, **kwargs)
@@ -175,8 +170,6 @@ class ChatGLMConfig(PretrainedConfig):
         config_dict = read_json(config_path)
         tok_path = os.path.join(path, "tokenizer_config.json")
         tok_dict = read_json(tok_path) if os.path.isfile(tok_path) else {}
-        from .config_v1 import V1_SHAPE_KEYS, ChatGLM1Config, is_v1_config
-
         if family == "chatglm1" or (family is None and is_v1_config(config_dict)):
             config_dict.update(overrides)
             check_shape_keys(config_dict, V1_SHAPE_KEYS, config_path)
