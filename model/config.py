@@ -14,6 +14,14 @@ from .hub import CheckpointError, UnsupportedConfigError, read_json
 logger = logging.getLogger(__name__)
 
 FAMILIES = ("chatglm2", "chatglm3")
+# What the families' networks compute differently, read by modeling.py through the config's properties (so a new
+# family is a row here, not a silent fall-through to another family's choice in the network code):
+# rope_ratio_scales: what a rope_ratio other than 1 scales, the positions (interpolation: chatglm2-6b-32k) or the
+# rotary base (NTK-style: chatglm3-6b-32k / -128k).
+NETWORK_TRAITS = {
+    "chatglm2": {"rope_ratio_scales": "positions"},
+    "chatglm3": {"rope_ratio_scales": "base"},
+}
 # config.json keys that set tensor shapes: a checkpoint without them cannot be loaded (the 6B defaults would only
 # fail later, on the first tensor, with a shape error that does not name the key)
 SHAPE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "kv_channels", "padded_vocab_size")
@@ -135,6 +143,18 @@ class ChatGLMConfig(PretrainedConfig):
     @property
     def qkv_size(self) -> int:
         return (self.num_attention_heads + 2 * self.num_kv_heads) * self.kv_channels
+
+    # ---- network traits of the family (NETWORK_TRAITS) --------------------------------------------
+    @property
+    def rope_ratio_scales(self) -> str:
+        """"positions" (divided by rope_ratio) or "base" (the rotary base multiplied by it)."""
+        return self._network_trait("rope_ratio_scales")
+
+    def _network_trait(self, name: str):
+        if self.family not in NETWORK_TRAITS:
+            raise UnsupportedConfigError(f"family={self.family!r}: the network of this family is not known "
+                                         f"(expected one of {tuple(NETWORK_TRAITS)}); pass family=")
+        return NETWORK_TRAITS[self.family][name]
 
     def validate(self) -> None:
         """Raise UnsupportedConfigError naming any flag whose value this implementation cannot compute."""

@@ -13,6 +13,7 @@ from torch import nn
 from . import kernels
 from .cache import KVCache
 from .config import ChatGLMConfig
+from .hub import UnsupportedConfigError
 from .devices import TORCH_VERSION, code_path
 
 
@@ -69,10 +70,12 @@ def rotary_cos_sin(config: ChatGLMConfig, position_ids: torch.Tensor, dtype: tor
     base = 10000.0
     positions = position_ids.float()
     if config.rope_ratio != 1:
-        if config.family == "chatglm3":
+        if config.rope_ratio_scales == "base":
             base = base * config.rope_ratio  # NTK-style base scaling (chatglm3-6b-32k / -128k)
-        else:
+        elif config.rope_ratio_scales == "positions":
             positions = positions / config.rope_ratio  # position interpolation (chatglm2-6b-32k)
+        else:
+            raise UnsupportedConfigError(f"rope_ratio_scales={config.rope_ratio_scales!r}")
     theta = 1.0 / (base ** (torch.arange(0, rot, 2, dtype=torch.float32, device=position_ids.device) / rot))
     angles = positions[..., None] * theta  # (B, T, rot/2), always fp32
     return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
