@@ -345,11 +345,10 @@ class ChatGLMModel(nn.Module):
 
 from transformers import PreTrainedModel  # noqa: E402
 
-from .chat import ChatMixin  # noqa: E402
 
-
-class ChatGLMForConditionalGeneration(ChatMixin, PreTrainedModel):
-    """ChatGLM2/3 with chat(), stream_chat() and generate(); load it with load_model() or from_pretrained()."""
+class ChatGLMPreTrainedModel(PreTrainedModel):
+    """The ChatGLM2/3 network as a transformers PreTrainedModel: no chat and no loading here (the public
+    model.chatglm.ChatGLMForConditionalGeneration adds chat(), from_pretrained(), quantize(), save_pretrained())."""
 
     config_class = ChatGLMConfig
     base_model_prefix = "transformer"
@@ -364,26 +363,3 @@ class ChatGLMForConditionalGeneration(ChatMixin, PreTrainedModel):
                 use_cache: bool = True, return_last_logit: bool = False, **kwargs) -> ModelOutput:
         return self.transformer(input_ids, position_ids, attention_mask, past_key_values, use_cache,
                                 last_logits_only=return_last_logit)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, dtype=None, torch_dtype=None,
-                        device=None, device_map=None, family=None, revision=None, **kwargs):
-        """Load a checkpoint directory or Hub id (no remote code); on the CPU unless device / device_map say
-        otherwise (see model.loading.from_pretrained); see model.load_model for the other options."""
-        from .loading import from_pretrained
-
-        return from_pretrained(pretrained_model_name_or_path, family=family or getattr(config, "family", None),
-                               dtype=dtype or torch_dtype, device=device, device_map=device_map, revision=revision,
-                               quantize=kwargs.get("quantize"))
-
-    def quantize(self, bits: int, **kwargs) -> "ChatGLMForConditionalGeneration":
-        """Weight-only quantization of every block's linears to 4 or 8 bits, in place (as the original)."""
-        from .quantization import quantize
-
-        return quantize(self, bits)
-
-    def save_pretrained(self, save_directory: str, max_shard_size: int = 2 * 1024**3, **kwargs) -> None:
-        """Write config.json and safetensors shards (+ index) in the checkpoint layout."""
-        from .loading import save_checkpoint
-
-        save_checkpoint(self, save_directory, max_shard_size=max_shard_size)
