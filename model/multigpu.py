@@ -8,9 +8,7 @@ import torch
 from .chatglm import load_model
 from .config import ChatGLMConfig
 from .hub import resolve_model_dir
-from .placement import (  # noqa: F401 (importable from here, as before the split)
-    FIRST_DEVICE_MODULES, FIRST_DEVICE_MODULES_V1, ORIGINAL_ONLY_KEYS, as_torch_device, auto_device_map,
-    clean_device_map, device_for, dispatch, embedding_module, layer_module)
+from .placement import auto_device_map
 
 
 def device_map_for(checkpoint_path: str, num_gpus: int, revision: str | None = None,

@@ -196,7 +196,7 @@ def model_class(name):
 
 @pytest.mark.parametrize("name", ["chatglm2-tiny", "chatglm1-tiny"])
 def test_from_pretrained_follows_a_device_map(name):
-    from model.multigpu import layer_module
+    from model.placement import layer_module
 
     reference, tokenizer = loaded(name)
     device_map = {m: "cpu" for m in ("transformer.embedding", "transformer.encoder.final_layernorm",

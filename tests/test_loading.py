@@ -206,6 +206,10 @@ def test_rope_ratio_semantics_per_family():
     unknown = ChatGLMConfig.from_dict({**d, "rope_ratio": 16, "family": "chatglm4"})
     with pytest.raises(UnsupportedConfigError, match="chatglm4"):
         rotary_cos_sin(unknown, pos, torch.float32)
+    from model.chatglm import model_class_for
+
+    with pytest.raises(UnsupportedConfigError, match="chatglm4"):
+        model_class_for(unknown)
 
 
 @pytest.mark.slow
