@@ -354,10 +354,17 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
     base_model_prefix = "transformer"
     main_input_name = "input_ids"
     _no_split_modules = ["GLMBlock"]
+    # the linears of every block, by their path in it: what weight-only quantization swaps
+    BLOCK_LINEARS = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h",
+                     "mlp.dense_4h_to_h")
 
     def __init__(self, config: ChatGLMConfig, dtype=None, device=None):
         super().__init__(config)
         self.transformer = ChatGLMModel(config, dtype, device)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.transformer.encoder.layers
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, past_key_values=None,
                 use_cache: bool = True, return_last_logit: bool = False, **kwargs) -> ModelOutput:

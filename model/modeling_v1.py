@@ -206,13 +206,14 @@ class ChatGLM1PreTrainedModel(PreTrainedModel):
     base_model_prefix = "transformer"
     main_input_name = "input_ids"
     _no_split_modules = ["GLMBlock"]
+    BLOCK_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 
     def __init__(self, config: ChatGLM1Config, dtype=None, device=None):
         super().__init__(config)
         self.transformer = ChatGLM1Model(config, dtype, device)
 
     @property
-    def blocks(self):
+    def blocks(self) -> nn.ModuleList:
         return self.transformer.layers
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, past_key_values=None,
