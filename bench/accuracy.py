@@ -39,7 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from model import load_model  # noqa: E402
-from model.quantization import QUANTIZED_LINEARS, QuantizedLinear, dequantize_weight  # noqa: E402
+from model.quantization import QuantizedLinear, dequantize_weight  # noqa: E402
 
 GOLDEN = os.path.join(ROOT, "tests", "golden")
 
@@ -51,8 +51,8 @@ def rel(y: torch.Tensor, ref: torch.Tensor) -> float:
 def record_linear_inputs(model, ids: torch.Tensor) -> tuple[dict, torch.Tensor]:
     """Run the float model once; returns ({linear name: (module, input rows)}, logits [T, vocab])."""
     inputs, hooks = {}, []
-    for i, layer in enumerate(model.transformer.encoder.layers):
-        for path in QUANTIZED_LINEARS:
+    for i, layer in enumerate(model.blocks):
+        for path in model.BLOCK_LINEARS:
             module = layer.get_submodule(path)
             name = f"layers.{i}.{path}"
             hooks.append(module.register_forward_hook(

@@ -4,10 +4,10 @@ Importing the package also registers the classes with transformers' Auto* factor
 AutoConfig / AutoTokenizer / AutoModel.from_pretrained load ChatGLM checkpoints without remote code.
 """
 
-from .config import ChatGLMConfig, UnsupportedConfigError
-from .hub import CheckpointError, ModelNotFoundError
-from .loading import DeviceUnavailableError, load_model
-from .modeling import ChatGLMForConditionalGeneration
+from .chatglm import ChatGLMForConditionalGeneration, load_model
+from .config import ChatGLMConfig
+from .hub import CheckpointError, ModelNotFoundError, UnsupportedConfigError
+from .loading import DeviceUnavailableError
 from .tokenizer import ChatGLMTokenizer, StreamDecoder
 
 __all__ = ["ChatGLMConfig", "ChatGLMTokenizer", "ChatGLMForConditionalGeneration", "load_model", "CheckpointError",
@@ -18,8 +18,8 @@ def _register_with_transformers() -> None:
     from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM,
                               AutoTokenizer)
 
+    from .chatglm import ChatGLM1ForConditionalGeneration
     from .config_v1 import ChatGLM1Config
-    from .modeling_v1 import ChatGLM1ForConditionalGeneration
     from .tokenizer_v1 import ChatGLM1Tokenizer
 
     AutoConfig.register("chatglm", ChatGLMConfig, exist_ok=True)  # from_dict hands v1 configs to ChatGLM1Config

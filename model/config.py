@@ -8,18 +8,23 @@ import os
 
 from transformers import PretrainedConfig
 
-from .hub import CheckpointError, read_json
+from .config_v1 import V1_SHAPE_KEYS, ChatGLM1Config, is_v1_config
+from .hub import CheckpointError, UnsupportedConfigError, read_json
 
 logger = logging.getLogger(__name__)
 
 FAMILIES = ("chatglm2", "chatglm3")
+# What the families' networks compute differently, read by modeling.py through the config's properties (so a new
+# family is a row here, not a silent fall-through to another family's choice in the network code):
+# rope_ratio_scales: what a rope_ratio other than 1 scales, the positions (interpolation: chatglm2-6b-32k) or the
+# rotary base (NTK-style: chatglm3-6b-32k / -128k).
+NETWORK_TRAITS = {
+    "chatglm2": {"rope_ratio_scales": "positions"},
+    "chatglm3": {"rope_ratio_scales": "base"},
+}
 # config.json keys that set tensor shapes: a checkpoint without them cannot be loaded (the 6B defaults would only
 # fail later, on the first tensor, with a shape error that does not name the key)
 SHAPE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "kv_channels", "padded_vocab_size")
-
-
-class UnsupportedConfigError(CheckpointError):
-    """A config.json flag has a value this implementation does not compute."""
 
 
 def check_shape_keys(config_dict: dict, keys, config_path: str) -> None:
@@ -126,8 +131,6 @@ class ChatGLMConfig(PretrainedConfig):
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
         """A ChatGLM-6B config.json gives a ChatGLM1Config (all three families share model_type "chatglm")."""
-        from .config_v1 import ChatGLM1Config, is_v1_config
-
         if cls is ChatGLMConfig and is_v1_config(config_dict):
             return ChatGLM1Config.from_dict(config_dict, **kwargs)
         return super().from_dict(config_dict, **kwargs)
@@ -140,6 +143,18 @@ class ChatGLMConfig(PretrainedConfig):
     @property
     def qkv_size(self) -> int:
         return (self.num_attention_heads + 2 * self.num_kv_heads) * self.kv_channels
+
+    # ---- network traits of the family (NETWORK_TRAITS) --------------------------------------------
+    @property
+    def rope_ratio_scales(self) -> str:
+        """"positions" (divided by rope_ratio) or "base" (the rotary base multiplied by it)."""
+        return self._network_trait("rope_ratio_scales")
+
+    def _network_trait(self, name: str):
+        if self.family not in NETWORK_TRAITS:
+            raise UnsupportedConfigError(f"family={self.family!r}: the network of this family is not known "
+                                         f"(expected one of {tuple(NETWORK_TRAITS)}); pass family=")
+        return NETWORK_TRAITS[self.family][name]
 
     def validate(self) -> None:
         """Raise UnsupportedConfigError naming any flag whose value this implementation cannot compute."""
@@ -175,8 +190,6 @@ class ChatGLMConfig(PretrainedConfig):
         config_dict = read_json(config_path)
         tok_path = os.path.join(path, "tokenizer_config.json")
         tok_dict = read_json(tok_path) if os.path.isfile(tok_path) else {}
-        from .config_v1 import V1_SHAPE_KEYS, ChatGLM1Config, is_v1_config
-
         if family == "chatglm1" or (family is None and is_v1_config(config_dict)):
             config_dict.update(overrides)
             check_shape_keys(config_dict, V1_SHAPE_KEYS, config_path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-from .config import UnsupportedConfigError
+from .hub import UnsupportedConfigError
 
 V1_KEYS = ("position_encoding_2d", "inner_hidden_size", "max_sequence_length", "gmask_token_id")
 V1_SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "inner_hidden_size", "vocab_size")  # required

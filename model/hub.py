@@ -1,4 +1,5 @@
-"""Turn a local path or a Hugging Face Hub id into a local checkpoint directory."""
+"""Turn a local path or a Hugging Face Hub id into a local checkpoint directory; the errors about a checkpoint's
+files (here, below both config modules, so that neither imports the other for them)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ class ModelNotFoundError(OSError):
 
 class CheckpointError(ValueError):
     """A checkpoint's files are missing, unreadable or disagree with each other; the message names the file."""
+
+
+class UnsupportedConfigError(CheckpointError):
+    """A config.json flag has a value this implementation does not compute."""
 
 
 def read_json(filename: str) -> dict:

@@ -1,4 +1,7 @@
-"""Path or Hub id -> config -> model built on the meta device -> weights streamed in, one tensor at a time."""
+"""Path or Hub id -> config -> model built on the meta device -> weights streamed in, one tensor at a time.
+
+The model classes come from the caller (model/chatglm.py, which defines them with their from_pretrained): this
+module builds whatever class model_class_for(config) names and imports none of them."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import logging
 import mmap
 import os
 import struct
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -15,6 +18,7 @@ from torch import nn
 from . import kernels
 from .config import ChatGLMConfig
 from .hub import CheckpointError, read_json, resolve_model_dir
+from .tokenizer import ChatGLMTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -234,13 +238,12 @@ def checkpoint_nbytes(path: str) -> int:
 
 
 # ---- building and filling the model -------------------------------------------------------------
-def build_empty_model(config: ChatGLMConfig):
-    """The model with every parameter on the meta device (no memory), ready for assign_tensor."""
-    if config.family == "chatglm1":
-        from .modeling_v1 import ChatGLM1ForConditionalGeneration as model_class
-    else:
-        from .modeling import ChatGLMForConditionalGeneration as model_class
+# the model class to build for a config (model.chatglm.model_class_for)
+ModelClassFor = Callable[[ChatGLMConfig], type]
 
+
+def build_empty_model(config: ChatGLMConfig, model_class: type):
+    """model_class(config) with every parameter on the meta device (no memory), ready for assign_tensor."""
     with torch.device("meta"):
         return model_class(config)
 
@@ -258,17 +261,17 @@ def assign_tensor(model: nn.Module, name: str, tensor: torch.Tensor, source: str
     module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
 
 
-def load_weights(name_or_path: str, device=None, dtype=None, family: str | None = None,
-                 revision: str | None = None, quantize: int | None = None, progress: bool = True,
-                 device_map: dict | None = None):
-    """Load a ChatGLM checkpoint (dir or Hub id) into a ready model in eval mode.
+def load_weights(name_or_path: str, model_class_for: ModelClassFor, device=None, dtype=None,
+                 family: str | None = None, revision: str | None = None, quantize: int | None = None,
+                 progress: bool = True, device_map: dict | None = None):
+    """Load a ChatGLM checkpoint (dir or Hub id) into a ready model (of class model_class_for(config)) in eval mode.
 
     quantize=4|8 quantizes a float checkpoint tensor by tensor while it is read, so the float model never
     sits in memory whole; a checkpoint with quantization_bit is loaded as it is stored. device_map (module
     name -> GPU index or device) puts each tensor straight on its module's device and installs the hooks
     that move activations between devices.
     """
-    from .multigpu import as_torch_device, clean_device_map, device_for, dispatch, embedding_module
+    from .placement import as_torch_device, clean_device_map, device_for, dispatch, embedding_module
     from .quantization import quantize_weight, swap_linears
 
     path = resolve_model_dir(name_or_path, revision=revision)
@@ -277,7 +280,7 @@ def load_weights(name_or_path: str, device=None, dtype=None, family: str | None 
     if quantize and stored_bits and quantize != stored_bits:
         raise CheckpointError(f"{path} is stored with {stored_bits}-bit weights; it cannot be loaded as "
                               f"{quantize}-bit (leave out --quantize)")
-    model = build_empty_model(config)
+    model = build_empty_model(config, model_class_for(config))
     if device_map is not None:
         device_map = clean_device_map(device_map, model)
         device = as_torch_device(device_for(embedding_module(config) + ".weight", device_map))
@@ -346,16 +349,16 @@ def load_weights(name_or_path: str, device=None, dtype=None, family: str | None 
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
-def from_pretrained(name_or_path: str, *, family: str | None = None, dtype=None, device=None, device_map=None,
-                    revision: str | None = None, quantize: int | None = None):
-    """The model classes' from_pretrained, with Hugging Face's placement rules.
+def from_pretrained(name_or_path: str, model_class_for: ModelClassFor, *, family: str | None = None, dtype=None,
+                    device=None, device_map=None, revision: str | None = None, quantize: int | None = None):
+    """The model classes' from_pretrained (model_class_for: see load_weights), with Hugging Face's placement rules.
 
     Neither device nor device_map: on the CPU, as transformers does, so that the original's small-GPU recipe
     `from_pretrained(id).quantize(4).cuda()` never puts the whole float model on the GPU. device_map: a dict
     (module name -> device), a strategy ("auto", "balanced", ...: the layers spread over every CUDA GPU, or
     the one GPU, or the best device there is), or a device ("cuda:0", "cpu", 0).
     """
-    from .multigpu import as_torch_device, auto_device_map
+    from .placement import as_torch_device, auto_device_map
 
     if device is None and device_map is None:
         device = "cpu"
@@ -369,7 +372,7 @@ def from_pretrained(name_or_path: str, *, family: str | None = None, dtype=None,
             device = "cuda" if gpus == 1 else "auto"
     elif isinstance(device_map, (str, int, torch.device)):  # one device for everything
         device, device_map = (device if device is not None else as_torch_device(device_map)), None
-    return load_weights(name_or_path, device=device, dtype=dtype, family=family, revision=revision,
+    return load_weights(name_or_path, model_class_for, device=device, dtype=dtype, family=family, revision=revision,
                         quantize=quantize, device_map=device_map)
 
 
@@ -380,35 +383,10 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def load_tokenizer(name_or_path: str, family: str | None = None, revision: str | None = None):
-    """The tokenizer of a checkpoint: ChatGLM-6B's (ice_text.model) or ChatGLM2/3's (tokenizer.model)."""
-    from .tokenizer import ChatGLMTokenizer
-    from .tokenizer_v1 import VOCAB_FILE, ChatGLM1Tokenizer
-
-    path = resolve_model_dir(name_or_path, revision=revision, weights=False)
-    if family == "chatglm1" or (family is None and os.path.isfile(os.path.join(path, VOCAB_FILE))):
-        return ChatGLM1Tokenizer.from_pretrained(path)
-    return ChatGLMTokenizer.from_pretrained(path, family=family)
-
-
-def load_model(name_or_path: str, device: str | torch.device | None = None, dtype=None,
-               family: str | None = None, revision: str | None = None, quantize: int | None = None,
-               device_map: dict | None = None):
-    """(model, tokenizer) for a ChatGLM checkpoint directory or Hub id.
-
-    device: "cpu", "cuda", "cuda:1", "mps" or None/"auto"; dtype: a torch dtype, its name, or None/"auto";
-    family: "chatglm2" / "chatglm3" when the checkpoint does not tell; quantize: 4 or 8 for weight-only
-    quantization while loading; device_map: module name -> device, to split the layers over GPUs
-    (see model.multigpu).
-    """
-    path = resolve_model_dir(name_or_path, revision=revision)  # one Hub round trip for weights and tokenizer
-    # config and tokenizer first: a broken one is reported in a moment, not after minutes of reading weights
-    family = ChatGLMConfig.from_checkpoint_dir(path, family=family).family
-    tokenizer = load_tokenizer(path, family=family)
-    model = load_weights(path, device=device, dtype=dtype, family=family, quantize=quantize,
-                         device_map=device_map)
-    model.name_or_path = model.config._name_or_path = str(name_or_path)
-    tokenizer.name_or_path = str(name_or_path)
-    return model, tokenizer
+    """The tokenizer of a checkpoint: ChatGLM-6B's (ice_text.model) or ChatGLM2/3's (tokenizer.model); which one
+    is ChatGLMTokenizer.from_pretrained's choice (the same for AutoTokenizer)."""
+    return ChatGLMTokenizer.from_pretrained(resolve_model_dir(name_or_path, revision=revision, weights=False),
+                                            family=family)
 
 
 # ---- writing ------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from torch import nn
 from . import kernels
 from .cache import KVCache
 from .config import ChatGLMConfig
+from .hub import UnsupportedConfigError
 from .devices import TORCH_VERSION, code_path
 
 
@@ -69,10 +70,12 @@ def rotary_cos_sin(config: ChatGLMConfig, position_ids: torch.Tensor, dtype: tor
     base = 10000.0
     positions = position_ids.float()
     if config.rope_ratio != 1:
-        if config.family == "chatglm3":
+        if config.rope_ratio_scales == "base":
             base = base * config.rope_ratio  # NTK-style base scaling (chatglm3-6b-32k / -128k)
-        else:
+        elif config.rope_ratio_scales == "positions":
             positions = positions / config.rope_ratio  # position interpolation (chatglm2-6b-32k)
+        else:
+            raise UnsupportedConfigError(f"rope_ratio_scales={config.rope_ratio_scales!r}")
     theta = 1.0 / (base ** (torch.arange(0, rot, 2, dtype=torch.float32, device=position_ids.device) / rot))
     angles = positions[..., None] * theta  # (B, T, rot/2), always fp32
     return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
@@ -342,45 +345,28 @@ class ChatGLMModel(nn.Module):
 
 from transformers import PreTrainedModel  # noqa: E402
 
-from .chat import ChatMixin  # noqa: E402
 
-
-class ChatGLMForConditionalGeneration(ChatMixin, PreTrainedModel):
-    """ChatGLM2/3 with chat(), stream_chat() and generate(); load it with load_model() or from_pretrained()."""
+class ChatGLMPreTrainedModel(PreTrainedModel):
+    """The ChatGLM2/3 network as a transformers PreTrainedModel: no chat and no loading here (the public
+    model.chatglm.ChatGLMForConditionalGeneration adds chat(), from_pretrained(), quantize(), save_pretrained())."""
 
     config_class = ChatGLMConfig
     base_model_prefix = "transformer"
     main_input_name = "input_ids"
     _no_split_modules = ["GLMBlock"]
+    # the linears of every block, by their path in it: what weight-only quantization swaps
+    BLOCK_LINEARS = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h",
+                     "mlp.dense_4h_to_h")
 
     def __init__(self, config: ChatGLMConfig, dtype=None, device=None):
         super().__init__(config)
         self.transformer = ChatGLMModel(config, dtype, device)
 
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.transformer.encoder.layers
+
     def forward(self, input_ids, position_ids=None, attention_mask=None, past_key_values=None,
                 use_cache: bool = True, return_last_logit: bool = False, **kwargs) -> ModelOutput:
         return self.transformer(input_ids, position_ids, attention_mask, past_key_values, use_cache,
                                 last_logits_only=return_last_logit)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, dtype=None, torch_dtype=None,
-                        device=None, device_map=None, family=None, revision=None, **kwargs):
-        """Load a checkpoint directory or Hub id (no remote code); on the CPU unless device / device_map say
-        otherwise (see model.loading.from_pretrained); see model.load_model for the other options."""
-        from .loading import from_pretrained
-
-        return from_pretrained(pretrained_model_name_or_path, family=family or getattr(config, "family", None),
-                               dtype=dtype or torch_dtype, device=device, device_map=device_map, revision=revision,
-                               quantize=kwargs.get("quantize"))
-
-    def quantize(self, bits: int, **kwargs) -> "ChatGLMForConditionalGeneration":
-        """Weight-only quantization of every block's linears to 4 or 8 bits, in place (as the original)."""
-        from .quantization import quantize
-
-        return quantize(self, bits)
-
-    def save_pretrained(self, save_directory: str, max_shard_size: int = 2 * 1024**3, **kwargs) -> None:
-        """Write config.json and safetensors shards (+ index) in the checkpoint layout."""
-        from .loading import save_checkpoint
-
-        save_checkpoint(self, save_directory, max_shard_size=max_shard_size)

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from .chat import ChatMixin
 from .config_v1 import ChatGLM1Config
 from .modeling import Linear, ModelOutput
 from .cache import KVCache
@@ -199,20 +198,22 @@ class ChatGLM1Model(nn.Module):
                            past_key_values=cache if use_cache else None)
 
 
-class ChatGLM1ForConditionalGeneration(ChatMixin, PreTrainedModel):
-    """ChatGLM-6B with chat(), stream_chat() and generate(); load it with load_model() or from_pretrained()."""
+class ChatGLM1PreTrainedModel(PreTrainedModel):
+    """The ChatGLM-6B network as a transformers PreTrainedModel: no chat and no loading here (the public
+    model.chatglm.ChatGLM1ForConditionalGeneration adds chat(), from_pretrained(), quantize(), save_pretrained())."""
 
     config_class = ChatGLM1Config
     base_model_prefix = "transformer"
     main_input_name = "input_ids"
     _no_split_modules = ["GLMBlock"]
+    BLOCK_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 
     def __init__(self, config: ChatGLM1Config, dtype=None, device=None):
         super().__init__(config)
         self.transformer = ChatGLM1Model(config, dtype, device)
 
     @property
-    def blocks(self):
+    def blocks(self) -> nn.ModuleList:
         return self.transformer.layers
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, past_key_values=None,
@@ -228,22 +229,3 @@ class ChatGLM1ForConditionalGeneration(ChatMixin, PreTrainedModel):
 
     def next_position_ids(self, last):
         return self.transformer.next_position_ids(last)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, dtype=None, torch_dtype=None, device=None,
-                        device_map=None, revision=None, **kwargs):
-        from .loading import from_pretrained
-
-        return from_pretrained(pretrained_model_name_or_path, family="chatglm1", dtype=dtype or torch_dtype,
-                               device=device, device_map=device_map, revision=revision,
-                               quantize=kwargs.get("quantize"))
-
-    def quantize(self, bits: int, **kwargs):
-        from .quantization import quantize
-
-        return quantize(self, bits)
-
-    def save_pretrained(self, save_directory: str, max_shard_size: int = 2 * 1024**3, **kwargs) -> None:
-        from .loading import save_checkpoint
-
-        save_checkpoint(self, save_directory, max_shard_size=max_shard_size)

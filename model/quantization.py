@@ -72,10 +72,6 @@ def int4pack_group_size(in_features: int) -> int | None:
     """The largest group size torch's CPU int4 product takes that divides in_features (None: none does)."""
     return next((g for g in (256, 128, 64, 32) if in_features % g == 0), None)
 
-QUANTIZED_LINEARS = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h",
-                     "mlp.dense_4h_to_h")
-QUANTIZED_LINEARS_V1 = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
-
 
 def quantize_weight(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(q int8 in checkpoint layout, scale [out]) for a float weight [out, in]."""
@@ -245,10 +241,10 @@ class QuantizedLinear(nn.Module):
 
 
 def swap_linears(model: nn.Module, bits: int, quantize_values: bool) -> None:
-    """Replace the four linears of every block by QuantizedLinear (quantizing their values if asked)."""
-    v1 = model.config.family == "chatglm1"
-    for layer in (model.transformer.layers if v1 else model.transformer.encoder.layers):
-        for path in (QUANTIZED_LINEARS_V1 if v1 else QUANTIZED_LINEARS):
+    """Replace the linears of every block (the network's BLOCK_LINEARS) by QuantizedLinear (quantizing their
+    values if asked)."""
+    for layer in model.blocks:
+        for path in model.BLOCK_LINEARS:
             parent_name, _, attr = path.rpartition(".")
             parent = layer.get_submodule(parent_name)
             linear = getattr(parent, attr)

@@ -18,6 +18,7 @@ import random
 
 import torch
 
+from .chatglm import model_class_for
 from .config import FAMILIES, ChatGLMConfig
 from .config_v1 import ChatGLM1Config
 from .loading import DTYPE_NAMES, build_empty_model, config_to_json
@@ -115,7 +116,7 @@ def write_random_weights(config: ChatGLMConfig, directory: str, dtype: torch.dty
     from safetensors.torch import save_file
 
     gen = torch.Generator().manual_seed(seed)
-    names = [(n, tuple(p.shape)) for n, p in build_empty_model(config).named_parameters()]
+    names = [(n, tuple(p.shape)) for n, p in build_empty_model(config, model_class_for(config)).named_parameters()]
     shards: list[dict[str, str]] = []
     current: dict[str, torch.Tensor] = {}
     size = total = 0

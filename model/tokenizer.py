@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
 
-import sentencepiece as spm
 from transformers import BatchEncoding
 
 from .config import FAMILIES, infer_family
-from .hub import CheckpointError, read_json, resolve_model_dir
+from .hub import read_json, resolve_model_dir
+from .tokenizer_base import TokenizerBase, replace_lone_surrogates  # noqa: F401 (the front ends import it from here)
+from .tokenizer_v1 import VOCAB_FILE as V1_VOCAB_FILE, ChatGLM1Tokenizer
 
 SPECIAL_TOKENS = {
     "chatglm2": ["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop"],
@@ -20,67 +19,6 @@ SPECIAL_TOKENS = {
 }
 ROLES = ("system", "user", "assistant", "observation")
 VOCAB_FILE = "tokenizer.model"
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def replace_lone_surrogates(text: str) -> str:
-    """Lone UTF-16 surrogates (from JSON "\\ud800" escapes, or undecodable terminal bytes) -> U+FFFD.
-
-    A Python str may hold them, but no UTF-8 text can, so SentencePiece refuses the whole string.
-    """
-    return _LONE_SURROGATE.sub("\ufffd", text)
-
-
-class SentencePiece(spm.SentencePieceProcessor):
-    """SentencePiece that encodes any Python str (lone surrogates become U+FFFD instead of an error)."""
-
-    def encode(self, input, *args, **kwargs):
-        if isinstance(input, str):
-            input = replace_lone_surrogates(input)
-        elif isinstance(input, list):
-            input = [replace_lone_surrogates(t) if isinstance(t, str) else t for t in input]
-        return super().encode(input, *args, **kwargs)
-
-
-class TokenizerBase:
-    """What every family's tokenizer shares on top of its own encode / decode."""
-
-    padding_side = "left"
-
-    def __len__(self) -> int:
-        return self.vocab_size
-
-    def batch_decode(self, sequences, skip_special_tokens: bool = False, **kwargs) -> list[str]:
-        if hasattr(sequences, "tolist"):
-            sequences = sequences.tolist()
-        return [self.decode(s, skip_special_tokens) for s in sequences]
-
-    @staticmethod
-    def _vocab_path(path: str, vocab_name: str) -> str:
-        """path/vocab_name; CheckpointError saying what to do when the checkpoint lacks it."""
-        vocab_file = os.path.join(path, vocab_name)
-        if not os.path.isfile(vocab_file):
-            raise CheckpointError(f"{path} has no {vocab_name} (the tokenizer); copy it from the checkpoint's "
-                                  f"original files (same Hub repository)")
-        return vocab_file
-
-    @staticmethod
-    def _sentencepiece(vocab_file: str) -> SentencePiece:
-        """The SentencePiece model of vocab_file; CheckpointError naming the file when it cannot be parsed."""
-        try:
-            return SentencePiece(model_file=vocab_file)
-        except (RuntimeError, OSError) as e:  # "Internal: could not parse ModelProto ..."
-            raise CheckpointError(f"{vocab_file} is not a SentencePiece model (truncated or corrupt?); "
-                                  f"download it again") from e
-
-    def _save(self, save_directory: str, vocab_name: str, tokenizer_config: dict) -> None:
-        """Copy the SentencePiece file and write tokenizer_config.json."""
-        os.makedirs(save_directory, exist_ok=True)
-        target = os.path.join(save_directory, vocab_name)
-        if os.path.abspath(target) != os.path.abspath(self.vocab_file):
-            shutil.copyfile(self.vocab_file, target)
-        with open(os.path.join(save_directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-            json.dump(tokenizer_config, f, indent=2, ensure_ascii=False)
 
 
 class ChatGLMTokenizer(TokenizerBase):
@@ -111,8 +49,6 @@ class ChatGLMTokenizer(TokenizerBase):
                         **kwargs) -> "ChatGLMTokenizer":
         """Load from a checkpoint directory or Hub id (tokenizer.model + tokenizer_config.json)."""
         path = resolve_model_dir(name_or_path, revision=revision, weights=False)
-        from .tokenizer_v1 import VOCAB_FILE as V1_VOCAB_FILE, ChatGLM1Tokenizer
-
         if family == "chatglm1" or (family is None and os.path.isfile(os.path.join(path, V1_VOCAB_FILE))):
             return ChatGLM1Tokenizer.from_pretrained(path)  # ChatGLM-6B (e.g. reached through AutoTokenizer)
         vocab_file = cls._vocab_path(path, VOCAB_FILE)

@@ -13,7 +13,7 @@ import re
 from transformers import BatchEncoding
 
 from .hub import read_json, resolve_model_dir
-from .tokenizer import TokenizerBase
+from .tokenizer_base import TokenizerBase
 
 VOCAB_FILE = "ice_text.model"
 MAX_BLANK = 80

@@ -188,15 +188,15 @@ def test_engine_with_the_output_layer_on_another_device(output_on_other_device, 
 
 # ---- from_pretrained: device_map, the CPU by default, quantizing on the target device ---------------------------
 def model_class(name):
-    from model.loading import build_empty_model
+    from model.chatglm import model_class_for
     from model.config import ChatGLMConfig
 
-    return type(build_empty_model(ChatGLMConfig.from_checkpoint_dir(model_dir(name))))
+    return model_class_for(ChatGLMConfig.from_checkpoint_dir(model_dir(name)))
 
 
 @pytest.mark.parametrize("name", ["chatglm2-tiny", "chatglm1-tiny"])
 def test_from_pretrained_follows_a_device_map(name):
-    from model.multigpu import layer_module
+    from model.placement import layer_module
 
     reference, tokenizer = loaded(name)
     device_map = {m: "cpu" for m in ("transformer.embedding", "transformer.encoder.final_layernorm",
@@ -212,7 +212,7 @@ def test_from_pretrained_follows_a_device_map(name):
 
 @pytest.mark.parametrize("strategy", ["auto", "balanced", "sequential"])
 def test_from_pretrained_device_map_strategies(monkeypatch, strategy):
-    import model.multigpu
+    import model.placement
 
     cls = model_class("chatglm2-tiny")
     # no GPU: the best device there is (the CPU here)
@@ -223,8 +223,8 @@ def test_from_pretrained_device_map_strategies(monkeypatch, strategy):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     placed = []
-    real = model.multigpu.as_torch_device
-    monkeypatch.setattr(model.multigpu, "as_torch_device",
+    real = model.placement.as_torch_device  # what loading reads device maps with
+    monkeypatch.setattr(model.placement, "as_torch_device",
                         lambda d: placed.append(d) or (torch.device("cpu") if isinstance(d, int) else real(d)))
     split = cls.from_pretrained(model_dir("chatglm2-tiny"), device_map=strategy, dtype=torch.float32)
     assert set(placed) == {0, 1} and hasattr(split.transformer.encoder.layers[1], "_hf_hook")

@@ -202,6 +202,14 @@ def test_rope_ratio_semantics_per_family():
     v3 = ChatGLMConfig.from_dict({**d, "rope_ratio": 50, "family": "chatglm3"})
     cos, sin = rotary_cos_sin(v3, pos, torch.float32)
     torch.testing.assert_close(sin[0, 0], torch.sin(pos[0, :, None].float() * theta(500000.0)))
+    # a family without a row in config.NETWORK_TRAITS is an error, not another family's policy
+    unknown = ChatGLMConfig.from_dict({**d, "rope_ratio": 16, "family": "chatglm4"})
+    with pytest.raises(UnsupportedConfigError, match="chatglm4"):
+        rotary_cos_sin(unknown, pos, torch.float32)
+    from model.chatglm import model_class_for
+
+    with pytest.raises(UnsupportedConfigError, match="chatglm4"):
+        model_class_for(unknown)
 
 
 @pytest.mark.slow

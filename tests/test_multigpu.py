@@ -5,7 +5,7 @@ import torch
 
 from conftest import loaded, model_dir
 from model.config import ChatGLMConfig
-from model.multigpu import auto_device_map, clean_device_map
+from model.placement import auto_device_map, clean_device_map
 
 SIX_B = dict(num_layers=28, hidden_size=4096, ffn_hidden_size=13696, num_attention_heads=32, kv_channels=128,
              multi_query_attention=True, multi_query_group_num=2, padded_vocab_size=65024)
