@@ -89,10 +89,11 @@ class BatchCache:
     shrinks it back when nothing runs, so memory stays bounded however many requests pass through.
     """
 
-    def __init__(self, config, max_batch: int, dtype: torch.dtype, device, capacity: int = 256):
+    def __init__(self, config, max_batch: int, dtype: torch.dtype, device, capacity: int = 256, fixed: bool = False):
         self.num_layers = config.num_layers
-        self.max_capacity = config.seq_length
+        self.fixed = fixed  # allocated once at `capacity`: never grows, shrinks or moves; steps attend over all of it
         self.initial_capacity = min(capacity, config.seq_length)
+        self.max_capacity = self.initial_capacity if fixed else config.seq_length
         self._shape = (max_batch, config.num_kv_heads, config.kv_channels)
         self.dtype, self.device = dtype, torch.device(device)
         self.lengths = [0] * max_batch
@@ -126,7 +127,8 @@ class BatchCache:
         if need <= self.capacity:
             return
         if need > self.max_capacity:
-            raise ValueError(f"context of {need} tokens exceeds the model's limit of {self.max_capacity}")
+            limit = "this engine's fixed cache" if self.fixed else "the model's limit"
+            raise ValueError(f"context of {need} tokens exceeds {limit} of {self.max_capacity}")
         new_cap = min(max(need, 2 * self.capacity), self.max_capacity)
         keep = self.length if self.rows else 0
         for store in (self.keys, self.values):
@@ -185,7 +187,7 @@ class BatchCache:
         rows, at = self._write_index(key.device)
         self.keys[layer][rows, :, at] = key[:, :, 0]
         self.values[layer][rows, :, at] = value[:, :, 0]
-        end = self.length + 1
+        end = self.capacity if self.fixed else self.length + 1  # fixed: the same shapes every step
         return self.keys[layer][: self.rows, :, :end], self.values[layer][: self.rows, :, :end]
 
     def _write_index(self, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,7 +205,8 @@ class BatchCache:
     def step_mask(self) -> torch.Tensor:
         """(rows, 1, 1, S) bool for the next step: row r sees its own keys and the one being added."""
         lengths = torch.tensor(self.lengths[: self.rows], device=self.device)
-        return (torch.arange(self.length + 1, device=self.device)[None, :] <= lengths[:, None])[:, None, None, :]
+        width = self.capacity if self.fixed else self.length + 1
+        return (torch.arange(width, device=self.device)[None, :] <= lengths[:, None])[:, None, None, :]
 
 
 class RowCache:

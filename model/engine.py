@@ -138,7 +138,7 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer, *, model_name: str | None = None, max_queue: int = 32,
-                 max_batch: int = 8, prefill_chunk: int | None = 128):
+                 max_batch: int = 8, prefill_chunk: int | None = 128, cache_capacity: int | None = None):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         if max_queue < 1:
@@ -150,10 +150,15 @@ class Engine:
         self.model_name = model_name or getattr(model, "name_or_path", None) or "chatglm"
         self.format = format_for(tokenizer.family)
         self.context_length = model.config.seq_length
+        if cache_capacity is not None:  # a preallocated cache of fixed shape (for CUDA graphs / torch.compile)
+            if cache_capacity < 2:
+                raise ValueError("cache_capacity must be at least 2 tokens")
+            self.context_length = min(self.context_length, cache_capacity)
         self.max_queue = max_queue
         self.max_batch = max_batch
         self.stats = EngineStats()
-        self.cache = BatchCache(model.config, max_batch, model.dtype, model.device)
+        self.cache = BatchCache(model.config, max_batch, model.dtype, model.device,
+                                **({"capacity": cache_capacity, "fixed": True} if cache_capacity else {}))
         self._running: list[_Sequence] = []  # index = row in self.cache
         # Prompts longer than prefill_chunk are read a chunk per step between decode steps, one such prompt at a
         # time, in a cache of their own that joins the batch when complete; the others wait in _pending.

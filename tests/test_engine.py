@@ -289,3 +289,33 @@ def test_long_prompts_are_read_in_chunks_between_decode_steps():
         assert eng.stats.running == 0 and eng.stats.queued == 0 and eng.cache.rows == 0
     finally:
         eng.close()
+
+
+@pytest.mark.parametrize("name", ["chatglm2-tiny", "chatglm1-tiny"])
+def test_a_fixed_cache_gives_the_same_text_and_never_moves(name):
+    """cache_capacity: one allocation of fixed shape that every decode step attends over in full (masked), so a
+    step can be captured (CUDA graphs) or compiled; the texts are those of the growing cache."""
+    model, tok = loaded(name)
+    stops = tuple(tok.reply_stop_ids())
+    requests = [GenerationRequest(prompt(tok, t), SamplingParams(do_sample=True, seed=i, top_k=8), n, stops)
+                for i, (t, n) in enumerate([("你好", 30), ("hello there, how are you", 12), ("天气", 40)])]
+    eng = Engine(model, tok, max_batch=4, cache_capacity=96)
+    widths = []
+    hook = model.transformer.register_forward_pre_hook(
+        lambda module, args: widths.append(args[2].shape[-1]) if args[2] is not None else None)
+    try:
+        storage = [t.data_ptr() for t in eng.cache.keys]
+        handles = eng.submit_all(requests)
+        got = [collect(h) for h in handles]
+        assert [t.data_ptr() for t in eng.cache.keys] == storage and eng.cache.capacity == 96
+        assert eng.context_length == 96 and widths and set(widths) == {96}  # every step masks the whole cache
+    finally:
+        hook.remove()
+        eng.close()
+    assert [(text, e.finish) for text, e in got] == [alone_events(model, tok, r) for r in requests]
+    small = Engine(model, tok, cache_capacity=96)
+    try:
+        with pytest.raises(ValueError, match="context"):  # a prompt the fixed cache cannot hold is refused up front
+            small.submit(GenerationRequest(list(range(5, 105)), GREEDY, 4))
+    finally:
+        small.close()
