@@ -99,7 +99,7 @@ class ChatMixin:
         for parser, done, cache in self._chat_stream(tokenizer, query, history, role, past_key_values, max_length,
                                                      params, max_new, logits_processor):
             response, new_history = fmt.chat_result(parser, query, history, role)
-            if response == last and not (done and last is None):
+            if response == last:
                 continue  # only text the post-processing holds back or strips arrived
             last = response
             yield (response, new_history, cache) if return_past_key_values else (response, new_history)

@@ -66,6 +66,8 @@ class Capabilities:
     display_name: str = "ChatGLM"
     has_system_role: bool = True
     supports_tools: bool = False
+    temperature: float = 0.8  # what the reply samples with when the settings leave it None (for sliders)
+    top_p: float = 0.8
 
     def system_messages(self, system: str) -> list[Message]:
         """A system prompt as the opening messages (none when the model has no system turn)."""
@@ -73,7 +75,8 @@ class Capabilities:
 
 
 def capabilities_of(fmt: ChatFormat) -> Capabilities:
-    return Capabilities(fmt.display_name, fmt.has_system_role, fmt.supports_tools)
+    return Capabilities(fmt.display_name, fmt.has_system_role, fmt.supports_tools, fmt.defaults.temperature,
+                        fmt.defaults.top_p)
 
 
 class Completion:
