@@ -55,7 +55,14 @@ _tried = False
 _why_not = ""
 
 
+# What torch's own dispatch found (torch.backends.cpu.get_cpu_capability()), as the cpuinfo flags it implies.
+TORCH_CAPABILITY_FLAGS = {"AVX512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma"},
+                          "AVX2": {"avx2", "fma"}}
+
+
 def _cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux names them: from /proc/cpuinfo, else macOS's sysctl, else what torch's
+    own dispatch detected (Windows, or a container hiding /proc)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -63,7 +70,19 @@ def _cpu_flags() -> set[str]:
                     return set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    if platform.system() == "Darwin":
+        try:
+            out = subprocess.run(["sysctl", "-n", "machdep.cpu.features", "machdep.cpu.leaf7_features"],
+                                 capture_output=True, text=True, timeout=10).stdout
+            flags = {f.lower().replace(".", "_") for f in out.split()}
+            if flags:
+                return flags | ({"fma"} if "fma" in flags or "fma3" in flags else set())
+        except (OSError, subprocess.SubprocessError):
+            pass
+    try:
+        return set(TORCH_CAPABILITY_FLAGS.get(torch.backends.cpu.get_cpu_capability(), ()))
+    except (AttributeError, RuntimeError):
+        return set()
 
 
 class _Declined(RuntimeError):
@@ -157,8 +176,16 @@ def _compile(source_path: Path, required_flags: set[str], what: str) -> ctypes.C
     if not target.exists():
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             out = Path(tmp) / name
-            _run_compiler([*compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-o", str(out),
-                           str(source_path)], _compile_timeout())
+            command = [*compiler, "-O3", "-march=native", "-shared", "-fPIC", "-o", str(out), str(source_path)]
+            try:
+                _run_compiler(command[:2] + ["-fopenmp"] + command[2:], _compile_timeout())
+            except RuntimeError as e:
+                if "openmp" not in str(e).lower() and "omp" not in str(e).lower():
+                    raise
+                # Apple's clang has no -fopenmp: a single-threaded build still reads int4 at ~1/4 the bytes
+                log.warning("the C compiler has no OpenMP (%s): building the native kernels single-threaded; "
+                            "install libomp / gcc for all cores", str(e)[-200:])
+                _run_compiler(command, _compile_timeout())
             os.replace(out, target)  # atomic: concurrent builders never load a half-written file
     return ctypes.CDLL(str(target))
 

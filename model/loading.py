@@ -341,6 +341,8 @@ def load_weights(name_or_path: str, model_class_for: ModelClassFor, device=None,
     model.eval()
     if device_map is not None:
         model = dispatch(model, device_map)
+    elif device.type == "cpu" and (bits or dtype == torch.bfloat16):
+        kernels.library()  # build (or find) the native CPU kernels now, not during the first request
     model.name_or_path = str(name_or_path)
     model.config._name_or_path = str(name_or_path)
     return model

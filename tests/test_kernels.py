@@ -93,6 +93,60 @@ def test_cc_is_a_command_split_as_a_shell_would(fresh_build, monkeypatch):
 
 @native
 @pytest.mark.slow
+def test_a_compiler_without_openmp_builds_single_threaded(fresh_build, monkeypatch, caplog):
+    """Apple's clang refuses -fopenmp: the kernels are built without it (with a warning) instead of not at all."""
+    gcc = shutil.which("gcc") or pytest.skip("no gcc")
+    compiler = fresh_build / "clang-like"
+    compiler.write_text("#!/bin/sh\nfor a in \"$@\"; do [ \"$a\" = -fopenmp ] && "
+                        "{ echo \"clang: error: unsupported option '-fopenmp'\" >&2; exit 1; }; done\n"
+                        f"exec {shlex.quote(gcc)} \"$@\"\n")
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CC", shlex.quote(str(compiler)))
+    with caplog.at_level(logging.WARNING, logger=kernels.log.name):
+        assert kernels.available(), kernels.why_unavailable()
+    assert "no OpenMP" in caplog.text and len(_built(fresh_build / "cache")) == 1
+
+
+def test_cpu_features_without_proc_cpuinfo(monkeypatch):
+    """macOS has no /proc/cpuinfo (sysctl names the features); elsewhere torch's own dispatch tells."""
+    real_open = open
+
+    def no_cpuinfo(path, *args, **kwargs):
+        if str(path) == "/proc/cpuinfo":
+            raise FileNotFoundError(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", no_cpuinfo)
+    monkeypatch.setattr(kernels.platform, "system", lambda: "Darwin")
+    sysctl = "FPU VME SSE SSE2 AVX1.0 FMA\nAVX2 BMI2 AVX512F AVX512BW AVX512VL AVX512DQ\n"
+    monkeypatch.setattr(kernels.subprocess, "run",
+                        lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=sysctl, stderr=""))
+    assert kernels.AVX512 | {"avx2", "fma"} <= kernels._cpu_flags()
+    monkeypatch.setattr(kernels.platform, "system", lambda: "Windows")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert kernels._cpu_flags() == {"avx2", "fma"}
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert kernels.AVX512 <= kernels._cpu_flags()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert kernels._cpu_flags() == set()
+
+
+def test_loading_a_cpu_model_builds_the_kernels_then(monkeypatch):
+    """The native kernels are built (or found) while the model loads, not during the first request."""
+    from conftest import model_dir
+    from model import load_model
+
+    calls = []
+    monkeypatch.setattr(kernels, "library", lambda: calls.append(1))
+    load_model(model_dir("chatglm2-tiny-int4"), device="cpu", dtype="float32")
+    assert calls
+    calls.clear()
+    load_model(model_dir("chatglm2-tiny"), device="cpu", dtype="float32")  # float32: torch's kernels only
+    assert not calls
+
+
+@native
+@pytest.mark.slow
 def test_unusable_cache_dir_falls_back_to_a_private_temporary_dir(fresh_build, monkeypatch, caplog):
     (fresh_build / "a file").write_text("")
     monkeypatch.setenv("CHATGLM_KERNEL_CACHE", str(fresh_build / "a file" / "cache"))  # mkdir must fail
