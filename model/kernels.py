@@ -154,7 +154,9 @@ def _run_compiler(cmd: list[str], timeout: float) -> None:
             raise RuntimeError(f"compiling timed out after {timeout:g} s ({shlex.join(cmd)}); raise "
                                "CHATGLM_KERNEL_COMPILE_TIMEOUT for a slow compiler") from None
     if proc.returncode:
-        raise RuntimeError(f"compiling failed ({shlex.join(cmd)}): {err.strip()[-500:]}")
+        error = RuntimeError(f"compiling failed ({shlex.join(cmd)}): {err.strip()[-500:]}")
+        error.diagnostics = err  # what the compiler said
+        raise error
 
 
 def _compile(source_path: Path, required_flags: set[str], what: str) -> ctypes.CDLL:
@@ -180,12 +182,12 @@ def _compile(source_path: Path, required_flags: set[str], what: str) -> ctypes.C
             try:
                 _run_compiler(command[:2] + ["-fopenmp"] + command[2:], _compile_timeout())
             except RuntimeError as e:
-                if "openmp" not in str(e).lower() and "omp" not in str(e).lower():
+                if "openmp" not in getattr(e, "diagnostics", "").lower():
                     raise
                 # Apple's clang has no -fopenmp: a single-threaded build still reads int4 at ~1/4 the bytes
-                log.warning("the C compiler has no OpenMP (%s): building the native kernels single-threaded; "
-                            "install libomp / gcc for all cores", str(e)[-200:])
                 _run_compiler(command, _compile_timeout())
+                log.warning("the C compiler has no OpenMP (%s): the native kernels were built single-threaded; "
+                            "install libomp or gcc to use every core", e.diagnostics.strip()[-200:])
             os.replace(out, target)  # atomic: concurrent builders never load a half-written file
     return ctypes.CDLL(str(target))
 
