@@ -14,6 +14,7 @@ from model.remote import RemoteService, SSEReader, chat_request, normalize_api_b
 from model.service import (CompletionSettings, ConversationError, Finish, LocalService, Message, ServiceError,
                            ServiceUnavailable)
 from serving import free_port
+from test_openai_api import WEATHER, scripted  # noqa: F401 - the fixture: a server whose model follows a script
 
 
 # ---- without a server ----------------------------------------------------------------------------------
@@ -197,3 +198,23 @@ def test_a_wrong_api_key_is_told(v2_keyed):
     text, finish = service.complete([Message("user", "hi")], CompletionSettings(temperature=0, max_tokens=5)).text()
     assert service.model_name == "chatglm2-tiny" and finish.reason in ("stop", "length")
     assert finish.completion_tokens >= 1 and finish.prompt_tokens > 0
+
+
+@pytest.mark.slow
+def test_tool_call_round_trip(scripted):
+    server, scripted_model, tokenizer = scripted
+    service = RemoteService(f"{server.url}/v1")
+    settings = CompletionSettings(tools=[WEATHER["function"]])
+    messages = [Message("user", "Weather in Paris?")]
+    *parts, finish = service.complete(messages, settings)
+    assert [p.tool_call for p in parts] == [{"name": "get_weather", "arguments": '{"city": "Paris"}'}]
+    assert finish.reason == "tool_calls"
+    messages += [Message("assistant", "", tool_calls=[parts[0].tool_call]), Message("tool", '{"temperature": 21}')]
+    text, finish = service.complete(messages, settings).text()
+    assert (text, finish.reason) == ("It is 21 degrees in Paris.", "stop")
+    history = [{"role": "system", "content": "Answer the following questions as best as you can. You have access "
+                                             "to the following tools:", "tools": settings.tools},
+               {"role": "user", "content": "Weather in Paris?"},
+               {"role": "assistant", "metadata": "get_weather",
+                "content": "```python\ntool_call(city='Paris')\n```"}]
+    assert scripted_model.prompts[1] == tokenizer.build_chat_ids('{"temperature": 21}', history, "observation")
