@@ -234,36 +234,32 @@ class RemoteCompletion(Completion):
             if not self._cancelled.is_set():
                 for item in reader.end():
                     self._items.put(item)
-        except (OSError, http.client.HTTPException, ValueError) as e:
+        except Exception as e:  # noqa: BLE001 - a broken connection breaks http.client in many ways
             if not self._cancelled.is_set():
                 self._items.put(Finish("error", reader.prompt_tokens, reader.completion_tokens,
-                                       f"the connection to the server broke: {e}"))
+                                       f"the connection to the server broke: {describe(e)}"))
         finally:
             self._items.put(None)
-            self._close()
-
-    def _close(self) -> None:
-        """Shut the socket down (this unblocks a read in another thread), then close it."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        sock = self._conn.sock
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        try:
-            self._response.close()
-        except Exception:  # noqa: BLE001 - closing a broken connection may fail in many ways; it is closed anyway
-            pass
-        self._conn.close()
+            with self._lock:  # only this thread closes; cancel() only shuts the socket down, under the same lock
+                self._closed = True
+                try:
+                    self._response.close()
+                except Exception:  # noqa: BLE001 - closing a broken connection may fail; it is closed anyway
+                    pass
+                self._conn.close()
 
     def cancel(self) -> None:
+        """End the reply now (from any thread): the iteration ends with Finish("cancelled"), and the socket is shut
+        down, which unblocks the reader and tells the server the client has left."""
         self._cancelled.set()
         self._items.put(None)  # wakes the consumer at once
-        self._close()
+        with self._lock:
+            sock = None if self._closed else self._conn.sock
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def __iter__(self):
         try:
@@ -278,7 +274,8 @@ class RemoteCompletion(Completion):
                 if isinstance(item, Finish):
                     return
         finally:
-            self.cancel() if self.reader.finish is None else self._close()
+            if self.reader.finish is None:
+                self.cancel()  # the consumer stopped early: let the server stop too
 
 
 # ---- the service -------------------------------------------------------------------------------------

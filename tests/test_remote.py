@@ -10,9 +10,10 @@ import pytest
 
 from conftest import KEY
 from model.reply import ReplyPart
-from model.remote import RemoteService, SSEReader, chat_request, normalize_api_base, openai_messages, sse_data
-from model.service import (CompletionSettings, ConversationError, Finish, LocalService, Message, ServiceError,
-                           ServiceUnavailable)
+from model.remote import (RemoteService, SSEReader, chat_request, normalize_api_base, openai_messages, sse_data,
+                          status_error)
+from model.service import (CompletionSettings, ConversationError, Finish, LocalService, Message, ServiceBusy,
+                           ServiceError, ServiceUnavailable)
 from serving import free_port
 from test_openai_api import WEATHER, scripted  # noqa: F401 - the fixture: a server whose model follows a script
 
@@ -96,6 +97,23 @@ def test_api_base_forms():
         normalize_api_base("ftp://h/v1")
 
 
+def test_error_statuses_become_service_errors():
+    def body(message, param=None):
+        return json.dumps({"error": {"message": message, "type": "x", "param": param, "code": None}}).encode()
+
+    url = "http://h/v1/chat/completions"
+    refused = status_error(400, body("max_tokens is too large", "max_tokens"), url)
+    assert isinstance(refused, ConversationError) and refused.param == "max_tokens"
+    assert str(refused) == "max_tokens is too large"
+    assert isinstance(status_error(422, b'{"detail": "bad field"}', url), ConversationError)
+    key = status_error(401, body("wrong key"), url)
+    assert type(key) is ServiceError and "--api-key" in str(key) and "wrong key" in str(key)
+    assert isinstance(status_error(503, body("queue full"), url), ServiceBusy)
+    assert isinstance(status_error(429, b"", url), ServiceBusy)
+    crash = status_error(502, b"<html>Bad Gateway</html>", url)
+    assert type(crash) is ServiceError and "Bad Gateway" in str(crash) and url in str(crash)
+
+
 def test_a_server_that_is_down_is_told_quickly():
     url = f"http://127.0.0.1:{free_port()}/v1"
     began = time.monotonic()
@@ -176,8 +194,16 @@ def test_cancel_from_another_thread_ends_the_reply_and_the_generation(remote, v3
     rest = list(items)
     assert time.monotonic() - began < 2
     assert isinstance(rest[-1], Finish) and rest[-1].reason == "cancelled"
+    wait_idle(v3.url)
+    for item in remote.complete([Message("user", "Tell me a long story")],
+                                CompletionSettings(temperature=0, max_tokens=8000)):
+        break  # a consumer that stops reading lets the reply go too
+    wait_idle(v3.url)
+
+
+def wait_idle(url: str) -> None:
     deadline = time.monotonic() + 10
-    while running(v3.url) != 0:
+    while running(url) != 0:
         assert time.monotonic() < deadline, "the server kept generating after the client left"
         time.sleep(0.1)
 
