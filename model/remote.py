@@ -354,10 +354,11 @@ class RemoteService:
     def _models(self, required: bool) -> list[dict]:
         try:
             conn, response = self._request("GET", "/models", read_timeout=min(self.timeout, 30.0))
-        except ConversationError:  # 404 and the like: a server without a model list
+        except ConversationError as e:  # 404 and the like: a server without a model list
             if required:
                 raise ServiceUnavailable(f"the server at {self.api_base} has no model list (GET {self.api_base}"
-                                         f"/models); pass the model id to use") from None
+                                         f"/models: {e}); is --api-base the server's OpenAI URL (usually ending in "
+                                         f"/v1)? Else pass the model id to use") from None
             return []
         try:
             body = json.loads(response.read())

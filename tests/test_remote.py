@@ -133,9 +133,11 @@ def remote(v3):
     service.close()
 
 
-def test_model_card(remote):
+def test_model_card(remote, v3):
     assert remote.model_name == "glm3-tiny" and remote.context_length == 8192
     assert remote.capabilities.display_name == "glm3-tiny" and remote.capabilities.supports_tools
+    with pytest.raises(ServiceUnavailable, match="/v1"):
+        RemoteService(f"{v3.url}/api")  # not the OpenAI URL
 
 
 def test_sampled_stream_equals_local_service_and_a_plain_post(remote, v3, v3_dir):
