@@ -388,7 +388,7 @@ class RemoteService:
         completions: list[RemoteCompletion] = []
         try:
             for i in range(n):
-                if settings.seed is not None:
+                if settings.seed is not None and i:  # choice 0 sends the seed as given
                     body = {**body, "seed": (settings.seed + i) % 2**64}
                 conn, response = self._request("POST", "/chat/completions", body)
                 completion = RemoteCompletion(conn, response)
