@@ -186,9 +186,12 @@ def service_from_args(args):
     engine on the loaded model (one batch row for a single-user script: the KV cache is allocated per row).
     ModelLoadError when neither can be had."""
     if getattr(args, "api_base", None):
-        from .remote import RemoteService  # only here: a local model needs none of it
         from .service import ServiceError
 
+        try:
+            from .remote import RemoteService  # only here: a local model needs none of it
+        except ImportError as e:
+            raise ModelLoadError(f"--api-base needs the remote client (model/remote.py): {e}") from e
         try:
             return RemoteService(args.api_base, args.api_key, args.model_name)
         except (ServiceError, ValueError) as e:

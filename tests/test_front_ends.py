@@ -103,3 +103,66 @@ def test_web_demo_builds_and_replies_over_a_service_without_an_engine(v3_dir):
     *_, reply = reply_stream(service, [{"role": "user", "content": say("over the service")}], "be brief", 8192,
                              0.8, 0.95, on_start=started.append)
     assert reply == "over the service" and len(started) == 1
+
+
+# ---- --api-base: the client scripts' remote service -----------------------------------------------------------
+class FakeRemote:
+    def __init__(self, api_base, api_key=None, model=None, timeout=600.0):
+        self.args = (api_base, api_key, model)
+
+
+@pytest.mark.parametrize("script", ["cli_demo", "web_demo", "web_demo2", "model.__main__"])
+def test_api_base_gives_a_remote_service_without_loading_a_model(script, monkeypatch):
+    import sys
+    import types
+
+    from model import flags
+
+    monkeypatch.setitem(sys.modules, "model.remote", types.SimpleNamespace(RemoteService=FakeRemote))
+    monkeypatch.setattr(flags, "load_from_args", lambda args: pytest.fail("no model may be loaded"))
+    monkeypatch.setenv("OPENAI_API_KEY", "from-env")
+    argv = ["--api-base", "http://gpu-box:8000/v1", "--model-name", "chatglm3-6b"]
+    args = importlib.import_module(script).parser().parse_args(argv + (["hi"] if script == "model.__main__" else []))
+    assert flags.service_from_args(args).args == ("http://gpu-box:8000/v1", "from-env", "chatglm3-6b")
+    args = importlib.import_module(script).parser().parse_args(
+        argv + ["--api-key", "given"] + (["hi"] if script == "model.__main__" else []))
+    assert flags.service_from_args(args).args[1] == "given"
+
+
+def test_servers_keep_api_key_as_the_key_they_require(monkeypatch):
+    monkeypatch.setenv("API_KEY", "required")
+    monkeypatch.setenv("OPENAI_API_KEY", "sent")
+    for script in ("api", "openai_api"):
+        args = importlib.import_module(script).parser().parse_args([])
+        assert args.api_key == "required" and not hasattr(args, "api_base")
+    assert importlib.import_module("cli_demo").parser().parse_args([]).api_key == "sent"
+
+
+def test_python_m_model_ctrl_c_cancels_the_completion(monkeypatch, capsys):
+    """One-shot: Ctrl-C while the reply streams cancels the completion and ends with status 130."""
+    import model.__main__ as one_shot
+    from model.service import Capabilities, Completion, ReplyPart
+
+    cancelled = []
+
+    class Interrupted(Completion):
+        def cancel(self):
+            cancelled.append(True)
+
+        def __iter__(self):
+            yield ReplyPart(content="半句")
+            raise KeyboardInterrupt
+
+    class Service:
+        capabilities = Capabilities()
+
+        def complete(self, messages, settings):
+            assert messages[-1].content == "你好" and settings.max_tokens == one_shot.ONE_SHOT_TOKENS
+            return Interrupted()
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(one_shot, "service_or_exit", lambda args: Service())
+    assert one_shot.main(["你好"]) == 130
+    assert cancelled and capsys.readouterr().out.startswith("半句")
