@@ -3,6 +3,12 @@
 import sys
 
 
+def parser():
+    from server.http import server_parser
+
+    return server_parser(__doc__)
+
+
 def main(argv=None) -> int:
     from server.basic_app import create_app
     from server.http import serve

@@ -1,80 +1,95 @@
-"""Chat with ChatGLM in the terminal: python cli_demo.py [--model DIR_OR_HUB_ID] [--quantize 4]."""
+"""Chat with ChatGLM in the terminal: python cli_demo.py [--model DIR_OR_HUB_ID] [--quantize 4]
+[--api-base URL]."""
 
 from __future__ import annotations
 
 import sys
 
-from utils import build_parser, load_or_exit
+from model.flags import build_parser, service_or_exit, settings_from_args
+from model.service import (CompletionSettings, ConversationError, Finish, Message, ServiceBusy, ServiceError,
+                           ServiceUnavailable)
 
 WELCOME = "欢迎使用 {name} 模型，输入内容即可进行对话，clear 清空对话历史，stop 终止程序 (Ctrl-C 打断回答)"
 
 
-def parse_args(argv=None):
-    from model.flags import float_range, int_range
+def parser():
+    return build_parser(__doc__, sampling=True)
 
-    ap = build_parser(__doc__)
-    ap.add_argument("--temperature", type=float_range(0), default=0.8, help=">= 0; 0: always the most likely token")
-    ap.add_argument("--top-p", type=float_range(0, 1, low_open=True), default=0.8, help="> 0 and <= 1")
-    ap.add_argument("--max-length", type=int_range(1), default=None, help="conversation length limit in tokens")
-    ap.add_argument("--system", default=None, help="system prompt (ChatGLM3)")
-    return ap.parse_args(argv)
+
+def parse_args(argv=None):
+    return parser().parse_args(argv)
 
 
 class Conversation:
-    """History plus the KV cache of everything said so far, so each turn only reads the new message."""
+    """The messages said so far, answered through the completion service.
 
-    def __init__(self, model, tokenizer, args):
-        self.model, self.tokenizer, self.args = model, tokenizer, args
+    Each turn sends the whole conversation: the engine reads it again (the original CLI kept the KV cache between
+    turns; a service, local or remote, keeps nothing between calls).
+    """
+
+    def __init__(self, service, settings: CompletionSettings | None = None, system: str | None = None):
+        self.service, self.settings, self.system = service, settings or CompletionSettings(), system or ""
         self.clear()
 
     def clear(self) -> None:
-        self.history = []
-        if self.args.system and self.tokenizer.family == "chatglm3":
-            self.history = [{"role": "system", "content": self.args.system}]
-        self.cache = None
+        self.messages: list[Message] = self.service.capabilities.system_messages(self.system)
 
-    def reply(self, query: str):
-        """Yield text deltas of the reply; on Ctrl-C (KeyboardInterrupt) keep what was said and re-raise."""
-        shown, before = "", self.history
-        sampling = dict(do_sample=self.args.temperature > 0, temperature=self.args.temperature or 1.0,
-                        top_p=self.args.top_p, max_length=self.args.max_length)
-        from model.reply import PUNCTUATION_MARKS
+    def ask(self, query: str, show) -> Finish:
+        """Reply to query, calling show(delta) with each piece of text as it comes; the finish.
 
-        v1 = self.tokenizer.family == "chatglm1"  # re-reads the whole conversation each turn (no cache reuse)
-        stream = self.model.stream_chat(self.tokenizer, query, before, past_key_values=None if v1 else self.cache,
-                                        return_past_key_values=True, **sampling)
-        response = ""
+        The turn joins the conversation with the text shown, also when interrupted (Ctrl-C: KeyboardInterrupt,
+        re-raised after the completion is cancelled in the service). ConversationError, ServiceBusy,
+        ServiceUnavailable before anything is shown, ServiceError when the reply fails: the conversation is
+        unchanged.
+        """
+        asked = self.messages + [Message("user", query)]
+        completion = self.service.complete(asked, self.settings)
+        shown, finish = "", None
         try:
-            for response, history, cache in stream:
-                # ChatGLM-6B rewrites a last , ! : ; ? once the next character is known: print it then.
-                stable = response[:-1] if v1 and response[-1:] in PUNCTUATION_MARKS else response
-                if isinstance(stable, str) and stable.startswith(shown) and len(stable) > len(shown):
-                    yield stable[len(shown):]
-                    shown = stable
-                self.history, self.cache = history, cache
-            if isinstance(response, str) and response.startswith(shown) and len(response) > len(shown):
-                yield response[len(shown):]
-        except KeyboardInterrupt:
-            stream.close()
-            self.cache = None  # it holds the interrupted tokens; the next turn re-reads the history instead
-            if self.tokenizer.family == "chatglm3":
-                self.history = before + [{"role": "user", "content": query},
-                                         {"role": "assistant", "metadata": "", "content": shown}]
-            else:
-                self.history = before + [(query, shown)]
+            for item in completion:
+                if isinstance(item, Finish):
+                    finish = item
+                elif item.content:
+                    shown += item.content  # before showing it: a Ctrl-C while it prints keeps it
+                    show(item.content)
+        except BaseException as e:
+            completion.cancel()  # Ctrl-C: the service stops generating now, not at the end of the reply
+            if not isinstance(e, ServiceError):  # interrupted: what was shown stays in the conversation
+                self.messages = asked + [Message("assistant", shown)]
             raise
+        if finish is not None and finish.reason == "error":
+            raise ServiceError(f"the reply failed: {finish.error}")
+        self.messages = asked + [Message("assistant", shown)]
+        return finish
+
+
+def what_to_do(error: Exception) -> str:
+    """The line printed for a reply that could not be had; the program goes on."""
+    if isinstance(error, ConversationError):
+        return f"error: {error}\n(type clear to start a new conversation)"
+    if isinstance(error, ServiceBusy):
+        return f"error: {error}\n(send the message again in a moment: the up arrow brings it back)"
+    if isinstance(error, ServiceUnavailable):
+        return f"error: {error}\n(check that the model service is running, then send the message again)"
+    return f"error: {error}\n(send the message again, or type clear to start a new conversation)"
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        import readline  # noqa: F401  (line editing and history for input())
+        import readline  # noqa: F401  (line editing and history for input(): the up arrow brings a message back)
     except ImportError:
         pass
-    model, tokenizer = load_or_exit(args)
-    name = {"chatglm3": "ChatGLM3-6B", "chatglm2": "ChatGLM2-6B", "chatglm1": "ChatGLM-6B"}.get(tokenizer.family,
-                                                                                                "ChatGLM")
-    conversation = Conversation(model, tokenizer, args)
+    service = service_or_exit(args)
+    try:
+        return chat(service, settings_from_args(args), args.system)
+    finally:
+        service.close()
+
+
+def chat(service, settings: CompletionSettings, system: str | None) -> int:
+    name = service.capabilities.display_name
+    conversation = Conversation(service, settings, system)
     print(WELCOME.format(name=name))
     while True:
         try:
@@ -92,13 +107,12 @@ def main(argv=None) -> int:
             continue
         print("\nChatGLM：", end="", flush=True)
         try:
-            for delta in conversation.reply(query):
-                print(delta, end="", flush=True)
+            conversation.ask(query, lambda delta: print(delta, end="", flush=True))
             print()
         except KeyboardInterrupt:
             print("\n[回答已打断 / reply interrupted]")
-        except ValueError as e:  # e.g. the conversation no longer fits the context
-            print(f"\nerror: {e}\n(type clear to start a new conversation)")
+        except (ValueError, ServiceError) as e:  # ConversationError is a ValueError
+            print("\n" + what_to_do(e))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ import os
 import sys
 import time
 
-from utils import build_parser, load_or_exit, model_id
+from model.flags import build_parser, logins, service_or_exit
+from server.webchat import clean_text, content_text, reply_stream
 
 logger = logging.getLogger("web_demo")
 
@@ -22,89 +23,35 @@ LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": 
          {"left": "\\(", "right": "\\)", "display": False}, {"left": "\\[", "right": "\\]", "display": True}]
 
 
-def reply_stream(engine, history: list[dict], system: str, max_length: int, top_p: float, temperature: float,
-                 on_start=None, length_label: str = "Maximum length"):
-    """Yield the assistant's reply text as it grows, for a history ending in the user's message.
+class Reply:
+    """One reply being written for a browser session: Stop / Clear cancel it (and its completion, once started)."""
 
-    on_start(handle) receives the engine handle, so a Stop button elsewhere can cancel the generation;
-    length_label names the page's maximum length control in the error for a too long conversation.
-    """
-    from model.service import CompletionSettings, ConversationError, Finish, LocalService, Message
+    def __init__(self):
+        self.completion, self.cancelled = None, False
 
-    service = LocalService(engine)
-    # (the tokenizer reads lone surrogates as U+FFFD: no cleaning needed for the prompt itself)
-    messages = service.capabilities.system_messages(system)
-    messages += [Message(m["role"], _text(m["content"])) for m in history]
-    settings = CompletionSettings(temperature=temperature, top_p=top_p, max_length=int(max_length))
-    try:
-        ids = service.prompt_ids(messages, settings)
-    except ConversationError as e:
-        if e.param != "max_length":
-            raise
-        raise ValueError(str(e).replace("raise max_length", f"raise {length_label}")) from None
-    (completion,) = service.start(messages, settings, prompt_ids=ids)
-    if on_start is not None:
-        on_start(completion)
-    text = ""
-    try:
-        for item in completion:
-            if isinstance(item, Finish):
-                if item.reason == "error":
-                    raise RuntimeError(item.error)
-                if item.reason == "cancelled":
-                    return  # Stop / Clear: nothing more may reach the page
-            elif item.content:
-                text += item.content
-                yield text
-    finally:
-        completion.cancel()  # Stop button, closed tab, or finished: the engine moves on
+    def started(self, completion) -> None:
+        self.completion = completion
+        if self.cancelled:
+            completion.cancel()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self.completion is not None:
+            self.completion.cancel()
 
 
-def logins(auth: list[str] | None) -> list[tuple[str, str]]:
-    """The (user, password) pairs of --auth values (USER:PASS or @FILE of such lines), else of env WEB_AUTH."""
-    entries = []
-    for value in auth if auth else [os.environ.get("WEB_AUTH", "")]:
-        if value.startswith("@"):
-            with open(value[1:], encoding="utf-8") as f:
-                entries += [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
-        elif value:
-            entries.append(value)
-    pairs = []
-    for entry in entries:
-        user, sep, password = entry.partition(":")
-        if not (user and sep and password):
-            raise ValueError("a login must be USER:PASS, neither empty")
-        pairs.append((user, password))
-    return pairs
-
-
-def clean_text(text: str) -> str:
-    """text with unpaired surrogates (which browsers can send and UTF-8 cannot hold) replaced by U+FFFD."""
-    from model.tokenizer import replace_lone_surrogates
-
-    return replace_lone_surrogates(text)
-
-
-def _text(content) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # Gradio's normalised form: [{"type": "text", "text": ...}]
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
-    return str(content or "")
-
-
-def create_demo(engine):
+def create_demo(service):
+    """The page, over a completion service (model.service.LocalService, or model.remote.RemoteService)."""
     import gradio as gr
 
-    from model.service import ServiceBusy
+    from model.service import ServiceBusy, ServiceUnavailable
 
-    v3 = engine.format.has_system_role
-    active = {}  # browser session -> the handle of the reply being generated for it
+    active = {}  # browser session -> the Reply being written for it
 
     def cancel_reply(request: gr.Request):
-        handle = active.pop(request.session_hash, None)
-        if handle is not None:
-            handle.cancel()
+        reply = active.pop(request.session_hash, None)
+        if reply is not None:
+            reply.cancel()
 
     def add_user(message: str, history: list):
         if not message.strip():
@@ -116,39 +63,36 @@ def create_demo(engine):
         if not history or history[-1]["role"] != "user":
             return
         cancel_reply(request)  # one reply at a time per session
-
-        mine = []
-
-        def started(handle):
-            active[request.session_hash] = handle
-            mine.append(handle)
-
+        mine = Reply()
+        active[request.session_hash] = mine
         try:
             shown, latest, last_shown = "", "", 0.0
-            for latest in reply_stream(engine, history, system or "", max_length, top_p, temperature, started):
-                if mine[0].cancelled:  # Stop / Clear came while this text was on its way
+            for latest in reply_stream(service, history, system or "", max_length, top_p, temperature,
+                                       mine.started):
+                if mine.cancelled:  # Stop / Clear came while this text was on its way
                     return
                 now = time.monotonic()
                 if now - last_shown >= UPDATE_INTERVAL_S:
                     shown, last_shown = latest, now
                     yield history + [{"role": "assistant", "content": latest}], gr.skip()
-            # Still ours unless Stop / Clear took it (the handle itself reads cancelled once the reply is done).
-            if latest != shown and active.get(request.session_hash) is mine[0]:
+            if latest != shown and not mine.cancelled:
                 yield history + [{"role": "assistant", "content": latest}], gr.skip()
         except Exception as e:  # noqa: BLE001 - every failure becomes a toast
             if isinstance(e, ServiceBusy):
                 message = "The model is busy with other users; try again in a moment."
+            elif isinstance(e, ServiceUnavailable):
+                message = f"The model service is not available: {e}"
             elif isinstance(e, ValueError):
                 message = str(e)
             else:
                 logger.exception("the reply failed")  # once: gradio's own printing is turned off below
                 message = f"The reply failed: {e}"
-            if not mine or active.get(request.session_hash) is mine[0]:
+            if not mine.cancelled:
                 # Left in the chat, the message would merge with the next one into one unanswered turn.
-                yield history[:-1], _text(history[-1]["content"])
+                yield history[:-1], content_text(history[-1]["content"])
             raise gr.Error(message, print_exception=False) from None
         finally:
-            if mine and active.get(request.session_hash) is mine[0]:
+            if active.get(request.session_hash) is mine:
                 del active[request.session_hash]  # finished: nothing left to stop
 
     def regenerate(history: list, system: str, max_length: int, top_p: float, temperature: float,
@@ -158,12 +102,14 @@ def create_demo(engine):
         yield history, gr.skip()
         yield from bot(history, system, max_length, top_p, temperature, request)
 
-    with gr.Blocks(title=f"ChatGLM — {engine.model_name}") as demo:
-        gr.HTML(f'<h1 align="center">ChatGLM</h1><p align="center">{html.escape(engine.model_name)}</p>')
+    name = service.model_name
+    with gr.Blocks(title=f"ChatGLM — {name}") as demo:
+        gr.HTML(f'<h1 align="center">{html.escape(service.capabilities.display_name)}</h1>'
+                f'<p align="center">{html.escape(name)}</p>')
         chatbot = gr.Chatbot(label="Chat", latex_delimiters=LATEX, height=480, elem_id="chatbot")
         with gr.Row():
             with gr.Column(scale=4):
-                system = gr.Textbox(label="System prompt", lines=1, visible=v3, elem_id="system")
+                system = gr.Textbox(label="System prompt", lines=1, visible=service.capabilities.has_system_role, elem_id="system")
                 user_input = gr.Textbox(show_label=False, placeholder="Input...", lines=4, elem_id="user-input")
                 with gr.Row():
                     submit_btn = gr.Button("Submit", variant="primary", elem_id="submit")
@@ -186,30 +132,34 @@ def create_demo(engine):
         # starting the new one.
         regen_reply = regen_btn.click(regenerate, settings, replied)
         replies = [sent_reply, entered_reply, regen_reply]
-        # Stop and Clear end the generation in the engine and cancel the Gradio event streaming it.
+        # Stop and Clear end the generation in the service and cancel the Gradio event streaming it.
         stop_btn.click(cancel_reply, None, None, cancels=replies, queue=False)
         # Clear first ends the reply (as Stop does), then empties the chat in a queued step: that step's result
         # travels on the same ordered stream as the reply's updates, after any already on their way, so a late
         # update cannot bring the history back.
         clear_btn.click(cancel_reply, None, None, cancels=replies, queue=False).then(lambda: [], None, chatbot)
-    demo.queue(default_concurrency_limit=engine.max_queue)
+    demo.queue(default_concurrency_limit=service.max_queue)
     return demo
 
 
-def main(argv=None) -> int:
+def parser():
     ap = build_parser(__doc__, web=True, port=7860)
     ap.add_argument("--share", action="store_true", help="also publish a public gradio.live link")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = parser()
     args = ap.parse_args(argv)
     try:
         auth = logins(args.auth)
     except (OSError, ValueError) as e:
         ap.error(f"--auth: {e}")
-    from model.engine import Engine
-
-    model, tokenizer = load_or_exit(args)
-    engine = Engine(model, tokenizer, model_name=model_id(args.model), max_batch=args.max_batch,
-                    prefill_chunk=args.prefill_chunk)
-    launch(create_demo(engine), args.host, args.port, share=args.share, auth=auth)
+    service = service_or_exit(args)
+    try:
+        launch(create_demo(service), args.host, args.port, share=args.share, auth=auth)
+    finally:
+        service.close()
     return 0
 
 

@@ -13,7 +13,8 @@ import time
 
 import streamlit as st
 
-from utils import ModelLoadError, build_parser, load_from_args, model_id
+from model.flags import ModelLoadError, build_parser, logins, service_from_args
+from server.webchat import clean_text, reply_stream
 
 # Avatars drawn here (streamlit-chat's default ones come from a web service, which an offline machine lacks).
 _AVATAR = ('<svg xmlns="http://www.w3.org/2000/svg" width="64" height="64"><circle cx="32" cy="32" r="32" '
@@ -33,9 +34,13 @@ class FlagError(ValueError):
     """A bad command-line flag; the message is argparse's usage and error."""
 
 
+def parser():
+    return build_parser(__doc__, web=True, port=DEFAULT_PORT)
+
+
 def parse_args(argv: list[str]):
     """The flags, with host / port None where not given; FlagError instead of exiting on a bad one."""
-    ap = build_parser(__doc__, web=True, port=DEFAULT_PORT)
+    ap = parser()
     ap.set_defaults(host=None, port=None)  # None: not given, so whatever Streamlit was told holds
 
     def error(message):
@@ -43,8 +48,6 @@ def parse_args(argv: list[str]):
 
     ap.error = error
     args = ap.parse_args(argv)
-    from web_demo import logins
-
     try:
         args.logins = logins(args.auth)
     except (OSError, ValueError) as e:
@@ -53,14 +56,10 @@ def parse_args(argv: list[str]):
 
 
 @st.cache_resource(show_spinner="Loading the model...")
-def get_engine(argv: tuple):
-    """One model and engine per process, shared by every browser session."""
-    from model.engine import Engine
-
-    args = parse_args(list(argv))
-    model, tokenizer = load_from_args(args)
-    return Engine(model, tokenizer, model_name=model_id(args.model), max_batch=args.max_batch,
-                  prefill_chunk=args.prefill_chunk)
+def get_service(argv: tuple):
+    """One completion service (model and engine, or the server at --api-base) per process, shared by every
+    browser session."""
+    return service_from_args(parse_args(list(argv)))
 
 
 # ---- markdown and LaTeX to HTML, with the text's own HTML shown as text -------------------------------------------
@@ -214,10 +213,8 @@ def logged_in(pairs: list[tuple[str, str]]) -> bool:
     return False
 
 
-def main(engine_for=None) -> None:
-    """The page; engine_for(argv tuple) gives the engine (default: load the model of the flags, once)."""
-    from web_demo import clean_text, reply_stream
-
+def main(service_for=None) -> None:
+    """The page; service_for(argv tuple) gives the completion service (default: the flags', made once)."""
     st.set_page_config(page_title="ChatGLM", page_icon=":robot:", layout="wide")
     try:
         args = parse_args(sys.argv[1:])
@@ -229,7 +226,7 @@ def main(engine_for=None) -> None:
     if not logged_in(args.logins):
         st.stop()
     try:
-        engine = (engine_for or get_engine)(tuple(sys.argv[1:]))
+        service = (service_for or get_service)(tuple(sys.argv[1:]))
     except ModelLoadError as e:
         refuse(f"The model could not be loaded. {e}")
     state = st.session_state
@@ -241,11 +238,11 @@ def main(engine_for=None) -> None:
         shared["writer"] = None
 
     with st.sidebar:
-        st.markdown(f"**{html.escape(engine.model_name)}**")
+        st.markdown(f"**{html.escape(service.capabilities.display_name)}** · {html.escape(service.model_name)}")
         max_length = st.slider("max_length", 0, 32768, 8192, step=1)
         top_p = st.slider("top_p", 0.0, 1.0, 0.8, step=0.01)
         temperature = st.slider("temperature", 0.0, 1.0, 0.95, step=0.01)
-        system = st.text_input("system prompt") if engine.format.has_system_role else ""
+        system = st.text_input("system prompt") if service.capabilities.has_system_role else ""
         if st.button("Clear history", key="clear"):
             state.history = []
         st.button("Stop", key="stop", help="end the reply being written (it is kept)")
@@ -261,7 +258,7 @@ def main(engine_for=None) -> None:
     bubble(query, "user", key=f"msg-{len(state.history) - 1}")
     reply, me = {"role": "assistant", "content": ""}, object()
     placeholder = st.empty()
-    stream = reply_stream(engine, list(state.history), system, max_length, top_p, temperature,
+    stream = reply_stream(service, list(state.history), system, max_length, top_p, temperature,
                           length_label="max_length")
     try:
         with shared["lock"]:
@@ -285,7 +282,7 @@ def main(engine_for=None) -> None:
                 state.history.remove(reply)
         st.error(str(e))
     finally:
-        stream.close()  # ends the generation in the engine, also when Streamlit stopped this run
+        stream.close()  # ends the generation in the service, also when Streamlit stopped this run
 
 
 def run_streamlit(argv: list[str]) -> int:

@@ -1,37 +1,50 @@
-"""One-shot chat from the command line: python -m model --model DIR_OR_HUB_ID "your question"."""
+"""One-shot chat from the command line: python -m model [--model DIR_OR_HUB_ID] "your question".
 
-import argparse
+The same flags and default model as cli_demo.py (model/flags.py), through the same completion service; Ctrl-C
+cancels the reply."""
+
 import sys
 
-from . import CheckpointError, DeviceUnavailableError, ModelNotFoundError, load_model
-from .flags import device_name, dtype_name, float_range, int_range
+from .flags import build_parser, service_or_exit, settings_from_args
+
+ONE_SHOT_TOKENS = 256  # a one-shot reply's default length (--max-new-tokens)
+
+
+def parser():
+    ap = build_parser(__doc__, sampling=True, prog="python -m model", max_new_tokens=ONE_SHOT_TOKENS)
+    ap.add_argument("query")
+    return ap
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m model", description=__doc__)
-    ap.add_argument("query")
-    ap.add_argument("--model", default="THUDM/chatglm3-6b", help="checkpoint directory or Hub id")
-    ap.add_argument("--device", default="auto", type=device_name, help="auto, cpu, cuda, cuda:1, mps")
-    ap.add_argument("--dtype", default="auto", type=dtype_name, help="auto, bfloat16, float16, float32")
-    ap.add_argument("--max-new-tokens", type=int_range(1), default=256, help=">= 1")
-    ap.add_argument("--temperature", type=float_range(0), default=0.8, help=">= 0; 0: always the most likely token")
-    ap.add_argument("--top-p", type=float_range(0, 1, low_open=True), default=0.8, help="> 0 and <= 1")
-    ap.add_argument("--seed", type=int, default=None)
-    args = ap.parse_args(argv)
+    from .service import ConversationError, Finish, Message, ServiceError
+
+    args = parser().parse_args(argv)
+    service = service_or_exit(args)
     try:
-        model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
-    except (ModelNotFoundError, CheckpointError, DeviceUnavailableError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever the message holds
-        return 2
-    shown = ""
-    for response, _ in model.stream_chat(tokenizer, args.query, max_new_tokens=args.max_new_tokens,
-                                         temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                                         do_sample=args.temperature > 0):
-        if isinstance(response, str) and response.startswith(shown):
-            print(response[len(shown):], end="", flush=True)
-            shown = response
-    print()
-    return 0
+        messages = service.capabilities.system_messages(args.system or "") + [Message("user", args.query)]
+        completion = service.complete(messages, settings_from_args(args))
+        finish = None
+        try:
+            for item in completion:
+                if isinstance(item, Finish):
+                    finish = item
+                else:
+                    print(item.content, end="", flush=True)
+        except KeyboardInterrupt:
+            completion.cancel()  # the service stops generating
+            print()
+            return 130
+        print()
+        if finish is not None and finish.reason == "error":
+            print(f"error: the reply failed: {finish.error}", file=sys.stderr)
+            return 1
+        return 0
+    except (ConversationError, ServiceError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    finally:
+        service.close()
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
-"""argparse types for the scripts' flags: a bad value ends the program with `error: argument --flag: ...`
-(exit status 2) that gives the allowed range, before any model is loaded."""
+"""The scripts' flags and defaults, defined once: build_parser, the default model, and from parsed flags the
+completion service (service_from_args) and the settings (settings_from_args). A bad value ends the program with
+`error: argument --flag: ...` (exit status 2) that gives the allowed range, before any model is loaded."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import math
+import os
+import sys
 from typing import Callable
 
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
@@ -67,3 +71,174 @@ def device_name(text: str) -> str:
     if device.type not in ("cpu", "cuda", "mps"):
         raise argparse.ArgumentTypeError(f"unsupported device {text!r}; use one of {', '.join(DEVICES)}")
     return text
+
+
+# ---- the scripts' flags, defined once ------------------------------------------------------------------------------
+# The original ChatGLM2-6B scripts (cli_demo.py, web_demo.py, web_demo2.py, api.py, openai_api.py) all loaded this.
+DEFAULT_MODEL = "THUDM/chatglm2-6b"
+
+
+def build_parser(description: str, *, server: bool = False, web: bool = False, engine: bool = False,
+                 sampling: bool = False, port: int = 8000, prog: str | None = None,
+                 max_new_tokens: int | None = None) -> argparse.ArgumentParser:
+    """The flags every script takes, and the groups some add.
+
+    server: an API server (--host / --port, --api-key = the key clients must send, limits).
+    web: a web demo (--host / --port, --auth). Every script that is not a server is a client of the completion
+    service and takes --api-base / --api-key (the key it sends) to use a remote OpenAI-compatible server instead
+    of loading a model. Scripts serving several users (server, web, or engine=True) also take --max-batch and
+    --prefill-chunk. sampling: --temperature, --top-p, ... for scripts without sliders (None: the family's default;
+    max_new_tokens: the default reply length, None: what the context leaves).
+    """
+    positive = int_range(1)
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+    ap.add_argument("--model", default=os.environ.get("MODEL_PATH") or DEFAULT_MODEL,
+                    help=f"checkpoint directory or Hub id (env MODEL_PATH; default {DEFAULT_MODEL})")
+    ap.add_argument("--model-name", default=None,
+                    help="the model's name: the id API clients see (default: the last part of --model); with "
+                         "--api-base, the model asked for (default: the server's)")
+    ap.add_argument("--quantize", type=int, choices=(4, 8), default=None,
+                    help="quantize the weights to int4 / int8 while loading")
+    # (no choices=: device_name checks the value, and choices would refuse cuda:1)
+    ap.add_argument("--device", default="auto", type=device_name, metavar="{auto,cuda,cuda:N,mps,cpu}",
+                    help="where to run (auto: CUDA, then MPS, then CPU)")
+    ap.add_argument("--dtype", default="auto", type=dtype_name, help="auto, bfloat16, float16 or float32")
+    ap.add_argument("--num-gpus", type=positive, default=1, help="split the layers over this many GPUs (>= 1)")
+    if server or web:
+        ap.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: everyone)")
+        ap.add_argument("--port", type=int_range(1, 65535), default=port, help=f"1-65535 (default {port})")
+    if web:
+        ap.add_argument("--auth", action="append", default=None, metavar="USER:PASS",
+                        help="ask for this login (repeat for more; @FILE: one USER:PASS a line; env WEB_AUTH)")
+    if server or web or engine:
+        ap.add_argument("--max-batch", type=positive, default=8,
+                        help="requests decoded together (continuous batching); more wait in the queue")
+        ap.add_argument("--prefill-chunk", type=positive, default=128,
+                        help="read longer prompts this many tokens per step, so running replies keep flowing")
+    if server:
+        ap.add_argument("--api-key", default=os.environ.get("API_KEY"),
+                        help="require 'Authorization: Bearer KEY' (env API_KEY)")
+        ap.add_argument("--cors-origins", default="",
+                        help="comma-separated origins browsers may call from (default: none)")
+        ap.add_argument("--max-request-bytes", type=positive, default=4 * 1024 * 1024)
+        ap.add_argument("--max-queue", type=positive, default=32,
+                        help="requests that may wait; more are answered 503 (try again)")
+        ap.add_argument("--allowed-hosts", default="",
+                        help="comma-separated Host names to answer besides localhost and --host ('*': any; "
+                             "default: any when --host is 0.0.0.0)")
+    else:  # a client of the completion service: this machine's model, or a server's
+        ap.add_argument("--api-base", default=os.environ.get("OPENAI_API_BASE") or None, metavar="URL",
+                        help="use the OpenAI-compatible server at URL (e.g. http://host:8000/v1) instead of "
+                             "loading --model here (env OPENAI_API_BASE)")
+        ap.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY") or None,
+                        help="with --api-base: the key sent as 'Authorization: Bearer KEY' (env OPENAI_API_KEY)")
+    if sampling:
+        ap.add_argument("--temperature", type=float_range(0), default=None,
+                        help=">= 0; 0: always the most likely token (default: the model family's)")
+        ap.add_argument("--top-p", type=float_range(0, 1, low_open=True), default=None,
+                        help="> 0 and <= 1 (default: the model family's)")
+        ap.add_argument("--top-k", type=int_range(0), default=None, help=">= 0; 0: off (default: the family's)")
+        ap.add_argument("--max-length", type=positive, default=None,
+                        help="tokens in the conversation and the reply together (default: the model's context)")
+        ap.add_argument("--max-new-tokens", type=positive, default=max_new_tokens,
+                        help=f"tokens in a reply (>= 1; default: {max_new_tokens or 'what the context leaves'})")
+        ap.add_argument("--seed", type=int, default=None, help="sample reproducibly")
+        ap.add_argument("--system", default=None, help="system prompt (models with a system role: ChatGLM3)")
+    return ap
+
+
+def settings_from_args(args):
+    """The CompletionSettings of the sampling flags."""
+    from .service import CompletionSettings
+
+    return CompletionSettings(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                              max_tokens=args.max_new_tokens, max_length=args.max_length, seed=args.seed)
+
+
+def model_id(name_or_path: str) -> str:
+    """A stable id for a checkpoint: THUDM/chatglm3-6b -> chatglm3-6b, ./models/my-glm/ -> my-glm."""
+    return os.path.basename(os.path.normpath(str(name_or_path))) or str(name_or_path)
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded (or the server at --api-base not used); the message says what to do."""
+
+
+def load_from_args(args):
+    """(model, tokenizer) for the parsed flags; ModelLoadError with what to do when that fails."""
+    from .hub import CheckpointError, ModelNotFoundError
+    from .loading import DeviceUnavailableError
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        from .chatglm import load_model
+        from .multigpu import device_map_for
+
+        device_map = device_map_for(args.model, args.num_gpus) if args.num_gpus > 1 else None
+        return load_model(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                          device_map=device_map)
+    except (ModelNotFoundError, CheckpointError, DeviceUnavailableError, FileNotFoundError, RuntimeError) as e:
+        raise ModelLoadError(" ".join(str(e).split())) from e  # one line, whatever the message holds
+
+
+def service_from_args(args):
+    """The completion service the flags ask for: RemoteService with --api-base, else a LocalService over an
+    engine on the loaded model (one batch row for a single-user script: the KV cache is allocated per row).
+    ModelLoadError when neither can be had."""
+    if getattr(args, "api_base", None):
+        from .service import ServiceError
+
+        try:
+            from .remote import RemoteService  # only here: a local model needs none of it
+        except ImportError as e:
+            raise ModelLoadError(f"--api-base needs the remote client (model/remote.py): {e}") from e
+        try:
+            return RemoteService(args.api_base, args.api_key, args.model_name)
+        except (ServiceError, ValueError) as e:
+            raise ModelLoadError(f"--api-base {args.api_base}: {' '.join(str(e).split())}") from e
+    from .engine import Engine
+    from .service import LocalService
+
+    model, tokenizer = load_from_args(args)
+    return LocalService(Engine(model, tokenizer, model_name=args.model_name or model_id(args.model),
+                               max_batch=getattr(args, "max_batch", 1),
+                               prefill_chunk=getattr(args, "prefill_chunk", 128),
+                               max_queue=getattr(args, "max_queue", 32)))
+
+
+def exit_on_load_error(load, args):
+    """load(args), ending the program with the explanation (one line, exit status 2) on ModelLoadError."""
+    try:
+        return load(args)
+    except ModelLoadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def load_or_exit(args):
+    """load_from_args, ending the program with the explanation on failure."""
+    return exit_on_load_error(load_from_args, args)
+
+
+def service_or_exit(args):
+    """service_from_args, ending the program with the explanation on failure."""
+    return exit_on_load_error(service_from_args, args)
+
+
+def logins(auth: list[str] | None) -> list[tuple[str, str]]:
+    """The (user, password) pairs of --auth values (USER:PASS or @FILE of such lines), else of env WEB_AUTH."""
+    entries = []
+    for value in auth if auth else [os.environ.get("WEB_AUTH", "")]:
+        if value.startswith("@"):
+            with open(value[1:], encoding="utf-8") as f:
+                entries += [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+        elif value:
+            entries.append(value)
+    pairs = []
+    for entry in entries:
+        user, sep, password = entry.partition(":")
+        if not (user and sep and password):
+            raise ValueError("a login must be USER:PASS, neither empty")
+        pairs.append((user, password))
+    return pairs

@@ -245,23 +245,26 @@ async def parts_until_disconnect(completion: Completion, request: Request):
 
 
 def serve(create_app, description: str, argv=None) -> int:
-    """The body of api.py / openai_api.py: flags -> model -> engine -> app -> uvicorn."""
-    from utils import build_parser, load_or_exit, model_id
+    """The body of api.py / openai_api.py: flags -> completion service (model and engine) -> app -> uvicorn."""
+    from model.flags import service_or_exit
 
-    args = build_parser(description, server=True).parse_args(argv)
+    args = server_parser(description).parse_args(argv)
     import uvicorn
 
-    from model.engine import Engine
-
-    model, tokenizer = load_or_exit(args)
-    engine = Engine(model, tokenizer, model_name=args.model_name or model_id(args.model), max_queue=args.max_queue,
-                    max_batch=args.max_batch, prefill_chunk=args.prefill_chunk)
+    service = service_or_exit(args)
     settings = Settings(host=args.host, port=args.port, api_key=args.api_key,
                         cors_origins=[o.strip() for o in args.cors_origins.split(",") if o.strip()],
                         max_request_bytes=args.max_request_bytes,
                         allowed_hosts=[h for h in args.allowed_hosts.split(",") if h.strip()])
     try:
-        uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level="info")
+        uvicorn.run(create_app(service, settings), host=args.host, port=args.port, log_level="info")
     finally:
-        engine.close()
+        service.close()
     return 0
+
+
+def server_parser(description: str):
+    """The servers' flags (model.flags.build_parser's server group: --api-key is the key clients must send)."""
+    from model.flags import build_parser
+
+    return build_parser(description, server=True)

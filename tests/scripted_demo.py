@@ -1,4 +1,5 @@
-"""The web demos with a scripted engine, for their browser tests: each reply is text the test chose.
+"""The web demos with a scripted engine (in a LocalService, as the demos get it), for their browser tests: each reply
+is text the test chose.
 
     python tests/scripted_demo.py --model TOKENIZER_DIR [web_demo.py flags]              (Gradio)
     streamlit run tests/scripted_demo.py -- --model TOKENIZER_DIR [web_demo2.py flags]   (Streamlit)
@@ -29,7 +30,7 @@ def say(text: str) -> str:
 
 
 class ScriptedEngine:
-    """What the demos use of model.engine.Engine, replying by the script above."""
+    """What LocalService uses of model.engine.Engine, replying by the script above."""
 
     def __init__(self, tokenizer, model_name: str = "scripted"):
         from model.formats import format_for
@@ -38,6 +39,9 @@ class ScriptedEngine:
         self.context_length, self.max_queue = 8192, 32
         self.replies = 0
         self._lock = threading.Lock()
+
+    def close(self) -> None:
+        pass
 
     def submit_all(self, requests, loop=None):
         return [self.submit(r, loop) for r in requests]
@@ -88,25 +92,27 @@ class ScriptedEngine:
             handle._put(Event(finish="stop"))
 
 
-def scripted_engine(argv: tuple) -> ScriptedEngine:
+def scripted_service(argv: tuple):
+    """A LocalService over a ScriptedEngine with the tokenizer of --model."""
     from model import load_model
-    from utils import build_parser
+    from model.flags import build_parser
+    from model.service import LocalService
 
     args, _ = build_parser(__doc__, web=True).parse_known_args(list(argv))
     _, tokenizer = load_model(args.model, device="cpu", dtype="float32")
-    return ScriptedEngine(tokenizer)
+    return LocalService(ScriptedEngine(tokenizer))
 
 
 def main_gradio(argv: list[str]) -> None:
     import logging
 
     import web_demo
-    from utils import build_parser
+    from model.flags import build_parser, logins
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser(__doc__, web=True, port=7860).parse_args(argv)
-    engine = scripted_engine(tuple(argv))
-    web_demo.launch(web_demo.create_demo(engine), args.host, args.port, auth=web_demo.logins(args.auth))
+    service = scripted_service(tuple(argv))
+    web_demo.launch(web_demo.create_demo(service), args.host, args.port, auth=logins(args.auth))
 
 
 if __name__ == "__main__":
@@ -117,6 +123,6 @@ if __name__ == "__main__":
 
         import web_demo2
 
-        web_demo2.main(st.cache_resource(scripted_engine))
+        web_demo2.main(st.cache_resource(scripted_service))
     else:
         main_gradio(sys.argv[1:])

@@ -117,14 +117,15 @@ def test_load_model_raises_one_checkpoint_error_naming_the_file(tmp_path, case):
 
 
 @pytest.mark.parametrize("case", sorted(BROKEN))
-def test_web_demo2_gets_model_load_error(tmp_path, case):
-    """web_demo2's page shows utils.load_from_args's ModelLoadError; every broken checkpoint must arrive as one."""
-    from utils import ModelLoadError, build_parser, load_from_args
+def test_service_from_args_gives_model_load_error(tmp_path, case):
+    """Every script gets its service from model.flags.service_from_args, and web_demo2's page shows its
+    ModelLoadError (the others print it): every broken checkpoint must arrive as one."""
+    from model.flags import ModelLoadError, build_parser, service_from_args
 
     directory, culprit, phrase = broken_checkpoint(tmp_path, case)
     args = build_parser("test", engine=True).parse_args(["--model", directory, "--device", "cpu"])
     with pytest.raises(ModelLoadError, match=".") as raised:
-        load_from_args(args)
+        service_from_args(args)
     assert culprit in str(raised.value) and phrase in str(raised.value) and "\n" not in str(raised.value)
 
 
@@ -175,9 +176,9 @@ def parse_error(parse, argv, capsys) -> str:
 
 
 def server_args(argv):
-    from utils import build_parser
+    from server.http import server_parser
 
-    return build_parser("test", server=True).parse_args(argv)
+    return server_parser("test").parse_args(argv)
 
 
 def cli_demo_args(argv):
@@ -230,6 +231,10 @@ def test_good_flag_values_still_parse():
     assert (args.port, args.max_queue, args.prefill_chunk, args.dtype, args.device) == (65535, 1, 1, "bf16", "cpu")
     args = cli_demo_args(["--temperature", "0", "--top-p", "1", "--max-length", "8"])
     assert (args.temperature, args.top_p, args.max_length) == (0.0, 1.0, 8)
+    if torch.cuda.device_count() > 1:  # a numbered device that is there (argparse choices once refused it)
+        assert cli_demo_args(["--device", "cuda:1"]).device == "cuda:1"
+    defaults = cli_demo_args([])  # None: the model family's own sampling defaults
+    assert (defaults.temperature, defaults.top_p, defaults.top_k, defaults.max_length) == (None, None, None, None)
 
 
 @pytest.mark.parametrize("argv,needle", [

@@ -10,12 +10,13 @@ from scripted_demo import ScriptedEngine, say
 def test_reply_stream_answers_text_with_a_lone_surrogate(v3_dir, where):
     """Both demos' reply function (a browser can send such text; UTF-8 cannot hold it)."""
     from model import load_model
-    from web_demo import reply_stream
+    from model.service import LocalService
+    from server.webchat import reply_stream
 
-    engine = ScriptedEngine(load_model(v3_dir, device="cpu", dtype="float32")[1])
+    service = LocalService(ScriptedEngine(load_model(v3_dir, device="cpu", dtype="float32")[1]))
     history = [{"role": "user", "content": say("a\ud800b") if where == "message" else say("ok")}]
     system = "be \ud800 brief" if where == "system" else ""
-    *_, reply = reply_stream(engine, history, system, 8192, 0.8, 0.95)
+    *_, reply = reply_stream(service, history, system, 8192, 0.8, 0.95)
     assert reply == ("a\ufffdb" if where == "message" else "ok")
 
 
@@ -58,7 +59,7 @@ def test_to_html_keeps_markdown_code_and_latex(text, needles):
 
 
 def test_logins_from_flags_a_file_or_the_environment(tmp_path, monkeypatch):
-    from web_demo import logins
+    from model.flags import logins
 
     monkeypatch.delenv("WEB_AUTH", raising=False)
     assert logins(None) == []
