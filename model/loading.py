@@ -272,6 +272,9 @@ class PrefixCheckpoint:
             settings["prefix_projection"] = prefix_projection
         self.pre_seq_len = settings.get("pre_seq_len", self.tensors["embedding.weight"].shape[0])
         self.prefix_projection = bool(settings.get("prefix_projection", "trans.0.weight" in self.tensors))
+        if isinstance(self.pre_seq_len, bool) or not isinstance(self.pre_seq_len, int) or self.pre_seq_len <= 0:
+            raise CheckpointError(f"P-Tuning checkpoint {path}: pre_seq_len={self.pre_seq_len!r} must be a positive "
+                                  f"number of tokens")
 
     def config_overrides(self) -> dict:
         return {"pre_seq_len": self.pre_seq_len, "prefix_projection": self.prefix_projection}
@@ -287,7 +290,7 @@ class PrefixCheckpoint:
             why = (f"lacks {[PREFIX_ENCODER + n for n in missing]}" if missing else
                    f"holds {[PREFIX_ENCODER + n for n in extra]}, which this model does not have")
             raise CheckpointError(f"{self.filename} {why} (pre_seq_len={self.pre_seq_len}, prefix_projection="
-                                  f"{str(self.prefix_projection).lower()}); check --pre-seq-len / prefix_projection")
+                                  f"{str(self.prefix_projection).lower()}); check pre_seq_len / prefix_projection")
         for name, tensor in self.tensors.items():
             if tuple(tensor.shape) != tuple(expected[name].shape):
                 raise CheckpointError(

@@ -15,7 +15,7 @@ from model import load_model
 from model.cache import KVCache
 from model.engine import Engine, GenerationRequest
 from model.generation import SamplingParams
-from model.hub import CheckpointError
+from model.hub import CheckpointError, UnsupportedConfigError
 from test_engine import BatchSizes, alone_events, prompt, run_staggered
 
 NAME = PTUNING_MODELS[0]
@@ -208,3 +208,11 @@ def test_bad_checkpoints_are_refused_naming_the_file(tmp_path, how, message):
 def test_prefix_settings_without_a_checkpoint_are_refused():
     with pytest.raises(ValueError, match="ptuning="):
         load_model(BASE, pre_seq_len=4, device="cpu")
+    with pytest.raises(CheckpointError, match="pre_seq_len=0 must be a positive"):
+        load_model(BASE, ptuning=CKPT, pre_seq_len=0, device="cpu")
+
+
+def test_chatglm1_refuses_a_prefix_by_name():
+    """ChatGLM-6B's prefix (its own encoder shapes and mask) is not implemented: refused, not ignored."""
+    with pytest.raises(UnsupportedConfigError, match="pre_seq_len"):
+        load_model(model_dir("chatglm1-tiny"), ptuning=CKPT, device="cpu")
