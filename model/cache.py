@@ -215,6 +215,8 @@ class RowCache:
     def __init__(self, batch: BatchCache, row: int):
         self.batch, self.row = batch, row
 
+    batch_size = 1
+
     @property
     def length(self) -> int:
         return self.batch.lengths[self.row]

@@ -8,7 +8,7 @@ import torch
 
 from .cache import KVCache
 from .formats import format_for
-from .generation import DECODE_ROOM, SamplingParams, generate_tokens, reply_budget
+from .generation import DECODE_ROOM, SamplingParams, generate_tokens, prefix_length, reply_budget, seed_prefix
 from .reply import process_response_v1, process_response_v2, process_response_v3  # noqa: F401  (the original names)
 from .tokenizer import ChatGLMTokenizer, StreamDecoder
 
@@ -63,8 +63,8 @@ class ChatMixin:
         cache = past_key_values
         input_ids = fmt.turn_ids(tokenizer, query, list(history or []), role, cached=cache is not None)
         if cache is None:
-            cache = KVCache.for_model(self.config, 1, self.dtype, self.device,
-                                      capacity=len(input_ids) + DECODE_ROOM)
+            cache = seed_prefix(self, KVCache.for_model(self.config, 1, self.dtype, self.device,
+                                                        capacity=prefix_length(self) + len(input_ids) + DECODE_ROOM))
         context = cache.length + len(input_ids)
         limit = self.config.seq_length if max_length is None else min(max_length, self.config.seq_length)
         budget = reply_budget(limit, context, max_new_tokens)

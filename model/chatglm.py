@@ -65,20 +65,29 @@ def model_class_for(config) -> type:
 
 def load_model(name_or_path: str, device: str | torch.device | None = None, dtype=None,
                family: str | None = None, revision: str | None = None, quantize: int | None = None,
-               device_map: dict | None = None):
+               device_map: dict | None = None, ptuning: str | None = None, pre_seq_len: int | None = None,
+               prefix_projection: bool | None = None):
     """(model, tokenizer) for a ChatGLM checkpoint directory or Hub id.
 
     device: "cpu", "cuda", "cuda:1", "mps" or None/"auto"; dtype: a torch dtype, its name, or None/"auto";
     family: "chatglm2" / "chatglm3" when the checkpoint does not tell; quantize: 4 or 8 for weight-only
     quantization while loading; device_map: module name -> device, to split the layers over GPUs
-    (see model.multigpu).
+    (see model.multigpu); ptuning: a P-Tuning v2 checkpoint folder (pytorch_model.bin with the prefix encoder)
+    whose prefix is prepended to every input, with pre_seq_len / prefix_projection from its config.json or
+    ptuning.json unless given here.
     """
     path = resolve_model_dir(name_or_path, revision=revision)  # one Hub round trip for weights and tokenizer
+    prefix = None
+    if ptuning is not None:
+        prefix = loading.PrefixCheckpoint(ptuning, pre_seq_len=pre_seq_len, prefix_projection=prefix_projection)
+    elif pre_seq_len is not None or prefix_projection is not None:
+        raise ValueError("pre_seq_len / prefix_projection need ptuning= (the P-Tuning v2 checkpoint folder)")
     # config and tokenizer first: a broken one is reported in a moment, not after minutes of reading weights
-    family = ChatGLMConfig.from_checkpoint_dir(path, family=family).family
+    overrides = prefix.config_overrides() if prefix is not None else {}
+    family = ChatGLMConfig.from_checkpoint_dir(path, family=family, **overrides).family
     tokenizer = loading.load_tokenizer(path, family=family)
     model = loading.load_weights(path, model_class_for, device=device, dtype=dtype, family=family,
-                                 quantize=quantize, device_map=device_map)
+                                 quantize=quantize, device_map=device_map, ptuning=prefix)
     model.name_or_path = model.config._name_or_path = str(name_or_path)
     tokenizer.name_or_path = str(name_or_path)
     return model, tokenizer

@@ -87,8 +87,8 @@ class ChatGLMConfig(PretrainedConfig):
         hidden_dropout: float = 0.0,
         attention_dropout: float = 0.0,
         quantization_bit: int = 0,  # 0 = float weights; 4 / 8 = weight-only quantized linears
-        pre_seq_len: int | None = None,  # P-tuning v2 prefix (not supported)
-        prefix_projection: bool = False,
+        pre_seq_len: int | None = None,  # P-Tuning v2: virtual tokens whose keys/values precede every input
+        prefix_projection: bool = False,  # P-Tuning v2: the prefix embedding goes through a 2-layer MLP
         family: str | None = None,  # "chatglm2" or "chatglm3"; inferred when None
         eos_token_id: int = 2,
         pad_token_id: int = 0,
@@ -118,8 +118,8 @@ class ChatGLMConfig(PretrainedConfig):
         self.hidden_dropout = hidden_dropout
         self.attention_dropout = attention_dropout
         self.quantization_bit = quantization_bit or 0
-        self.pre_seq_len = pre_seq_len
-        self.prefix_projection = prefix_projection
+        self.pre_seq_len = pre_seq_len or None  # 0 / null: no prefix
+        self.prefix_projection = bool(prefix_projection)
         kwargs.pop("vocab_size", None)
         if family is None:
             family, reason = infer_family(kwargs)
@@ -165,8 +165,9 @@ class ChatGLMConfig(PretrainedConfig):
             unsupported.append("rmsnorm=false (LayerNorm blocks)")
         if self.fp32_residual_connection:
             unsupported.append("fp32_residual_connection=true")
-        if self.pre_seq_len:
-            unsupported.append(f"pre_seq_len={self.pre_seq_len} (P-tuning v2 prefix)")
+        prefix = self.pre_seq_len
+        if prefix is not None and (isinstance(prefix, bool) or not isinstance(prefix, int) or prefix <= 0):
+            unsupported.append(f"pre_seq_len={self.pre_seq_len!r} (P-Tuning v2 prefix: a positive number of tokens)")
         if self.quantization_bit not in (0, 4, 8):
             unsupported.append(f"quantization_bit={self.quantization_bit} (supported: 4, 8)")
         if self.num_attention_heads % self.num_kv_heads:

@@ -21,8 +21,8 @@ import torch
 
 from .cache import BatchCache, KVCache
 from .formats import format_for
-from .generation import (SamplingParams, SequenceSampler, choose_rows, next_position_ids, prompt_position_ids,
-                         reply_budget)
+from .generation import (SamplingParams, SequenceSampler, choose_rows, next_position_ids, prefix_length,
+                         prompt_position_ids, reply_budget, seed_prefix)
 from .tokenizer import StreamDecoder
 
 logger = logging.getLogger(__name__)
@@ -149,11 +149,14 @@ class Engine:
         self.tokenizer = tokenizer
         self.model_name = model_name or getattr(model, "name_or_path", None) or "chatglm"
         self.format = format_for(tokenizer.family)
+        self.prefix = prefix_length(model)  # a P-Tuning v2 prefix: the first cache positions of every row
         self.context_length = model.config.seq_length
         if cache_capacity is not None:  # a preallocated cache of fixed shape (for CUDA graphs / torch.compile)
-            if cache_capacity < 2:
-                raise ValueError("cache_capacity must be at least 2 tokens")
+            if cache_capacity < 2 + self.prefix:
+                raise ValueError(f"cache_capacity must be at least {2 + self.prefix} tokens"
+                                 + (f" (2 + the P-Tuning prefix of {self.prefix})" if self.prefix else ""))
             self.context_length = min(self.context_length, cache_capacity)
+        self.context_length -= self.prefix  # tokens a row holds besides the prefix
         self.max_queue = max_queue
         self.max_batch = max_batch
         self.stats = EngineStats()
@@ -269,8 +272,9 @@ class Engine:
             handle._put(Event(finish="cancelled"))
         elif self._long(handle):
             seq = _Sequence(handle, self, self.model.device)
-            seq.stage = KVCache.for_model(self.model.config, 1, self.model.dtype, self.model.device,
-                                          capacity=len(seq.prompt))
+            seq.stage = seed_prefix(self.model, KVCache.for_model(self.model.config, 1, self.model.dtype,
+                                                                  self.model.device,
+                                                                  capacity=self.prefix + len(seq.prompt)))
             self._staged = seq
             with self._lock:
                 self.stats.running += 1
@@ -297,6 +301,7 @@ class Engine:
             self.stats.running = self._in_progress()
             self.stats.prompt_tokens += len(seq.prompt)
         try:
+            seed_prefix(model, row)
             ids = torch.tensor([seq.prompt], dtype=torch.long, device=model.device)
             positions = prompt_position_ids(model, ids)
             seq.position = positions[..., -1:]
@@ -313,7 +318,7 @@ class Engine:
         if seq.handle.cancelled:
             self._end_staged(Event(finish="cancelled"))
             return
-        start = seq.stage.length
+        start = seq.stage.length - self.prefix  # prompt tokens read so far
         end = min(start + self.prefill_chunk, len(seq.prompt))
         try:
             ids = torch.tensor([seq.prompt[start:end]], dtype=torch.long, device=model.device)

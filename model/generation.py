@@ -135,6 +135,16 @@ def prompt_position_ids(model, input_ids: torch.Tensor, past: int = 0) -> torch.
     return torch.arange(past, past + T, device=input_ids.device).expand(B, T)
 
 
+def prefix_length(model) -> int:
+    """Cache positions a P-Tuning v2 prefix takes before the tokens (0 for a model without one)."""
+    return getattr(model, "prefix_length", 0)
+
+
+def seed_prefix(model, cache):
+    """A new cache for `model`, with its P-Tuning v2 prefix in it (model.seed_prefix) when it has one."""
+    return model.seed_prefix(cache) if prefix_length(model) else cache
+
+
 def next_position_ids(model, positions: torch.Tensor) -> torch.Tensor:
     """Position ids of the token that follows `positions` (only the last one is read)."""
     own = getattr(model, "next_position_ids", None)
@@ -211,15 +221,15 @@ def generate_tokens(model, input_ids: torch.Tensor, *, max_new_tokens: int, para
     device = input_ids.device
     B, T = input_ids.shape
     if cache is None:
-        room = T + min(max_new_tokens, DECODE_ROOM)
-        cache = KVCache.for_model(model.config, B, model.dtype, device, capacity=room)
-    past = cache.length
+        room = prefix_length(model) + T + min(max_new_tokens, DECODE_ROOM)
+        cache = seed_prefix(model, KVCache.for_model(model.config, B, model.dtype, device, capacity=room))
+    past = cache.length  # a P-Tuning prefix included: it fills the context as tokens do
     limit = model.config.seq_length
     if past + T > limit:
         raise ValueError(f"the input is {past + T} tokens long; this model's context is {limit} tokens")
     max_new_tokens = reply_budget(limit, past + T, max_new_tokens)
     if position_ids is None:
-        position_ids = prompt_position_ids(model, input_ids, past)
+        position_ids = prompt_position_ids(model, input_ids, past - prefix_length(model))
     if attention_mask is not None and attention_mask.shape[-1] == T and past:
         attention_mask = torch.cat([attention_mask.new_ones(B, past), attention_mask], dim=-1)
     sampler = SequenceSampler(params, input_ids, logits_hooks)

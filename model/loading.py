@@ -237,6 +237,69 @@ def checkpoint_nbytes(path: str) -> int:
     return sum(os.path.getsize(f) for f in checkpoint_files(path))
 
 
+# ---- P-Tuning v2 checkpoints -------------------------------------------------------------------
+PREFIX_ENCODER = "transformer.prefix_encoder."
+
+
+class PrefixCheckpoint:
+    """A P-Tuning v2 checkpoint folder as the original training script saves it: pytorch_model.bin holding
+    `transformer.prefix_encoder.*` (read with weights_only=True), and pre_seq_len / prefix_projection in its
+    config.json or ptuning.json. Arguments override the files; without either, they follow from the tensors
+    (rows of the embedding; trans.* present)."""
+
+    def __init__(self, path: str, pre_seq_len: int | None = None, prefix_projection: bool | None = None):
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            raise CheckpointError(f"P-Tuning checkpoint {path} is not a directory; pass the folder the training "
+                                  f"script saved (it holds pytorch_model.bin)")
+        self.filename = os.path.join(path, "pytorch_model.bin")
+        if not os.path.isfile(self.filename):
+            raise CheckpointError(f"P-Tuning checkpoint {path} has no pytorch_model.bin (the prefix encoder's "
+                                  f"weights); pass the checkpoint-N folder the training script saved")
+        self.tensors = {name[len(PREFIX_ENCODER):]: t for name, t in read_bin(self.filename)
+                        if name.startswith(PREFIX_ENCODER)}
+        if "embedding.weight" not in self.tensors:
+            raise CheckpointError(f"{self.filename} holds no {PREFIX_ENCODER}embedding.weight: not a P-Tuning v2 "
+                                  f"checkpoint")
+        settings = {}
+        for name in ("config.json", "ptuning.json"):  # ptuning.json, the more specific, wins
+            if os.path.isfile(os.path.join(path, name)):
+                found = read_json(os.path.join(path, name))
+                settings.update({k: found[k] for k in ("pre_seq_len", "prefix_projection") if found.get(k) is not None})
+        if pre_seq_len is not None:
+            settings["pre_seq_len"] = pre_seq_len
+        if prefix_projection is not None:
+            settings["prefix_projection"] = prefix_projection
+        self.pre_seq_len = settings.get("pre_seq_len", self.tensors["embedding.weight"].shape[0])
+        self.prefix_projection = bool(settings.get("prefix_projection", "trans.0.weight" in self.tensors))
+        if isinstance(self.pre_seq_len, bool) or not isinstance(self.pre_seq_len, int) or self.pre_seq_len <= 0:
+            raise CheckpointError(f"P-Tuning checkpoint {path}: pre_seq_len={self.pre_seq_len!r} must be a positive "
+                                  f"number of tokens")
+
+    def config_overrides(self) -> dict:
+        return {"pre_seq_len": self.pre_seq_len, "prefix_projection": self.prefix_projection}
+
+    def load_into(self, model, device) -> None:
+        """Put the prefix encoder's tensors into `model` (float32, on `device`); CheckpointError naming the file
+        when one is missing, unexpected, or of another shape than the base model with this prefix needs."""
+        encoder = model.transformer.prefix_encoder
+        expected = dict(encoder.named_parameters())
+        missing = sorted(set(expected) - set(self.tensors))
+        extra = sorted(set(self.tensors) - set(expected))
+        if missing or extra:
+            why = (f"lacks {[PREFIX_ENCODER + n for n in missing]}" if missing else
+                   f"holds {[PREFIX_ENCODER + n for n in extra]}, which this model does not have")
+            raise CheckpointError(f"{self.filename} {why} (pre_seq_len={self.pre_seq_len}, prefix_projection="
+                                  f"{str(self.prefix_projection).lower()}); check pre_seq_len / prefix_projection")
+        for name, tensor in self.tensors.items():
+            if tuple(tensor.shape) != tuple(expected[name].shape):
+                raise CheckpointError(
+                    f"{self.filename}: {PREFIX_ENCODER}{name} has shape {tuple(tensor.shape)} but the base model "
+                    f"with pre_seq_len={self.pre_seq_len} needs {tuple(expected[name].shape)}; this P-Tuning "
+                    f"checkpoint belongs to another base model, or pre_seq_len is wrong")
+            assign_tensor(encoder, name, tensor.to(device=device, dtype=torch.float32), self.filename)
+
+
 # ---- building and filling the model -------------------------------------------------------------
 # the model class to build for a config (model.chatglm.model_class_for)
 ModelClassFor = Callable[[ChatGLMConfig], type]
@@ -263,19 +326,21 @@ def assign_tensor(model: nn.Module, name: str, tensor: torch.Tensor, source: str
 
 def load_weights(name_or_path: str, model_class_for: ModelClassFor, device=None, dtype=None,
                  family: str | None = None, revision: str | None = None, quantize: int | None = None,
-                 progress: bool = True, device_map: dict | None = None):
+                 progress: bool = True, device_map: dict | None = None, ptuning: PrefixCheckpoint | None = None):
     """Load a ChatGLM checkpoint (dir or Hub id) into a ready model (of class model_class_for(config)) in eval mode.
 
     quantize=4|8 quantizes a float checkpoint tensor by tensor while it is read, so the float model never
     sits in memory whole; a checkpoint with quantization_bit is loaded as it is stored. device_map (module
     name -> GPU index or device) puts each tensor straight on its module's device and installs the hooks
-    that move activations between devices.
+    that move activations between devices. ptuning: a P-Tuning v2 prefix to load on top of the base checkpoint
+    (its pre_seq_len / prefix_projection go into the config); the prefix encoder stays float32.
     """
     from .placement import as_torch_device, clean_device_map, device_for, dispatch, embedding_module
     from .quantization import quantize_weight, swap_linears
 
     path = resolve_model_dir(name_or_path, revision=revision)
-    config = ChatGLMConfig.from_checkpoint_dir(path, family=family)
+    config = ChatGLMConfig.from_checkpoint_dir(path, family=family,
+                                               **(ptuning.config_overrides() if ptuning is not None else {}))
     stored_bits = config.quantization_bit
     if quantize and stored_bits and quantize != stored_bits:
         raise CheckpointError(f"{path} is stored with {stored_bits}-bit weights; it cannot be loaded as "
@@ -290,6 +355,8 @@ def load_weights(name_or_path: str, model_class_for: ModelClassFor, device=None,
     if bits:
         swap_linears(model, bits, quantize_values=False)
     expected = {n for n, p in model.named_parameters()}
+    if ptuning is not None:  # the prefix encoder comes from the P-Tuning checkpoint, not the base one
+        expected = {n for n in expected if not n.startswith(PREFIX_ENCODER)}
     quantize_now = {f"{n.rpartition('.')[0]}.weight" for n in expected if n.endswith(".weight_scale")} \
         if quantize and not stored_bits else set()
     seen = set()
@@ -322,7 +389,8 @@ def load_weights(name_or_path: str, model_class_for: ModelClassFor, device=None,
                 name, tensor = name + "_scale", scale
                 seen.add(name.removesuffix("_scale"))
             if tensor.is_floating_point():
-                tensor = tensor.to(device=target, dtype=dtype)
+                # a prefix encoder saved with the model stays float32, as one loaded from a P-Tuning checkpoint
+                tensor = tensor.to(device=target, dtype=torch.float32 if name.startswith(PREFIX_ENCODER) else dtype)
             else:
                 tensor = tensor.to(device=target)
             assign_tensor(model, name, tensor, filename)
@@ -333,6 +401,8 @@ def load_weights(name_or_path: str, model_class_for: ModelClassFor, device=None,
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}; some weight "
                               f"file is missing or belongs to another model")
+    if ptuning is not None:
+        ptuning.load_into(model, device)  # on the embedding's device, where the prefix is computed
     if stored_head is not None and not model.transformer.word_embeddings.weight.is_meta:
         embedding = model.transformer.word_embeddings.weight
         if not torch.equal(stored_head.to(embedding.device, embedding.dtype), embedding):
@@ -420,6 +490,8 @@ def config_to_json(config: ChatGLMConfig, dtype: torch.dtype) -> dict:
     d.update({k: getattr(config, k) for k in CONFIG_KEYS})
     if not d["quantization_bit"]:
         del d["quantization_bit"]
+    if config.pre_seq_len:  # a P-Tuning v2 prefix: its encoder is saved with the weights
+        d.update(pre_seq_len=config.pre_seq_len, prefix_projection=config.prefix_projection)
     return d
 
 

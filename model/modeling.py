@@ -277,6 +277,32 @@ class Encoder(nn.Module):
         return self.final_layernorm(x) if self.final_layernorm is not None else x
 
 
+class PrefixEncoder(nn.Module):
+    """P-Tuning v2: the learned keys and values of pre_seq_len virtual tokens for every layer (the checkpoint's
+    `transformer.prefix_encoder.*`): an embedding of the prefix positions, with prefix_projection through
+    Linear(kv -> hidden), tanh, Linear(hidden -> kv), as the original. Kept and computed in float32 whatever
+    the model's dtype (as the original demos keep it); only its output is cast to the model's dtype."""
+
+    def __init__(self, config: ChatGLMConfig, device=None):
+        super().__init__()
+        kv_size = config.num_layers * 2 * config.num_kv_heads * config.kv_channels
+        self.embedding = nn.Embedding(config.pre_seq_len, kv_size, dtype=torch.float32, device=device)
+        self.trans = nn.Sequential(
+            nn.Linear(kv_size, config.hidden_size, dtype=torch.float32, device=device),
+            nn.Tanh(),
+            nn.Linear(config.hidden_size, kv_size, dtype=torch.float32, device=device),
+        ) if config.prefix_projection else None
+
+    def forward(self) -> torch.Tensor:
+        """(pre_seq_len, num_layers * 2 * kv_heads * head_dim) float32: the embedding of arange(pre_seq_len)."""
+        x = self.embedding.weight.float()
+        if self.trans is not None:
+            first, last = self.trans[0], self.trans[2]
+            x = F.linear(x, first.weight.float(), first.bias.float()).tanh()
+            x = F.linear(x, last.weight.float(), last.bias.float())
+        return x
+
+
 def build_attention_mask(attention_mask: torch.Tensor | None, past_length: int, new_length: int,
                          device) -> torch.Tensor | None:
     """Boolean (B|1, 1, T, S) mask, True = may attend; None when plain causal attention is right.
@@ -317,23 +343,62 @@ class ChatGLMModel(nn.Module):
         self.encoder = Encoder(config, dtype, device)
         self.output_layer = Linear(config.hidden_size, config.padded_vocab_size, bias=False,
                                       dtype=dtype, device=device)
+        # registered last, so that the model's dtype (its first floating parameter's) stays the network's
+        self.prefix_encoder = PrefixEncoder(config, device) if config.pre_seq_len else None
+
+    # ---- P-Tuning v2 prefix -------------------------------------------------------------------------
+    @property
+    def prefix_length(self) -> int:
+        """Cache positions the P-Tuning v2 prefix takes before the tokens (0 without one)."""
+        return self.config.pre_seq_len if self.prefix_encoder is not None else 0
+
+    def seed_prefix(self, cache):
+        """Write the prefix keys/values into an empty cache (KVCache, or a BatchCache's RowCache) at positions
+        0..pre_seq_len-1 of every layer and return the cache; a cache that is not empty, or a model without a
+        prefix: unchanged. The one place a cache gets the prefix: every code path that creates a cache calls it.
+
+        As the original's past_key_values: for layer i, keys = encoder output [:, 2i] and values [:, 2i + 1]
+        viewed as (pre_seq_len, num_layers * 2, kv_heads, head_dim); stored as given (no rotary: the tokens'
+        rotary positions still start at 0), cast to the model's dtype.
+        """
+        if self.prefix_encoder is None or cache.length:
+            return cache
+        P, c = self.config.pre_seq_len, self.config
+        kv = self.prefix_encoder().view(P, c.num_layers * 2, c.num_kv_heads, c.kv_channels)
+        kv = kv.permute(1, 2, 0, 3)  # (num_layers * 2, kv_heads, P, head_dim)
+        dtype = self.embedding.word_embeddings.weight.dtype
+        batch = cache.batch_size
+        cache.reserve(P)
+        for i, layer in enumerate(self.encoder.layers):
+            device = layer.input_layernorm.weight.device  # the layer's own device when split over GPUs
+            key, value = (t.to(device=device, dtype=dtype)[None].expand(batch, -1, -1, -1)
+                          for t in (kv[2 * i], kv[2 * i + 1]))
+            cache.update(i, key, value)
+        cache.advance(P)
+        return cache
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, past_key_values: KVCache | None = None,
                 use_cache: bool = True, last_logits_only: bool = False) -> ModelOutput:
         B, T = input_ids.shape
         x = self.embedding(input_ids)  # (B, T, H)
         cache = past_key_values
-        if cache is None and use_cache:
-            cache = KVCache.for_model(self.config, B, x.dtype, x.device, capacity=max(T, 256))
+        prefix = self.prefix_length
+        if cache is None and (use_cache or prefix):  # a prefix is read from a cache, even without use_cache
+            cache = KVCache.for_model(self.config, B, x.dtype, x.device, capacity=max(T, 256) + prefix)
+        if cache is not None:
+            self.seed_prefix(cache)  # a new or empty cache starts with the prefix
         past = cache.length if cache is not None else 0
-        if position_ids is None:
-            position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        if position_ids is None:  # the prefix takes cache positions, not rotary ones: tokens start at 0
+            position_ids = torch.arange(past - prefix, past - prefix + T, device=input_ids.device).expand(B, T)
         if cache is not None:
             cache.reserve(T)
         cos, sin = rotary_cos_sin(self.config, position_ids, x.dtype)
         if attention_mask is not None and attention_mask.dim() == 4:  # (B, 1, T, S) bool, built by the caller
             mask = attention_mask
         else:
+            if prefix and attention_mask is not None and attention_mask.shape[-1] == past - prefix + T:
+                # the original's convention: the mask covers the tokens only; every query sees the prefix
+                attention_mask = torch.cat([attention_mask.new_ones(B, prefix), attention_mask], dim=-1)
             mask = build_attention_mask(attention_mask, past, T, input_ids.device)
         x = self.encoder(x, cos, sin, mask, cache)
         if cache is not None:
@@ -365,6 +430,15 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
     @property
     def blocks(self) -> nn.ModuleList:
         return self.transformer.encoder.layers
+
+    @property
+    def prefix_length(self) -> int:
+        """Cache positions the P-Tuning v2 prefix takes (0 without one); see ChatGLMModel.seed_prefix."""
+        return self.transformer.prefix_length
+
+    def seed_prefix(self, cache):
+        """An empty cache with the P-Tuning v2 prefix written in (see ChatGLMModel.seed_prefix)."""
+        return self.transformer.seed_prefix(cache)
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, past_key_values=None,
                 use_cache: bool = True, return_last_logit: bool = False, **kwargs) -> ModelOutput:

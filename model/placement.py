@@ -13,6 +13,7 @@ FIRST_DEVICE_MODULES = ("transformer.embedding", "transformer.encoder.final_laye
 # ChatGLM-6B: the output is the word-embedding matrix (tied), so the final norm goes with it
 FIRST_DEVICE_MODULES_V1 = ("transformer.word_embeddings", "transformer.final_layernorm")
 ORIGINAL_ONLY_KEYS = ("transformer.rotary_pos_emb", "lm_head")  # names in the original's maps we do not have
+PREFIX_ENCODER_MODULE = "transformer.prefix_encoder"  # P-Tuning v2: with the embedding unless a map places it
 
 
 def _v1(config) -> bool:
@@ -74,10 +75,12 @@ def clean_device_map(device_map: dict, model) -> dict:
     for key, device in device_map.items():
         if key in modules:
             out[key] = device
-        elif key.startswith(ORIGINAL_ONLY_KEYS):
+        elif key.startswith(ORIGINAL_ONLY_KEYS + (PREFIX_ENCODER_MODULE,)):  # (a model without a prefix)
             continue
         else:
             raise ValueError(f"device_map names {key!r}, which is not a module of this model")
+    if PREFIX_ENCODER_MODULE in modules and device_for(PREFIX_ENCODER_MODULE + ".embedding.weight", out) is None:
+        out[PREFIX_ENCODER_MODULE] = device_for(embedding_module(model.config) + ".weight", out)
     unplaced = [n for n, _ in model.named_parameters() if device_for(n, out) is None]
     if unplaced:
         raise ValueError(f"device_map leaves {len(unplaced)} tensors without a device, e.g. {unplaced[:3]}")

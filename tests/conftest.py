@@ -13,6 +13,7 @@ sys.path.insert(0, ROOT)
 GOLDEN = os.path.join(ROOT, "tests", "golden")
 FLOAT_MODELS = ["chatglm2-tiny", "chatglm3-tiny"]
 QUANTIZED_MODELS = ["chatglm2-tiny-int4", "chatglm2-tiny-int8"]
+PTUNING_MODELS = ["chatglm2-tiny-ptuning-p4"]  # a P-Tuning v2 prefix on a base model (its case's "ptuning")
 
 torch.manual_seed(0)
 
@@ -38,6 +39,10 @@ def golden_tensors(name: str) -> dict:
 def loaded(name: str, dtype: str = "float32"):
     from model import load_model
 
+    if name in PTUNING_MODELS:  # the base model with the prefix loaded, as the reference ran it
+        case = golden_case(name)
+        return load_model(model_dir(case["model_dir"]), ptuning=os.path.join(GOLDEN, case["ptuning"]["path"]),
+                          pre_seq_len=case["ptuning"]["pre_seq_len"], device="cpu", dtype=dtype)
     return load_model(model_dir(name), device="cpu", dtype=dtype)
 
 

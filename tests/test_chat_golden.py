@@ -12,7 +12,9 @@ compared without consecutive repeats). ChatGLM3 differs on purpose where spec se
 
 import pytest
 
-from conftest import as_lists, dedup, golden_case, loaded
+from conftest import PTUNING_MODELS, as_lists, dedup, golden_case, loaded
+
+CHATGLM2 = ["chatglm2-tiny"] + PTUNING_MODELS  # the P-Tuning model: chatglm2-tiny with a prefix
 
 
 def chat_case(name):
@@ -23,37 +25,44 @@ def greedy24(name):
     return chat_case(name)["gen_kwargs"]
 
 
+@pytest.mark.parametrize("name", CHATGLM2)
 @pytest.mark.parametrize("turn", [0, 1])
 @pytest.mark.slow
-def test_chatglm2_chat(turn):
-    model, tokenizer = loaded("chatglm2-tiny")
-    case = chat_case("chatglm2-tiny")["chat"][turn]
-    response, history = model.chat(tokenizer, case["query"], case["history_in"], **greedy24("chatglm2-tiny"))
+def test_chatglm2_chat(name, turn):
+    model, tokenizer = loaded(name)
+    case = chat_case(name)["chat"][turn]
+    response, history = model.chat(tokenizer, case["query"], case["history_in"], **greedy24(name))
     assert response == case["response"]
     assert as_lists(history) == case["history_out"]
 
 
+@pytest.mark.parametrize("name", CHATGLM2)
 @pytest.mark.parametrize("turn", [0, 1])
 @pytest.mark.slow
-def test_chatglm2_stream_chat(turn):
-    model, tokenizer = loaded("chatglm2-tiny")
-    case = chat_case("chatglm2-tiny")["stream_chat"][turn]
-    items = list(model.stream_chat(tokenizer, case["query"], case["history_in"], **greedy24("chatglm2-tiny")))
+def test_chatglm2_stream_chat(name, turn):
+    model, tokenizer = loaded(name)
+    case = chat_case(name)["stream_chat"][turn]
+    items = list(model.stream_chat(tokenizer, case["query"], case["history_in"], **greedy24(name)))
     assert dedup([r for r, _ in items]) == dedup(case["stream"])
     assert as_lists(items[-1][1]) == case["history_out"]
 
 
+@pytest.mark.parametrize("name", CHATGLM2)
 @pytest.mark.slow
-def test_chatglm2_stream_chat_with_past():
-    model, tokenizer = loaded("chatglm2-tiny")
+def test_chatglm2_stream_chat_with_past(name):
+    model, tokenizer = loaded(name)
     past = None
-    for case in chat_case("chatglm2-tiny")["stream_chat_with_past"]:
+    for case in chat_case(name)["stream_chat_with_past"]:
         items = list(model.stream_chat(tokenizer, case["query"], case["history_in"], past_key_values=past,
-                                       return_past_key_values=True, **greedy24("chatglm2-tiny")))
-        assert dedup([r for r, _, _ in items]) == dedup(case["stream"])
-        assert as_lists(items[-1][1]) == case["history_out"]
+                                       return_past_key_values=True, **greedy24(name)))
+        ours, ref = dedup([r for r, _, _ in items]), dedup(case["stream"])
+        # Spec section 9: a reply that ends (on length) in an incomplete character is never yielded by the
+        # reference, whose last text and cache are then one token short; our last text is the chat() reply.
+        held_back = ours[-1].endswith("\ufffd") and ours[:-1] == ref
+        assert ours == ref or held_back
+        assert as_lists(items[-1 - held_back][1]) == case["history_out"]
         past = items[-1][2]
-        assert past[0][0].shape[0] == case["past_len_after"]
+        assert past[0][0].shape[0] == case["past_len_after"] + held_back
 
 
 @pytest.mark.slow

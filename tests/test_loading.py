@@ -167,7 +167,7 @@ def test_a_file_that_cannot_be_mapped_is_read(tmp_path, reference, monkeypatch):
     assert torch.equal(logits_of(again, tok), expected)
 
 
-@pytest.mark.parametrize("flag,value", [("pre_seq_len", 128), ("rmsnorm", False), ("fp32_residual_connection", True),
+@pytest.mark.parametrize("flag,value", [("pre_seq_len", -1), ("rmsnorm", False), ("fp32_residual_connection", True),
                                         ("quantization_bit", 3), ("multi_query_group_num", 3)])
 def test_unsupported_flags_are_named(flag, value):
     d = json.load(open(os.path.join(model_dir("chatglm2-tiny"), "config.json")))

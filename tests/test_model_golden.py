@@ -3,14 +3,15 @@
 import pytest
 import torch
 
-from conftest import FLOAT_MODELS, QUANTIZED_MODELS, golden_case, golden_tensors, loaded
+from conftest import FLOAT_MODELS, PTUNING_MODELS, QUANTIZED_MODELS, golden_case, golden_tensors, loaded
 
-MODELS = FLOAT_MODELS + QUANTIZED_MODELS  # quantized ones on the reference path: q * scale in float32
+# quantized ones on the reference path: q * scale in float32; P-Tuning ones: the prefix counts in the cache shape
+MODELS = FLOAT_MODELS + QUANTIZED_MODELS + PTUNING_MODELS
 
 ATOL = 1e-4
 # CHATGLM_FORCE_GPU_PATHS: the float models also through the attention branches of CUDA (K/V expanded for the
 # memory-efficient kernel) and MPS (K/V expanded, explicit causal mask), at the same tolerance
-PATHS = {name: ["cpu", "cuda", "mps"] if name in FLOAT_MODELS else ["cpu"] for name in MODELS}
+PATHS = {name: ["cpu", "cuda", "mps"] if name in FLOAT_MODELS + PTUNING_MODELS else ["cpu"] for name in MODELS}
 
 
 def cases(name):
