@@ -4,7 +4,7 @@ fails here as it would on a GPU. Every family, the int4 / int8 checkpoints, half
 the branches of CUDA and of MPS (CHATGLM_FORCE_GPU_PATHS applies to meta tensors too).
 
 What cannot run on meta, since it needs values: reading a sampled id as a Python int (stream_ids, the engine's
-sample(), stopping on a stop id), a seeded generator (torch has none for meta), ChatGLM-6B's prompt positions
+choose_rows(), stopping on a stop id), a seeded generator (torch has none for meta), ChatGLM-6B's prompt positions
 (computed on the host from the ids; here on the CPU, then moved).
 """
 
@@ -154,7 +154,8 @@ def test_seeded_sampling_cannot_run_on_meta():
 def test_engine_batch_operations(monkeypatch, path, name):
     """Prefill into a row, a long prompt read in chunks into its own cache and adopted, batched decode steps
     with per-row masks, rows leaving: all on meta. Sampling is replaced by a fixed id (it yields a Python int)."""
-    from model.engine import Engine, GenerationRequest, _Sequence
+    import model.engine as engine_module
+    from model.engine import Engine, GenerationRequest
     from model.generation import SamplingParams
 
     model, tokenizer = on_meta(name, "float16")
@@ -163,11 +164,11 @@ def test_engine_batch_operations(monkeypatch, path, name):
                     "anything from the ids' values; test_prefill_then_decode and test_padded_batch cover it")
     seen = []
 
-    def sample(self, logits):
+    def choose_rows(samplers, logits):  # the step's sampling: one fixed id per row
         seen.append(logits.device)
-        return 100
+        return [100] * len(samplers)
 
-    monkeypatch.setattr(_Sequence, "sample", sample)
+    monkeypatch.setattr(engine_module, "choose_rows", choose_rows)
     engine = Engine(model, tokenizer, max_queue=8, max_batch=4, prefill_chunk=4)
     try:
         stops = tuple(tokenizer.reply_stop_ids())
