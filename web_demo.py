@@ -102,14 +102,15 @@ def create_demo(service):
         yield history, gr.skip()
         yield from bot(history, system, max_length, top_p, temperature, request)
 
-    name = service.model_name
+    name, caps = service.model_name, service.capabilities
+    context = service.context_length or 32768  # a remote server may not say
     with gr.Blocks(title=f"ChatGLM — {name}") as demo:
-        gr.HTML(f'<h1 align="center">{html.escape(service.capabilities.display_name)}</h1>'
+        gr.HTML(f'<h1 align="center">{html.escape(caps.display_name)}</h1>'
                 f'<p align="center">{html.escape(name)}</p>')
         chatbot = gr.Chatbot(label="Chat", latex_delimiters=LATEX, height=480, elem_id="chatbot")
         with gr.Row():
             with gr.Column(scale=4):
-                system = gr.Textbox(label="System prompt", lines=1, visible=service.capabilities.has_system_role, elem_id="system")
+                system = gr.Textbox(label="System prompt", lines=1, visible=caps.has_system_role, elem_id="system")
                 user_input = gr.Textbox(show_label=False, placeholder="Input...", lines=4, elem_id="user-input")
                 with gr.Row():
                     submit_btn = gr.Button("Submit", variant="primary", elem_id="submit")
@@ -117,11 +118,12 @@ def create_demo(service):
                     regen_btn = gr.Button("Regenerate", elem_id="regenerate")
             with gr.Column(scale=1):
                 clear_btn = gr.Button("Clear History", elem_id="clear")
-                max_length = gr.Slider(0, 32768, value=8192, step=1.0, label="Maximum length", interactive=True,
-                                       elem_id="max-length")
-                top_p = gr.Slider(0, 1, value=0.8, step=0.01, label="Top P", interactive=True)
-                temperature = gr.Slider(0, 1, value=0.95, step=0.01, label="Temperature", interactive=True,
-                                        elem_id="temperature")
+                # the sliders start at the family's own defaults (formats.py), as every other front end samples
+                max_length = gr.Slider(0, context, value=min(8192, context), step=1.0, label="Maximum length",
+                                       interactive=True, elem_id="max-length")
+                top_p = gr.Slider(0, 1, value=caps.top_p, step=0.01, label="Top P", interactive=True)
+                temperature = gr.Slider(0, 1, value=caps.temperature, step=0.01, label="Temperature",
+                                        interactive=True, elem_id="temperature")
         settings = [chatbot, system, max_length, top_p, temperature]
         sent = submit_btn.click(add_user, [user_input, chatbot], [user_input, chatbot], queue=False)
         replied = [chatbot, user_input]

@@ -239,9 +239,11 @@ def main(service_for=None) -> None:
 
     with st.sidebar:
         st.markdown(f"**{html.escape(service.capabilities.display_name)}** · {html.escape(service.model_name)}")
-        max_length = st.slider("max_length", 0, 32768, 8192, step=1)
-        top_p = st.slider("top_p", 0.0, 1.0, 0.8, step=0.01)
-        temperature = st.slider("temperature", 0.0, 1.0, 0.95, step=0.01)
+        context = service.context_length or 32768  # a remote server may not say
+        max_length = st.slider("max_length", 0, context, min(8192, context), step=1)
+        # the family's own defaults (formats.py), as every other front end samples
+        top_p = st.slider("top_p", 0.0, 1.0, float(service.capabilities.top_p), step=0.01)
+        temperature = st.slider("temperature", 0.0, 1.0, float(service.capabilities.temperature), step=0.01)
         system = st.text_input("system prompt") if service.capabilities.has_system_role else ""
         if st.button("Clear history", key="clear"):
             state.history = []

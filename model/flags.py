@@ -78,6 +78,16 @@ def device_name(text: str) -> str:
 DEFAULT_MODEL = "THUDM/chatglm2-6b"
 
 
+def _env_int(name: str) -> int | None:
+    """An integer environment variable (None when unset); a bad value is reported as the flag's would be."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise SystemExit(f"error: {name}={value!r}: expected a positive integer")
+    return int(value)
+
+
 def build_parser(description: str, *, server: bool = False, web: bool = False, engine: bool = False,
                  sampling: bool = False, port: int = 8000, prog: str | None = None,
                  max_new_tokens: int | None = None) -> argparse.ArgumentParser:
@@ -104,6 +114,10 @@ def build_parser(description: str, *, server: bool = False, web: bool = False, e
                     help="where to run (auto: CUDA, then MPS, then CPU)")
     ap.add_argument("--dtype", default="auto", type=dtype_name, help="auto, bfloat16, float16 or float32")
     ap.add_argument("--num-gpus", type=positive, default=1, help="split the layers over this many GPUs (>= 1)")
+    ap.add_argument("--ptuning-checkpoint", default=os.environ.get("CHECKPOINT_PATH") or None, metavar="DIR",
+                    help="a P-Tuning v2 checkpoint folder whose prefix every prompt gets (env CHECKPOINT_PATH)")
+    ap.add_argument("--pre-seq-len", type=positive, default=_env_int("PRE_SEQ_LEN"), metavar="N",
+                    help="the prefix length, when the checkpoint folder does not say (env PRE_SEQ_LEN)")
     if server or web:
         ap.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: everyone)")
@@ -177,8 +191,9 @@ def load_from_args(args):
 
         device_map = device_map_for(args.model, args.num_gpus) if args.num_gpus > 1 else None
         return load_model(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
-                          device_map=device_map)
-    except (ModelNotFoundError, CheckpointError, DeviceUnavailableError, FileNotFoundError, RuntimeError) as e:
+                          device_map=device_map, ptuning=args.ptuning_checkpoint, pre_seq_len=args.pre_seq_len)
+    except (ModelNotFoundError, CheckpointError, DeviceUnavailableError, FileNotFoundError, RuntimeError,
+            ValueError) as e:  # ValueError: flags that do not fit together (e.g. --pre-seq-len alone)
         raise ModelLoadError(" ".join(str(e).split())) from e  # one line, whatever the message holds
 
 

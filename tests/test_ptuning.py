@@ -216,3 +216,38 @@ def test_chatglm1_refuses_a_prefix_by_name():
     """ChatGLM-6B's prefix (its own encoder shapes and mask) is not implemented: refused, not ignored."""
     with pytest.raises(UnsupportedConfigError, match="pre_seq_len"):
         load_model(model_dir("chatglm1-tiny"), ptuning=CKPT, device="cpu")
+
+
+# ---- every script: --ptuning-checkpoint / --pre-seq-len (env CHECKPOINT_PATH / PRE_SEQ_LEN) -----------------
+def test_the_scripts_flags_load_the_prefix(monkeypatch):
+    from model.flags import ModelLoadError, build_parser, load_from_args
+
+    args = build_parser("t").parse_args(["--model", BASE, "--device", "cpu", "--dtype", "float32",
+                                         "--ptuning-checkpoint", CKPT])
+    model, _ = load_from_args(args)
+    assert model.config.pre_seq_len == 4
+    monkeypatch.setenv("CHECKPOINT_PATH", CKPT)
+    monkeypatch.setenv("PRE_SEQ_LEN", "4")
+    args = build_parser("t").parse_args(["--model", BASE, "--device", "cpu", "--dtype", "float32"])
+    assert (args.ptuning_checkpoint, args.pre_seq_len) == (CKPT, 4)
+    monkeypatch.delenv("CHECKPOINT_PATH")
+    args = build_parser("t").parse_args(["--model", BASE, "--device", "cpu"])
+    with pytest.raises(ModelLoadError, match="pre_seq_len"):  # a length without a checkpoint: what to do
+        load_from_args(args)
+
+
+@pytest.mark.slow
+def test_openai_api_serves_the_prefixed_model():
+    import httpx
+
+    from serving import ServerProcess
+
+    model, tok = load_model(BASE, ptuning=CKPT, device="cpu", dtype="float32")
+    expected = model.chat(tok, "你好", do_sample=False, max_new_tokens=12)[0]
+    with ServerProcess("openai_api.py", BASE, "--ptuning-checkpoint", CKPT) as server:
+        r = httpx.post(f"{server.url}/v1/chat/completions", timeout=120,
+                       json={"messages": [{"role": "user", "content": "你好"}], "temperature": 0, "max_tokens": 12})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == expected
+    assert expected != loaded("chatglm2-tiny")[0].chat(loaded("chatglm2-tiny")[1], "你好", do_sample=False,
+                                                       max_new_tokens=12)[0]  # the prefix changes the reply
