@@ -19,6 +19,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from
 # the browser. Updates closer together than this are merged (a slow model still shows every token at once).
 UPDATE_INTERVAL_S = 0.05
 
+CLICKED = "performance.timeOrigin + performance.now()"  # the page's clock, finer than a millisecond
+
 LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False},
          {"left": "\\(", "right": "\\)", "display": False}, {"left": "\\[", "right": "\\]", "display": True}]
 
@@ -47,22 +49,32 @@ def create_demo(service):
     from model.service import ServiceBusy, ServiceUnavailable
 
     active = {}  # browser session -> the Reply being written for it
+    # browser session -> when (the page's clock, ms) its last Stop / Clear was clicked. A reply asked for before
+    # that (Regenerate then Clear at once, the reply's queued event not yet started) must not start afterwards.
+    stopped_at: dict[str, float] = {}
 
-    def cancel_reply(request: gr.Request):
+    def cancel_reply(clicked_at: float | None, request: gr.Request):
+        if clicked_at is not None:
+            stopped_at[request.session_hash] = max(clicked_at, stopped_at.get(request.session_hash, clicked_at))
         reply = active.pop(request.session_hash, None)
         if reply is not None:
             reply.cancel()
+
+    def overtaken(clicked_at: float | None, request: gr.Request) -> bool:
+        """Whether a Stop / Clear was clicked after the click that asked for this reply."""
+        return clicked_at is not None and clicked_at <= stopped_at.get(request.session_hash, float("-inf"))
 
     def add_user(message: str, history: list):
         if not message.strip():
             return message, history  # nothing to send: keep the box as it is
         return "", history + [{"role": "user", "content": clean_text(message)}]  # JSON cannot carry a lone surrogate
 
-    def bot(history: list, system: str, max_length: int, top_p: float, temperature: float, request: gr.Request):
+    def bot(history: list, system: str, max_length: int, top_p: float, temperature: float,
+            clicked_at: float | None, request: gr.Request):
         """(chat, input box) updates as the reply grows; on an error the unanswered message goes back to the box."""
-        if not history or history[-1]["role"] != "user":
+        if not history or history[-1]["role"] != "user" or overtaken(clicked_at, request):
             return
-        cancel_reply(request)  # one reply at a time per session
+        cancel_reply(None, request)  # one reply at a time per session (not a Stop: no time to record)
         mine = Reply()
         active[request.session_hash] = mine
         try:
@@ -96,11 +108,13 @@ def create_demo(service):
                 del active[request.session_hash]  # finished: nothing left to stop
 
     def regenerate(history: list, system: str, max_length: int, top_p: float, temperature: float,
-                   request: gr.Request):
+                   clicked_at: float | None, request: gr.Request):
+        if overtaken(clicked_at, request):
+            return
         while history and history[-1]["role"] == "assistant":
             history = history[:-1]
         yield history, gr.skip()
-        yield from bot(history, system, max_length, top_p, temperature, request)
+        yield from bot(history, system, max_length, top_p, temperature, clicked_at, request)
 
     name, caps = service.model_name, service.capabilities
     context = service.context_length or 32768  # a remote server may not say
@@ -124,22 +138,27 @@ def create_demo(service):
                 top_p = gr.Slider(0, 1, value=caps.top_p, step=0.01, label="Top P", interactive=True)
                 temperature = gr.Slider(0, 1, value=caps.temperature, step=0.01, label="Temperature",
                                         interactive=True, elem_id="temperature")
-        settings = [chatbot, system, max_length, top_p, temperature]
+        # when the page asked (its clock, set by CLICKED below), so a later Stop / Clear wins however events queue
+        clicked_at = gr.Number(value=None, visible=False)
+        settings = [chatbot, system, max_length, top_p, temperature, clicked_at]
+        stamp = f"(...values) => [...values.slice(0, {len(settings) - 1}), {CLICKED}]"  # the inputs, time added
         sent = submit_btn.click(add_user, [user_input, chatbot], [user_input, chatbot], queue=False)
         replied = [chatbot, user_input]
-        sent_reply = sent.then(bot, settings, replied)
+        sent_reply = sent.then(bot, settings, replied, js=stamp)
         entered = user_input.submit(add_user, [user_input, chatbot], [user_input, chatbot], queue=False)
-        entered_reply = entered.then(bot, settings, replied)
+        entered_reply = entered.then(bot, settings, replied, js=stamp)
         # One queued event for Regenerate, so Clear or Stop can never fall between dropping the reply and
         # starting the new one.
-        regen_reply = regen_btn.click(regenerate, settings, replied)
+        regen_reply = regen_btn.click(regenerate, settings, replied, js=stamp)
         replies = [sent_reply, entered_reply, regen_reply]
         # Stop and Clear end the generation in the service and cancel the Gradio event streaming it.
-        stop_btn.click(cancel_reply, None, None, cancels=replies, queue=False)
+        now = f"() => [{CLICKED}]"
+        stop_btn.click(cancel_reply, [clicked_at], None, cancels=replies, queue=False, js=now)
         # Clear first ends the reply (as Stop does), then empties the chat in a queued step: that step's result
         # travels on the same ordered stream as the reply's updates, after any already on their way, so a late
         # update cannot bring the history back.
-        clear_btn.click(cancel_reply, None, None, cancels=replies, queue=False).then(lambda: [], None, chatbot)
+        clear_btn.click(cancel_reply, [clicked_at], None, cancels=replies, queue=False, js=now).then(
+            lambda: [], None, chatbot)
     demo.queue(default_concurrency_limit=service.max_queue)
     return demo
 

@@ -235,3 +235,32 @@ def test_uploads_are_refused_without_login_too(web):
     upload = httpx.post(f"{web.url}/gradio_api/upload", files={"files": ("a.txt", b"x" * 100)}, timeout=30)
     assert upload.status_code == 413, upload.text
 
+
+
+def test_a_reply_asked_for_before_stop_or_clear_never_starts_after_them(v3_dir):
+    """Regenerate then Clear at once: when the reply's queued event only starts after Clear (a busy server), it
+    must not put the conversation back. Each click carries the page's time; Stop / Clear win over earlier asks."""
+    from types import SimpleNamespace
+
+    import web_demo
+    from model import load_model
+    from model.service import LocalService
+    from scripted_demo import ScriptedEngine
+
+    engine = ScriptedEngine(load_model(v3_dir, device="cpu", dtype="float32")[1])
+    submitted = []
+    submit = engine.submit
+    engine.submit = lambda request, loop=None: submitted.append(request) or submit(request, loop)
+    demo = web_demo.create_demo(LocalService(engine))
+    fns = {f.name: f.fn for f in demo.fns.values() if f.name in ("bot", "regenerate", "cancel_reply")}
+    session = SimpleNamespace(session_hash="s1")
+    history = [{"role": "user", "content": say("hello")}, {"role": "assistant", "content": "hello"}]
+    fns["cancel_reply"](2000.5, session)  # Clear clicked at 2000.5 ms ...
+    assert list(fns["regenerate"](history, "", 8192, 0.8, 0.8, 2000.4, session)) == []  # ... after this ask
+    assert list(fns["bot"](history[:1], "", 8192, 0.8, 0.8, 1999.0, session)) == []
+    assert submitted == []  # nothing was generated for them
+    other = SimpleNamespace(session_hash="s2")  # another browser's Clear does not matter
+    *_, (chat, _) = fns["regenerate"](history, "", 8192, 0.8, 0.8, 2000.4, other)
+    assert chat[-1] == {"role": "assistant", "content": "hello"} and len(submitted) == 1
+    *_, (chat, _) = fns["regenerate"](history, "", 8192, 0.8, 0.8, 2000.6, session)  # asked after the Clear
+    assert chat[-1] == {"role": "assistant", "content": "hello"} and len(submitted) == 2
