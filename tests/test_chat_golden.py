@@ -58,8 +58,8 @@ def test_chatglm2_stream_chat_with_past(name):
         ours, ref = dedup([r for r, _, _ in items]), dedup(case["stream"])
         # Spec section 9: a reply that ends (on length) in an incomplete character is never yielded by the
         # reference, whose last text and cache are then one token short; our last text is the chat() reply.
-        held_back = ours[-1].endswith("\ufffd") and ours[:-1] == ref
-        assert ours == ref or held_back
+        held_back = name in PTUNING_MODELS and ours[-1].endswith("\ufffd") and ours[:-1] == ref
+        assert ours == ref or held_back  # (the base model's case has no such ending: exact as before)
         assert as_lists(items[-1 - held_back][1]) == case["history_out"]
         past = items[-1][2]
         assert past[0][0].shape[0] == case["past_len_after"] + held_back
