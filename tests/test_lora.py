@@ -2,7 +2,7 @@
 saved with its save_pretrained, and loaded with load_model(base, adapter=DIR), which merges them into the weights.
 The merged weights are PEFT's merge_and_unload() to the bit and the logits the PEFT model's (float32 rounding,
 1e-5 of their size); quantize= quantizes the merged weights;
-what the merge cannot reproduce is refused, naming the file."""
+--adapter loads the same model in every script; what the merge cannot reproduce is refused, naming the file."""
 
 import datetime
 import json
@@ -14,6 +14,7 @@ import torch
 
 from conftest import golden_case, loaded, model_dir
 from model import load_model
+from model.flags import ModelLoadError, build_parser, load_from_args
 from model.hub import CheckpointError
 
 peft = pytest.importorskip("peft")
@@ -161,6 +162,21 @@ def test_quantize_quantizes_the_merged_weights(bits, adapters):
     assert error < (0.05 if bits == 8 else 0.5) and (bits == 4 or error < effect / 4), (error, effect)
     out = model.generate(**tokenizer(TEXTS[:1], return_tensors="pt"), max_new_tokens=4)
     assert out.shape[1] > 0
+
+
+def test_the_flag_loads_the_same_model(adapters):
+    name = "chatglm3-tiny"
+    directory, expected = adapters(name)
+    args = build_parser("test").parse_args(["--model", model_dir(name), "--adapter", directory, "--device", "cpu",
+                                            "--dtype", "float32"])
+    assert args.adapter == directory
+    model, tokenizer = load_from_args(args)
+    assert_same_as_peft(model, tokenizer, name, expected)
+    assert build_parser("test").parse_args([]).adapter is None
+    args = build_parser("test").parse_args(["--model", model_dir(name), "--adapter", "/nonexistent/adapter",
+                                            "--device", "cpu"])
+    with pytest.raises(ModelLoadError, match="LoRA adapter /nonexistent/adapter is not a directory"):
+        load_from_args(args)
 
 
 def _renamed(old, new):
