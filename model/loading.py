@@ -361,7 +361,7 @@ def load_weights(name_or_path: str, model_class_for: ModelClassFor, device=None,
     model = build_empty_model(config, model_class_for(config))
     if adapter is not None:
         adapter.attach(model)  # its modules and shapes checked before any weight is read
-    merge_now = adapter.merges if adapter is not None else {}
+    merge_now = adapter.changes if adapter is not None else set()
     if device_map is not None:
         device_map = clean_device_map(device_map, model)
         device = as_torch_device(device_for(embedding_module(config) + ".weight", device_map))
@@ -400,7 +400,7 @@ def load_weights(name_or_path: str, model_class_for: ModelClassFor, device=None,
                 continue
             target = device if device_map is None else as_torch_device(device_for(name, device_map))
             if name in merge_now:
-                tensor = adapter.merge(name, tensor.to(target), dtype)
+                tensor = adapter.apply(name, tensor.to(target), dtype)
             if name in quantize_now:
                 # on the target device (a GPU does it in a moment), the same result as quantize() after loading
                 q, scale = quantize_weight(tensor.to(device=target, dtype=dtype), bits)

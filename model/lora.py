@@ -6,8 +6,9 @@ adapter_model.safetensors (or adapter_model.bin). Its tensors are named after th
 the original's names here (query_key_value, dense, dense_h_to_4h, dense_4h_to_h), so `<module>` is the name of
 one of our linears. Merging gives each such linear W + (lora_B @ lora_A) * scaling, with scaling = lora_alpha / r
 (lora_alpha / sqrt(r) with use_rslora; both per module with rank_pattern / alpha_pattern), the sum in float32,
-as PEFT's merge_and_unload computes it; the loader (model/loading.py) casts the result to the model's dtype and
-then quantizes it when asked.
+as PEFT's merge_and_unload computes it. An adapter trained with bias "lora_only" or "all" also holds the trained
+biases (`<module>.base_layer.bias`, or `<module>.bias` outside the adapted linears), which replace the base
+model's. The loader (model/loading.py) casts the result to the model's dtype and then quantizes it when asked.
 
 This module reads the config and checks the tensors; the loader reads the files (read_weights) and hands them in,
 so this module needs nothing from it."""
@@ -32,6 +33,7 @@ PEFT_PREFIX = "base_model.model."
 # lora_A / lora_B of one module; an adapter name between them and `weight` is what PEFT keeps in memory
 # (`lora_A.default.weight`), not what it saves, but a state dict taken by hand has it
 LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
+BIAS_KEY = re.compile(r"^(?P<module>.+?)(?:\.base_layer)?\.bias$")
 
 # adapter_config.json entries that change nothing once the adapter is trained (or are checked on their own below);
 # every other entry must be unset (null, false, empty), else the adapter is refused: it computes something this
@@ -56,7 +58,8 @@ REFUSED_WHY = {
 
 
 class LoraAdapter:
-    """A PEFT LoRA adapter: its settings and, per weight of ours it changes, the (lora_A, lora_B, scaling) to add.
+    """A PEFT LoRA adapter: its settings and, per parameter of ours it changes, the (lora_A, lora_B, scaling) to
+    add to a weight or the trained bias to put in place of one (see attach and apply).
 
     config: adapter_config.json as a dict; tensors: (name, tensor) of the weight file `filename`. CheckpointError
     naming the file for anything this merge cannot reproduce exactly."""
@@ -74,9 +77,9 @@ class LoraAdapter:
             why = REFUSED_WHY.get(key, f"{key} is a PEFT option this loader does not reproduce")
             raise CheckpointError(f"{config_file} sets {key}={value!r}: not supported ({why}); merge it with PEFT "
                                   f"(merge_and_unload) and load the merged checkpoint instead")
-        if config.get("bias", "none") != "none":
-            raise CheckpointError(f"{config_file} sets bias={config['bias']!r}: not supported (the adapter then "
-                                  f"carries trained biases); only bias \"none\" adapters can be merged")
+        trained_biases = config.get("bias", "none")
+        if trained_biases not in ("none", "lora_only", "all"):
+            raise CheckpointError(f"{config_file} sets bias={trained_biases!r}; PEFT knows none, lora_only and all")
         try:
             self.r, self.alpha = int(config["r"]), float(config["lora_alpha"])
         except (KeyError, TypeError, ValueError) as e:
@@ -90,13 +93,17 @@ class LoraAdapter:
             logger.warning("%s: fan_in_fan_out is true, but ChatGLM's linears are nn.Linear, for which PEFT "
                            "ignores it; merging as PEFT does", config_file)
         parts: dict[str, dict[str, torch.Tensor]] = {}
+        self.biases: dict[str, torch.Tensor] = {}  # module -> its trained bias
         for key, tensor in tensors:
-            match = LORA_KEY.match(key)
-            if match is None:
+            match, bias = LORA_KEY.match(key), BIAS_KEY.match(key)
+            if match is not None:
+                parts.setdefault(match["module"].removeprefix(PEFT_PREFIX), {})[match["part"]] = tensor
+            elif bias is not None and trained_biases != "none":
+                self.biases[bias["module"].removeprefix(PEFT_PREFIX)] = tensor
+            else:
                 raise CheckpointError(f"{filename}: tensor {key} is not a LoRA lora_A / lora_B weight (embedding "
-                                      f"LoRA, trained biases and whole modules are not supported)")
-            module = match["module"].removeprefix(PEFT_PREFIX)
-            parts.setdefault(module, {})[match["part"]] = tensor
+                                      f"LoRA and whole modules are not supported; biases only with bias "
+                                      f"lora_only / all)")
         if not parts:
             raise CheckpointError(f"{filename} holds no LoRA weights (lora_A / lora_B)")
         self.modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}  # module -> (A, B, scaling)
@@ -106,6 +113,8 @@ class LoraAdapter:
                 raise CheckpointError(f"{filename}: {module} has no {missing}.weight; the adapter file is incomplete")
             self.modules[module] = (ab["A"], ab["B"], self._scaling(module, ab["A"], ab["B"]))
         self.merges: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}  # our weight name -> (A, B, scaling)
+        self.replaces: dict[str, torch.Tensor] = {}  # our bias name -> the trained bias
+        self.changes: set[str] = set()  # the names of both
 
     def _scaling(self, module: str, a: torch.Tensor, b: torch.Tensor) -> float:
         """lora_alpha / r of the module (rank_pattern / alpha_pattern matched as PEFT does), after checking that
@@ -119,15 +128,10 @@ class LoraAdapter:
 
     def attach(self, model: nn.Module) -> None:
         """Find each adapted module in `model` (built, not loaded: the meta device will do) and check the shapes;
-        CheckpointError naming the file otherwise. Afterwards `merges` maps our weight names to their update."""
-        merges = {}
+        CheckpointError naming the file otherwise. Afterwards `changes` names the parameters apply() changes."""
+        merges, replaces = {}, {}
         for module, (a, b, scaling) in self.modules.items():
-            linear = _find_linear(model, module)
-            if linear is None:
-                raise CheckpointError(f"{self.filename}: {module} matches no linear of this "
-                                      f"{model.config.family} model (expected names like "
-                                      f"{_example(model)}); the adapter belongs to another model")
-            name, target = linear
+            name, target = self._find(model, module)
             out_features, in_features = target.out_features, target.in_features
             if a.shape[1] != in_features or b.shape[0] != out_features:
                 raise CheckpointError(
@@ -135,13 +139,37 @@ class LoraAdapter:
                     f"base model's {name} is {in_features} -> {out_features} (lora_A needs (r, {in_features}), "
                     f"lora_B ({out_features}, r)); the adapter was trained on another base model")
             merges[name + ".weight"] = (a, b, scaling)
-        self.merges = merges
+        for module, bias in self.biases.items():  # of linears, or with bias "all" of any module (a LayerNorm)
+            name, target = self._find(model, module, linear=False)
+            if getattr(target, "bias", None) is None or tuple(target.bias.shape) != tuple(bias.shape):
+                has = "no bias" if target.bias is None else f"a bias of shape {tuple(target.bias.shape)}"
+                raise CheckpointError(f"{self.filename}: {module} has a trained bias of shape {tuple(bias.shape)}, "
+                                      f"but the base model's {name} has {has}; the adapter belongs to another model")
+            replaces[name + ".bias"] = bias
+        self.merges, self.replaces = merges, replaces
+        self.changes = set(merges) | set(replaces)
 
-    def merge(self, name: str, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """weight `name` with its update added: W + (lora_B @ lora_A) * scaling in float32, on weight's device,
-        cast to dtype."""
+    def _find(self, model: nn.Module, module: str, linear: bool = True) -> tuple[str, nn.Module]:
+        """(name, module) of the module the adapter's name means in `model`: the name as saved from the whole
+        model (transformer....), or from its transformer alone; a linear unless linear=False."""
+        for name in (module, f"{model.base_model_prefix}.{module}"):
+            try:
+                target = model.get_submodule(name)
+            except AttributeError:
+                continue
+            if not linear or (hasattr(target, "in_features") and hasattr(target, "out_features")):
+                return name, target  # nn.Linear or QuantizedLinear
+        raise CheckpointError(f"{self.filename}: {module} matches no {'linear' if linear else 'module'} of this "
+                              f"{model.config.family} model (expected names like {_example(model)}); the adapter "
+                              f"belongs to another model")
+
+    def apply(self, name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Parameter `name` (one of `changes`) as the adapter makes it, on tensor's device, in dtype: a weight
+        with its update added, W + (lora_B @ lora_A) * scaling in float32; a bias replaced by the trained one."""
+        if name in self.replaces:
+            return self.replaces[name].to(device=tensor.device, dtype=dtype)
         a, b, scaling = self.merges[name]
-        merged = weight.to(torch.float32)
+        merged = tensor.to(torch.float32)
         delta = (b.to(merged.device, torch.float32) @ a.to(merged.device, torch.float32)) * scaling
         return (merged + delta).to(dtype)
 
@@ -152,19 +180,6 @@ def _pattern_key(patterns: dict, module: str) -> str:
         if re.match(rf"(.*\.)?({key})$", module):
             return key
     return module
-
-
-def _find_linear(model: nn.Module, module: str):
-    """(name, module) of the linear `module` names: the name as saved from the whole model (transformer....),
-    or from its transformer alone; None when there is no such linear."""
-    for name in (module, f"{model.base_model_prefix}.{module}"):
-        try:
-            target = model.get_submodule(name)
-        except AttributeError:
-            continue
-        if hasattr(target, "in_features") and hasattr(target, "out_features"):  # nn.Linear or QuantizedLinear
-            return name, target
-    return None
 
 
 def _example(model: nn.Module) -> str:

@@ -43,10 +43,12 @@ def make_adapter(name, directory, safe_serialization=True, **settings):
     config = peft.LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": TARGETS, "init_lora_weights": False,
                                 **settings})
     peft_model = peft.get_peft_model(model, config)
-    with torch.no_grad():  # PEFT's random lora_B / 10: an update of a trained adapter's size
+    with torch.no_grad():  # PEFT's random lora_B / 10: an update of a trained adapter's size; biases "trained"
         for param_name, param in peft_model.named_parameters():
             if "lora_B" in param_name:
                 param.mul_(0.1)
+            elif param.requires_grad and param_name.endswith(".bias"):
+                param.add_(torch.randn_like(param) * 0.1)
     peft_model.save_pretrained(directory, safe_serialization=safe_serialization)
     expected = logits(peft_model.eval(), golden_prompt(tokenizer, name))
     return expected, dict(peft_model.merge_and_unload().named_parameters())
@@ -117,6 +119,20 @@ def test_rslora_rank_and_alpha_patterns_and_bin_file(tmp_path):
     assert "adapter_model.bin" in os.listdir(directory)
     model, tokenizer = load_model(model_dir(name), adapter=directory, device="cpu", dtype="float32")
     assert_same_as_peft(model, tokenizer, name, expected)
+
+
+@pytest.mark.parametrize("name,bias", [("chatglm1-tiny", "all"), ("chatglm2-tiny", "lora_only"),
+                                       ("chatglm3-tiny", "all")])
+def test_trained_biases_replace_the_base_models(name, bias, tmp_path):
+    """bias lora_only: the adapted linears' biases are trained and saved (as <module>.base_layer.bias); all:
+    every bias (ChatGLM-6B's LayerNorms' too, as <module>.bias)."""
+    directory = str(tmp_path / bias)
+    expected = make_adapter(name, directory, bias=bias)
+    model, tokenizer = load_model(model_dir(name), adapter=directory, device="cpu", dtype="float32")
+    assert_same_as_peft(model, tokenizer, name, expected)
+    base = dict(loaded(name)[0].named_parameters())
+    changed = {n for n, p in model.named_parameters() if n.endswith(".bias") and not torch.equal(p, base[n])}
+    assert changed and any("layernorm" in n for n in changed) == (name == "chatglm1-tiny")
 
 
 def test_fan_in_fan_out_is_ignored_for_linears_as_peft_does(tmp_path, adapters):
@@ -194,7 +210,11 @@ ERRORS = {
     "other_peft_type": ({"peft_type": "IA3"}, None, r"adapter_config.json: peft_type is 'IA3'; only LoRA"),
     "dora": ({"use_dora": True}, None, r"adapter_config.json sets use_dora=True: not supported \(DoRA"),
     "modules_to_save": ({"modules_to_save": ["output_layer"]}, None, r"sets modules_to_save=\['output_layer'\]"),
-    "bias": ({"bias": "lora_only"}, None, r"sets bias='lora_only': not supported"),
+    "bias": ({"bias": "some"}, None, r"adapter_config.json sets bias='some'; PEFT knows none, lora_only and all"),
+    "bias_shape": ({"bias": "lora_only"}, lambda t: {**t, "base_model.model.transformer.encoder.layers.0."
+                                                          "self_attention.dense.base_layer.bias": torch.zeros(64)},
+                   r"self_attention.dense has a trained bias of shape \(64,\), but the base model's "
+                   r"transformer.encoder.layers.0.self_attention.dense has no bias"),
     "unknown_option": ({"some_new_option": {"x": 1}}, None, r"sets some_new_option=.*not supported"),
     "no_module": (None, _renamed("layers.1.", "layers.7."),
                   r"adapter_model.safetensors: transformer.encoder.layers.7.mlp.dense_4h_to_h matches no linear"),
