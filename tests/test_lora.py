@@ -195,6 +195,25 @@ def test_the_flag_loads_the_same_model(adapters):
         load_from_args(args)
 
 
+@pytest.mark.slow
+def test_openai_api_serves_the_merged_model(adapters):
+    import httpx
+
+    from serving import ServerProcess
+
+    name = "chatglm2-tiny"
+    directory, _ = adapters(name)
+    model, tokenizer = load_model(model_dir(name), adapter=directory, device="cpu", dtype="float32")
+    expected = model.chat(tokenizer, "你好", do_sample=False, max_new_tokens=12)[0]
+    base, base_tokenizer = loaded(name)
+    assert expected != base.chat(base_tokenizer, "你好", do_sample=False, max_new_tokens=12)[0]  # the adapter shows
+    with ServerProcess("openai_api.py", model_dir(name), "--adapter", directory) as server:
+        r = httpx.post(f"{server.url}/v1/chat/completions", timeout=120,
+                       json={"messages": [{"role": "user", "content": "你好"}], "temperature": 0, "max_tokens": 12})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == expected
+
+
 def _renamed(old, new):
     return lambda tensors: {k.replace(old, new): v for k, v in tensors.items()}
 
