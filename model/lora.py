@@ -43,8 +43,8 @@ INERT_SETTINGS = {
     "inference_mode", "init_lora_weights", "lora_dropout", "target_modules", "exclude_modules",
     "layers_to_transform", "layers_pattern", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern",
     "fan_in_fan_out", "bias", "megatron_core", "qalora_group_size", "ensure_weight_tying",
-    # how the weights were initialised before training
-    "loftq_config", "eva_config", "corda_config", "lora_ga_config",
+    # how the weights were initialised before training; where PEFT keeps them at run time
+    "loftq_config", "eva_config", "corda_config", "lora_ga_config", "runtime_config",
 }
 REFUSED_WHY = {
     "use_dora": "DoRA (use_dora) rescales each merged column by a trained magnitude",

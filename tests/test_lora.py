@@ -135,6 +135,18 @@ def test_trained_biases_replace_the_base_models(name, bias, tmp_path):
     assert changed and any("layernorm" in n for n in changed) == (name == "chatglm1-tiny")
 
 
+def test_settings_that_change_nothing_at_inference_are_accepted(tmp_path, adapters):
+    """What PEFT saves about training (dropout, init, task) or run time (runtime_config, which some versions
+    save) changes no merged weight."""
+    name = "chatglm2-tiny"
+    source, expected = adapters(name)
+    directory = copy_adapter(source, tmp_path / "inert", {
+        "lora_dropout": 0.1, "task_type": "CAUSAL_LM", "init_lora_weights": "gaussian", "inference_mode": False,
+        "runtime_config": {"ephemeral_gpu_offload": False}, "use_dora": False, "modules_to_save": None})
+    model, tokenizer = load_model(model_dir(name), adapter=directory, device="cpu", dtype="float32")
+    assert_same_as_peft(model, tokenizer, name, expected)
+
+
 def test_fan_in_fan_out_is_ignored_for_linears_as_peft_does(tmp_path, adapters):
     """PEFT turns fan_in_fan_out off for nn.Linear targets (ChatGLM has no others) and saves false; a config that
     says true anyway is loaded by PEFT as false, and merged here the same way."""
