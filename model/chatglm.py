@@ -66,7 +66,7 @@ def model_class_for(config) -> type:
 def load_model(name_or_path: str, device: str | torch.device | None = None, dtype=None,
                family: str | None = None, revision: str | None = None, quantize: int | None = None,
                device_map: dict | None = None, ptuning: str | None = None, pre_seq_len: int | None = None,
-               prefix_projection: bool | None = None):
+               prefix_projection: bool | None = None, adapter: str | None = None):
     """(model, tokenizer) for a ChatGLM checkpoint directory or Hub id.
 
     device: "cpu", "cuda", "cuda:1", "mps" or None/"auto"; dtype: a torch dtype, its name, or None/"auto";
@@ -74,7 +74,8 @@ def load_model(name_or_path: str, device: str | torch.device | None = None, dtyp
     quantization while loading; device_map: module name -> device, to split the layers over GPUs
     (see model.multigpu); ptuning: a P-Tuning v2 checkpoint folder (pytorch_model.bin with the prefix encoder)
     whose prefix is prepended to every input, with pre_seq_len / prefix_projection from its config.json or
-    ptuning.json unless given here.
+    ptuning.json unless given here; adapter: a PEFT LoRA adapter folder (adapter_config.json and
+    adapter_model.safetensors or .bin) merged into the weights while they load (before quantize).
     """
     path = resolve_model_dir(name_or_path, revision=revision)  # one Hub round trip for weights and tokenizer
     prefix = None
@@ -82,12 +83,13 @@ def load_model(name_or_path: str, device: str | torch.device | None = None, dtyp
         prefix = loading.PrefixCheckpoint(ptuning, pre_seq_len=pre_seq_len, prefix_projection=prefix_projection)
     elif pre_seq_len is not None or prefix_projection is not None:
         raise ValueError("pre_seq_len / prefix_projection need ptuning= (the P-Tuning v2 checkpoint folder)")
+    lora_adapter = loading.read_adapter(adapter) if adapter is not None else None
     # config and tokenizer first: a broken one is reported in a moment, not after minutes of reading weights
     overrides = prefix.config_overrides() if prefix is not None else {}
     family = ChatGLMConfig.from_checkpoint_dir(path, family=family, **overrides).family
     tokenizer = loading.load_tokenizer(path, family=family)
     model = loading.load_weights(path, model_class_for, device=device, dtype=dtype, family=family,
-                                 quantize=quantize, device_map=device_map, ptuning=prefix)
+                                 quantize=quantize, device_map=device_map, ptuning=prefix, adapter=lora_adapter)
     model.name_or_path = model.config._name_or_path = str(name_or_path)
     tokenizer.name_or_path = str(name_or_path)
     return model, tokenizer

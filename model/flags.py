@@ -118,6 +118,9 @@ def build_parser(description: str, *, server: bool = False, web: bool = False, e
                     help="a P-Tuning v2 checkpoint folder whose prefix every prompt gets (env CHECKPOINT_PATH)")
     ap.add_argument("--pre-seq-len", type=positive, default=_env_int("PRE_SEQ_LEN"), metavar="N",
                     help="the prefix length, when the checkpoint folder does not say (env PRE_SEQ_LEN)")
+    ap.add_argument("--adapter", default=None, metavar="DIR",
+                    help="a LoRA adapter folder saved by PEFT (adapter_config.json + adapter_model.safetensors), "
+                         "merged into the weights while they load")
     if server or web:
         ap.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: everyone)")
@@ -191,7 +194,8 @@ def load_from_args(args):
 
         device_map = device_map_for(args.model, args.num_gpus) if args.num_gpus > 1 else None
         return load_model(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
-                          device_map=device_map, ptuning=args.ptuning_checkpoint, pre_seq_len=args.pre_seq_len)
+                          device_map=device_map, ptuning=args.ptuning_checkpoint, pre_seq_len=args.pre_seq_len,
+                          adapter=args.adapter)
     except (ModelNotFoundError, CheckpointError, DeviceUnavailableError, FileNotFoundError, RuntimeError,
             ValueError) as e:  # ValueError: flags that do not fit together (e.g. --pre-seq-len alone)
         raise ModelLoadError(" ".join(str(e).split())) from e  # one line, whatever the message holds

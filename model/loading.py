@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from . import kernels
+from . import kernels, lora
 from .config import ChatGLMConfig
 from .hub import CheckpointError, read_json, resolve_model_dir
 from .tokenizer import ChatGLMTokenizer
@@ -300,6 +300,12 @@ class PrefixCheckpoint:
             assign_tensor(encoder, name, tensor.to(device=device, dtype=torch.float32), self.filename)
 
 
+# ---- LoRA adapters (PEFT format) --------------------------------------------------------------------
+def read_adapter(path) -> lora.LoraAdapter:
+    """A PEFT LoRA adapter folder, its .bin read with weights_only=True; see model/lora.py."""
+    return lora.read_adapter(path, read_weights)
+
+
 # ---- building and filling the model -------------------------------------------------------------
 # the model class to build for a config (model.chatglm.model_class_for)
 ModelClassFor = Callable[[ChatGLMConfig], type]
@@ -326,14 +332,17 @@ def assign_tensor(model: nn.Module, name: str, tensor: torch.Tensor, source: str
 
 def load_weights(name_or_path: str, model_class_for: ModelClassFor, device=None, dtype=None,
                  family: str | None = None, revision: str | None = None, quantize: int | None = None,
-                 progress: bool = True, device_map: dict | None = None, ptuning: PrefixCheckpoint | None = None):
+                 progress: bool = True, device_map: dict | None = None, ptuning: PrefixCheckpoint | None = None,
+                 adapter: lora.LoraAdapter | None = None):
     """Load a ChatGLM checkpoint (dir or Hub id) into a ready model (of class model_class_for(config)) in eval mode.
 
     quantize=4|8 quantizes a float checkpoint tensor by tensor while it is read, so the float model never
     sits in memory whole; a checkpoint with quantization_bit is loaded as it is stored. device_map (module
     name -> GPU index or device) puts each tensor straight on its module's device and installs the hooks
     that move activations between devices. ptuning: a P-Tuning v2 prefix to load on top of the base checkpoint
-    (its pre_seq_len / prefix_projection go into the config); the prefix encoder stays float32.
+    (its pre_seq_len / prefix_projection go into the config); the prefix encoder stays float32. adapter: a
+    LoRA adapter (read_adapter) merged into the weights it changes as they are read: in float32, then cast to
+    the dtype, then quantized when asked (a checkpoint stored quantized cannot take one).
     """
     from .placement import as_torch_device, clean_device_map, device_for, dispatch, embedding_module
     from .quantization import quantize_weight, swap_linears
@@ -345,7 +354,14 @@ def load_weights(name_or_path: str, model_class_for: ModelClassFor, device=None,
     if quantize and stored_bits and quantize != stored_bits:
         raise CheckpointError(f"{path} is stored with {stored_bits}-bit weights; it cannot be loaded as "
                               f"{quantize}-bit (leave out --quantize)")
+    if adapter is not None and stored_bits:
+        raise CheckpointError(f"{path} is stored with {stored_bits}-bit weights; the LoRA adapter {adapter.path} "
+                              f"merges into float weights: load the float checkpoint (with --quantize "
+                              f"{stored_bits} to quantize after the merge)")
     model = build_empty_model(config, model_class_for(config))
+    if adapter is not None:
+        adapter.attach(model)  # its modules and shapes checked before any weight is read
+    merge_now = adapter.changes if adapter is not None else set()
     if device_map is not None:
         device_map = clean_device_map(device_map, model)
         device = as_torch_device(device_for(embedding_module(config) + ".weight", device_map))
@@ -366,7 +382,8 @@ def load_weights(name_or_path: str, model_class_for: ModelClassFor, device=None,
     zero_copy = None
     if mmap_enabled() and device_map is None and device.type == "cpu":
         def zero_copy(name, stored_dtype):
-            return name not in quantize_now and (stored_dtype == dtype or not stored_dtype.is_floating_point)
+            changed = name in quantize_now or name in merge_now
+            return not changed and (stored_dtype == dtype or not stored_dtype.is_floating_point)
     files = checkpoint_files(path)
     bar = _progress(sum(map(os.path.getsize, files)), f"Loading {os.path.basename(os.path.normpath(path))}",
                     progress)
@@ -382,6 +399,8 @@ def load_weights(name_or_path: str, model_class_for: ModelClassFor, device=None,
                 logger.warning("%s: ignoring unexpected tensor %s", path, name)
                 continue
             target = device if device_map is None else as_torch_device(device_for(name, device_map))
+            if name in merge_now:
+                tensor = adapter.apply(name, tensor.to(target), dtype)
             if name in quantize_now:
                 # on the target device (a GPU does it in a moment), the same result as quantize() after loading
                 q, scale = quantize_weight(tensor.to(device=target, dtype=dtype), bits)
