@@ -9,7 +9,7 @@ from transformers import BatchEncoding
 
 from .config import FAMILIES, infer_family
 from .hub import read_json, resolve_model_dir
-from .tokenizer_base import TokenizerBase, replace_lone_surrogates  # noqa: F401 (the front ends import it from here)
+from .tokenizer_base import TokenizerBase, check_pair, input_id_lists, replace_lone_surrogates  # noqa: F401 (the front ends import it from here)
 from .tokenizer_v1 import VOCAB_FILE as V1_VOCAB_FILE, ChatGLM1Tokenizer
 
 SPECIAL_TOKENS = {
@@ -138,15 +138,23 @@ class ChatGLMTokenizer(TokenizerBase):
             return out
         return self.sp.encode(text, out_type=str)
 
-    def encode(self, text: str, add_special_tokens: bool = True, encode_special_tokens: bool = False) -> list[int]:
-        """Ids of text; typed special-token strings stay text unless encode_special_tokens (ChatGLM3 roles)."""
+    def encode(self, text: str, text_pair: str | None = None, add_special_tokens: bool = True,
+               encode_special_tokens: bool = False, **kwargs) -> list[int]:
+        """Ids of text (a pair: text + text_pair + eos, as the original); typed special-token strings stay text
+        unless encode_special_tokens (ChatGLM3 roles)."""
+        check_pair(text_pair)
+        ids = self._pieces(text, encode_special_tokens)
+        if text_pair is not None:
+            ids = ids + self._pieces(text_pair, encode_special_tokens) + [self.eos_token_id]
+        return (self.get_prefix_tokens() + ids) if add_special_tokens else ids
+
+    def _pieces(self, text: str, encode_special_tokens: bool) -> list[int]:
         if encode_special_tokens and self.family == "chatglm3":
             ids: list[int] = []
             for part in self._split_roles(text):
                 ids += [part] if isinstance(part, int) else self.sp.encode(part)
-        else:
-            ids = self.sp.encode(text)
-        return (self.get_prefix_tokens() + ids) if add_special_tokens else ids
+            return ids
+        return self.sp.encode(text)
 
     def __call__(self, text, text_pair=None, add_special_tokens: bool = True, padding=False,
                  max_length: int | None = None, truncation: bool = False, return_tensors=None,
@@ -157,14 +165,19 @@ class ChatGLMTokenizer(TokenizerBase):
         pairs = [text_pair] if single else (list(text_pair) if text_pair is not None else [None] * len(texts))
         batch = []
         for a, b in zip(texts, pairs):
-            ids = self.encode(a, add_special_tokens, encode_special_tokens)
-            if b is not None:
-                ids = ids + self.encode(b, False, encode_special_tokens) + [self.eos_token_id]
+            ids = self.encode(a, b, add_special_tokens=add_special_tokens, encode_special_tokens=encode_special_tokens)
             if truncation and max_length is not None:
                 ids = ids[:max_length]
             batch.append(ids)
         return self.pad_ids(batch, padding=padding, max_length=max_length, return_tensors=return_tensors,
                             unbatch=single and return_tensors is None)
+
+    def pad(self, encoded_inputs, padding=True, max_length: int | None = None, return_tensors=None,
+            **kwargs) -> BatchEncoding:
+        """transformers' pad: {"input_ids": [[...], ...]} (or a list of {"input_ids": [...]}) -> a left-padded
+        batch with attention_mask and position_ids."""
+        return self.pad_ids(input_id_lists(encoded_inputs), padding=padding, max_length=max_length,
+                            return_tensors=return_tensors)
 
     def pad_ids(self, batch: list[list[int]], padding=True, max_length: int | None = None, return_tensors=None,
                 unbatch: bool = False) -> BatchEncoding:

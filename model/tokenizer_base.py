@@ -33,6 +33,25 @@ class SentencePiece(spm.SentencePieceProcessor):
         return super().encode(input, *args, **kwargs)
 
 
+def check_pair(text_pair) -> None:
+    """encode(text, text_pair, add_special_tokens): the second argument is the pair, as in transformers."""
+    if isinstance(text_pair, bool):
+        raise TypeError("encode(text, text_pair=None, add_special_tokens=True): the second argument is a second "
+                        "text; pass add_special_tokens by keyword")
+
+
+def input_id_lists(encoded_inputs) -> list[list[int]]:
+    """The id lists of what transformers' pad() takes: {"input_ids": [[...]]}, [{"input_ids": [...]}] or [[...]]."""
+    if isinstance(encoded_inputs, dict) or hasattr(encoded_inputs, "keys"):
+        rows = encoded_inputs["input_ids"]
+    else:
+        rows = [row["input_ids"] if hasattr(row, "keys") else row for row in encoded_inputs]
+    rows = rows.tolist() if hasattr(rows, "tolist") else rows
+    if rows and isinstance(rows[0], int):
+        rows = [rows]
+    return [[int(i) for i in (row.tolist() if hasattr(row, "tolist") else row)] for row in rows]
+
+
 class TokenizerBase:
     """What every family's tokenizer shares on top of its own encode / decode."""
 
@@ -40,6 +59,28 @@ class TokenizerBase:
 
     def __len__(self) -> int:
         return self.vocab_size
+
+    def apply_chat_template(self, conversation: list[dict], tools: list[dict] | None = None, tokenize: bool = True,
+                            add_generation_prompt: bool = True, return_tensors=None, return_dict: bool = False,
+                            **kwargs):
+        """transformers' chat templating in the family's own format: role messages ({"role", "content"}, and
+        assistant "tool_calls") -> the prompt ids ready for the assistant's reply (or its text, tokenize=False)."""
+        from .formats import Message, format_for
+
+        if not add_generation_prompt:
+            raise ValueError("ChatGLM prompts always end ready for the assistant: add_generation_prompt=False "
+                             "is not supported")
+        messages = [Message(m["role"], m.get("content") or "", tool_calls=[
+            {"name": c["function"]["name"], "arguments": c["function"].get("arguments") or ""} if "function" in c
+            else c for c in m.get("tool_calls") or []], metadata=m.get("metadata", ""), tools=m.get("tools"))
+            for m in conversation]
+        ids = format_for(self.family).prompt_ids(self, messages, tools)
+        if not tokenize:
+            return self.decode(ids)
+        if return_dict or return_tensors is not None:
+            encoded = self.pad([ids], return_tensors=return_tensors)
+            return encoded if return_dict else encoded["input_ids"]
+        return ids
 
     def batch_decode(self, sequences, skip_special_tokens: bool = False, **kwargs) -> list[str]:
         if hasattr(sequences, "tolist"):

@@ -13,7 +13,7 @@ import re
 from transformers import BatchEncoding
 
 from .hub import read_json, resolve_model_dir
-from .tokenizer_base import TokenizerBase
+from .tokenizer_base import TokenizerBase, check_pair, input_id_lists
 
 VOCAB_FILE = "ice_text.model"
 MAX_BLANK = 80
@@ -107,10 +107,19 @@ class ChatGLM1Tokenizer(TokenizerBase):
     def tokenize(self, text: str) -> list[str]:
         return self.sp.encode(_encode_whitespace(text), out_type=str)
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Ids of text, ending in [gMASK] <sop>; typed special-token strings stay text."""
-        ids = [i + self.num_image_tokens for i in self.sp.encode(_encode_whitespace(text))]
-        return ids + [self.gmask_token_id, self.bos_token_id] if add_special_tokens else ids
+    def encode(self, text: str, text_pair: str | None = None, add_special_tokens: bool = True, **kwargs) -> list[int]:
+        """Ids of text, ending in [gMASK] <sop> (a pair: 'a [gMASK] <sop> b <eop>'); typed special-token strings
+        stay text."""
+        check_pair(text_pair)
+        ids = self._pieces(text)
+        if add_special_tokens:
+            ids = ids + [self.gmask_token_id, self.bos_token_id]
+        if text_pair is not None:
+            ids = ids + self._pieces(text_pair) + [self.eos_token_id]
+        return ids
+
+    def _pieces(self, text: str) -> list[int]:
+        return [i + self.num_image_tokens for i in self.sp.encode(_encode_whitespace(text))]
 
     def __call__(self, text, text_pair=None, add_special_tokens: bool = True, padding=False,
                  max_length: int | None = None, truncation: bool = False, return_tensors=None, **kwargs):
@@ -120,12 +129,17 @@ class ChatGLM1Tokenizer(TokenizerBase):
         pairs = [text_pair] if single else (list(text_pair) if text_pair is not None else [None] * len(texts))
         batch = []
         for a, b in zip(texts, pairs):
-            ids = self.encode(a, add_special_tokens)
-            if b is not None:
-                ids = ids + self.encode(b, False) + [self.eos_token_id]
+            ids = self.encode(a, b, add_special_tokens=add_special_tokens)
             if truncation and max_length is not None:
                 ids = ids[:max_length]
             batch.append(ids)
+        return self._batch(batch, padding, max_length, return_tensors, single)
+
+    def pad(self, encoded_inputs, padding=True, max_length: int | None = None, return_tensors=None, **kwargs):
+        """transformers' pad: lists of ids -> a left-padded batch with the 2-D positions and prefix-LM masks."""
+        return self._batch(input_id_lists(encoded_inputs), padding, max_length, return_tensors, single=False)
+
+    def _batch(self, batch: list[list[int]], padding, max_length, return_tensors, single: bool):
         if not padding:
             if return_tensors is not None and len({len(ids) for ids in batch}) > 1:
                 raise ValueError("texts of different lengths need padding=True to become one tensor")
@@ -173,7 +187,10 @@ class ChatGLM1Tokenizer(TokenizerBase):
         text, pieces = "", []
         for i in ids + [None]:
             if i is None or i < self.num_image_tokens:
-                text += _decode_whitespace(self.sp.decode(pieces)) if pieces else ""
+                if pieces:
+                    # after an image token a piece's word-start mark is a space, as in one SentencePiece decode
+                    space = " " if text and self.sp.id_to_piece(pieces[0]).startswith("\u2581") else ""
+                    text += space + _decode_whitespace(self.sp.decode(pieces))
                 pieces = []
                 if i is not None:
                     text += f"<image_{i}>"

@@ -141,3 +141,67 @@ def test_lone_surrogates_encode_as_the_replacement_character(name):
     assert t.encode("\ud83d\ude00") == t.encode("\ufffd\ufffd")  # unpaired halves: two characters
     reply, history = model.chat(t, "hi \udc80", history=[], do_sample=False, max_new_tokens=3)
     assert isinstance(reply, str)
+
+
+# ---- the transformers surface training tools use -------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+def test_encode_takes_a_text_pair_as_the_original(family):
+    t = tok(family)
+    assert t.encode("你好", "世界") == t.encode("你好") + t.encode("世界", add_special_tokens=False) + [t.eos_token_id]
+    assert t.encode("你好", "世界") == t("你好", "世界")["input_ids"]
+    with pytest.raises(TypeError, match="keyword"):  # encode(text, False) used to drop the pair silently
+        t.encode("你好", False)
+
+
+def test_chatglm1_encode_pairs_and_image_tokens():
+    from model.tokenizer_v1 import ChatGLM1Tokenizer
+
+    with open(os.path.join(GOLDEN, "tokenizer_cases_v1.json"), encoding="utf-8") as f:
+        cases = json.load(f)["chatglm1"]
+    t = ChatGLM1Tokenizer.from_pretrained(os.path.join(GOLDEN, "models", "chatglm1-tiny"))
+    for case in cases["text_pairs"]:
+        assert t.encode(case["text"], case["text_pair"]) == case["encode"]
+    # With image tokens (the released vocabulary has 20000) a word after them keeps its space, as the original's
+    # single SentencePiece decode: [0, 1, 63, ...] -> '<image_0><image_1><image_63> 你好 world'.
+    images = ChatGLM1Tokenizer(t.vocab_file, num_image_tokens=100)
+    words = images.encode("你好 world", add_special_tokens=False)
+    assert images.decode([0, 1, 63] + words) == "<image_0><image_1><image_63> 你好 world"
+    assert images.decode(words) == "你好 world"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pad_equals_padding_in_call(family):
+    t = tok(family)
+    texts = ["你好", "a somewhat longer text"]
+    ids = [t.encode(x) for x in texts]
+    expected = t(texts, padding=True)
+    for given in ({"input_ids": ids}, [{"input_ids": i} for i in ids], ids):
+        padded = t.pad(given)
+        assert {k: padded[k] for k in expected} == dict(expected)
+    assert t.pad({"input_ids": ids}, return_tensors="pt")["input_ids"].tolist() == expected["input_ids"]
+
+
+def test_pad_for_chatglm1_builds_its_positions_and_masks():
+    from model.tokenizer_v1 import ChatGLM1Tokenizer
+
+    t = ChatGLM1Tokenizer.from_pretrained(os.path.join(GOLDEN, "models", "chatglm1-tiny"))
+    texts = ["你好", "a somewhat longer text"]
+    expected = t(texts, padding=True)
+    padded = t.pad({"input_ids": [t.encode(x) for x in texts]})
+    assert {k: padded[k] for k in expected} == dict(expected)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_apply_chat_template_is_the_familys_prompt(family):
+    t = tok(family)
+    conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                    {"role": "user", "content": "what now?"}]
+    ids = t.apply_chat_template(conversation)
+    if family == "chatglm3":
+        assert ids == t.build_chat_ids("what now?", [{"role": "user", "content": "hi"},
+                                                     {"role": "assistant", "metadata": "", "content": "hello"}])
+    else:
+        assert ids == t.encode(t.build_prompt("what now?", [("hi", "hello")]))
+    assert t.apply_chat_template(conversation, tokenize=False) == t.decode(ids)
+    batch = t.apply_chat_template(conversation, return_tensors="pt", return_dict=True)
+    assert batch["input_ids"].tolist() == [ids] and batch["attention_mask"].tolist() == [[1] * len(ids)]
