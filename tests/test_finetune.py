@@ -303,6 +303,7 @@ def greedy_answer(model, tokenizer) -> str:
     ("lora", "chatglm3-tiny", ["--lr", "5e-3", "--lora-dropout", "0"]),
     ("ptuning", "chatglm3-tiny", ["--lr", "5e-1", "--pre-seq-len", "8"]),
     ("ptuning", "chatglm2-tiny", ["--lr", "5e-1", "--pre-seq-len", "8", "--dtype", "bfloat16"]),
+    ("lora", "chatglm1-tiny", ["--lr", "5e-3", "--lora-dropout", "0"]),  # ChatGLM-6B: LoRA only
 ])
 def test_finetune_teaches_an_answer_that_survives_saving_and_reloading(tmp_path, capsys, method, name, extra):
     base = model_dir(name)
