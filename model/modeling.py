@@ -271,10 +271,29 @@ class Encoder(nn.Module):
         self.final_layernorm = (RMSNorm(config.hidden_size, config.layernorm_epsilon, dtype, device)
                                 if config.post_layer_norm else None)
 
+    gradient_checkpointing = False  # set by PreTrainedModel.gradient_checkpointing_enable()
+
     def forward(self, x, cos, sin, mask, cache):
+        checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache)
+            if checkpointed:  # recomputed in the backward pass (no cache while training: see ChatGLMModel)
+                x = self._gradient_checkpointing_func(layer.__call__, x, cos, sin, mask, cache)
+            else:
+                x = layer(x, cos, sin, mask, cache)
         return self.final_layernorm(x) if self.final_layernorm is not None else x
+
+
+class StaticPrefix:
+    """The P-Tuning v2 prefix as a read-only stand-in for a KVCache, for training passes: update() returns the
+    layer's prefix keys/values concatenated with the new ones (differentiable, stored nowhere), so the prefix
+    encoder gets gradients and gradient checkpointing can recompute a block any number of times."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
+        self.keys, self.values = keys, values
+        self.length = keys[0].shape[2] if keys else 0
+
+    def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.cat([self.keys[layer], key], dim=2), torch.cat([self.values[layer], value], dim=2)
 
 
 class PrefixEncoder(nn.Module):
@@ -328,9 +347,32 @@ def build_attention_mask(attention_mask: torch.Tensor | None, past_length: int, 
 class ModelOutput:
     logits: torch.Tensor  # (B, T, vocab), or (B, 1, vocab) with last_logits_only
     past_key_values: KVCache | None = None
+    loss: torch.Tensor | None = None  # with labels: the shifted cross-entropy (see causal_lm_loss)
 
     def __getitem__(self, key):
+        if isinstance(key, (int, slice)):  # transformers' to_tuple order: (loss,) logits, past_key_values
+            return self.to_tuple()[key]
         return getattr(self, key)
+
+    def to_tuple(self) -> tuple:
+        return tuple(v for v in (self.loss, self.logits, self.past_key_values) if v is not None)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """transformers' causal LM loss: the logits at position t predict labels[t + 1]; -100 is ignored; the mean
+    over counted tokens, computed in float32 whatever the logits' dtype."""
+    logits = logits[:, :-1].float()
+    labels = labels[:, 1:].to(logits.device)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
+def resolve_use_cache(model: nn.Module, use_cache: bool | None, labels, checkpointing: bool) -> bool:
+    """transformers' convention: no cache while training (a pass with labels, or a module in training mode with
+    gradients on), else a cache unless told otherwise; a checkpointed training pass never keeps one."""
+    training = model.training and torch.is_grad_enabled()
+    if use_cache is None:
+        return not (training or labels is not None)
+    return use_cache and not (training and checkpointing)
 
 
 class ChatGLMModel(nn.Module):
@@ -363,19 +405,24 @@ class ChatGLMModel(nn.Module):
         """
         if self.prefix_encoder is None or cache.length:
             return cache
+        P = self.config.pre_seq_len
+        cache.reserve(P)
+        for i, (key, value) in enumerate(self.prefix_key_values(cache.batch_size)):
+            cache.update(i, key, value)
+        cache.advance(P)
+        return cache
+
+    def prefix_key_values(self, batch: int):
+        """Each layer's prefix (key, value), (batch, kv_heads, pre_seq_len, head_dim) in the model's dtype on
+        the layer's device (see seed_prefix)."""
         P, c = self.config.pre_seq_len, self.config
         kv = self.prefix_encoder().view(P, c.num_layers * 2, c.num_kv_heads, c.kv_channels)
         kv = kv.permute(1, 2, 0, 3)  # (num_layers * 2, kv_heads, P, head_dim)
         dtype = self.embedding.word_embeddings.weight.dtype
-        batch = cache.batch_size
-        cache.reserve(P)
         for i, layer in enumerate(self.encoder.layers):
             device = layer.input_layernorm.weight.device  # the layer's own device when split over GPUs
-            key, value = (t.to(device=device, dtype=dtype)[None].expand(batch, -1, -1, -1)
-                          for t in (kv[2 * i], kv[2 * i + 1]))
-            cache.update(i, key, value)
-        cache.advance(P)
-        return cache
+            yield tuple(t.to(device=device, dtype=dtype)[None].expand(batch, -1, -1, -1)
+                        for t in (kv[2 * i], kv[2 * i + 1]))
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, past_key_values: KVCache | None = None,
                 use_cache: bool = True, last_logits_only: bool = False) -> ModelOutput:
@@ -383,14 +430,20 @@ class ChatGLMModel(nn.Module):
         x = self.embedding(input_ids)  # (B, T, H)
         cache = past_key_values
         prefix = self.prefix_length
-        if cache is None and (use_cache or prefix):  # a prefix is read from a cache, even without use_cache
+        if cache is None and prefix and not use_cache and torch.is_grad_enabled():
+            # training: the prefix is concatenated in each layer, differentiably (no cache is written)
+            pairs = list(self.prefix_key_values(B))
+            cache = StaticPrefix([k for k, _ in pairs], [v for _, v in pairs])
+        elif cache is None and (use_cache or prefix):  # a prefix is read from a cache, even without use_cache
             cache = KVCache.for_model(self.config, B, x.dtype, x.device, capacity=max(T, 256) + prefix)
-        if cache is not None:
+        if isinstance(cache, StaticPrefix):
+            pass
+        elif cache is not None:
             self.seed_prefix(cache)  # a new or empty cache starts with the prefix
         past = cache.length if cache is not None else 0
         if position_ids is None:  # the prefix takes cache positions, not rotary ones: tokens start at 0
             position_ids = torch.arange(past - prefix, past - prefix + T, device=input_ids.device).expand(B, T)
-        if cache is not None:
+        if cache is not None and not isinstance(cache, StaticPrefix):
             cache.reserve(T)
         cos, sin = rotary_cos_sin(self.config, position_ids, x.dtype)
         if attention_mask is not None and attention_mask.dim() == 4:  # (B, 1, T, S) bool, built by the caller
@@ -401,7 +454,9 @@ class ChatGLMModel(nn.Module):
                 attention_mask = torch.cat([attention_mask.new_ones(B, prefix), attention_mask], dim=-1)
             mask = build_attention_mask(attention_mask, past, T, input_ids.device)
         x = self.encoder(x, cos, sin, mask, cache)
-        if cache is not None:
+        if isinstance(cache, StaticPrefix):
+            cache = None
+        elif cache is not None:
             cache.advance(T)
         if last_logits_only:
             x = x[:, -1:]
@@ -411,7 +466,37 @@ class ChatGLMModel(nn.Module):
 from transformers import PreTrainedModel  # noqa: E402
 
 
-class ChatGLMPreTrainedModel(PreTrainedModel):
+class TrainingConventions:
+    """transformers' causal-LM training surface, shared by the PreTrainedModel classes of both networks (listed
+    before PreTrainedModel): `labels` -> `loss`, the input embeddings (peft, enable_input_require_grads). A
+    subclass says where its word embeddings are (_embedding_owner) and which module checkpoints its blocks
+    (_checkpointed, with a `gradient_checkpointing` flag)."""
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        """False for transformers: generate() is the chat layer's own, not GenerationMixin's, so no
+        GenerationConfig is attached (prepare_inputs_for_generation exists for peft and generation loops)."""
+        return False
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self._embedding_owner().word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self._embedding_owner().word_embeddings = value
+
+    def causal_lm_forward(self, input_ids, position_ids, attention_mask, past_key_values,
+                          use_cache: bool | None, return_last_logit: bool, labels) -> ModelOutput:
+        """self.transformer's output, with labels (B, T) the shifted cross-entropy `loss` (-100 ignored) as
+        transformers' causal LMs; no cache while training unless use_cache says so (see resolve_use_cache)."""
+        use_cache = resolve_use_cache(self, use_cache, labels, self._checkpointed().gradient_checkpointing)
+        out = self.transformer(input_ids, position_ids, attention_mask, past_key_values, use_cache,
+                               last_logits_only=return_last_logit and labels is None)
+        if labels is not None:
+            out.loss = causal_lm_loss(out.logits, labels)
+        return out
+
+
+class ChatGLMPreTrainedModel(TrainingConventions, PreTrainedModel):
     """The ChatGLM2/3 network as a transformers PreTrainedModel: no chat and no loading here (the public
     model.chatglm.ChatGLMForConditionalGeneration adds chat(), from_pretrained(), quantize(), save_pretrained())."""
 
@@ -419,6 +504,7 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
     base_model_prefix = "transformer"
     main_input_name = "input_ids"
     _no_split_modules = ["GLMBlock"]
+    supports_gradient_checkpointing = True
     # the linears of every block, by their path in it: what weight-only quantization swaps
     BLOCK_LINEARS = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h",
                      "mlp.dense_4h_to_h")
@@ -440,7 +526,39 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
         """An empty cache with the P-Tuning v2 prefix written in (see ChatGLMModel.seed_prefix)."""
         return self.transformer.seed_prefix(cache)
 
+    def add_prefix_encoder(self, pre_seq_len: int, prefix_projection: bool = False) -> PrefixEncoder:
+        """A new P-Tuning v2 prefix encoder of pre_seq_len tokens (float32, initialised as the original's: the
+        embedding N(0, 1)), to train; the config says pre_seq_len / prefix_projection from now on."""
+        self.config.pre_seq_len, self.config.prefix_projection = pre_seq_len, prefix_projection
+        device = self.transformer.embedding.word_embeddings.weight.device
+        self.transformer.prefix_encoder = PrefixEncoder(self.config, device)
+        return self.transformer.prefix_encoder
+
+    def _embedding_owner(self) -> nn.Module:
+        return self.transformer.embedding
+
+    def _checkpointed(self) -> nn.Module:
+        return self.transformer.encoder
+
     def forward(self, input_ids, position_ids=None, attention_mask=None, past_key_values=None,
-                use_cache: bool = True, return_last_logit: bool = False, **kwargs) -> ModelOutput:
-        return self.transformer(input_ids, position_ids, attention_mask, past_key_values, use_cache,
-                                last_logits_only=return_last_logit)
+                use_cache: bool | None = None, return_last_logit: bool = False, labels=None,
+                **kwargs) -> ModelOutput:
+        """labels (B, T): the shifted cross-entropy `loss` (see TrainingConventions.causal_lm_forward)."""
+        return self.causal_lm_forward(input_ids, position_ids, attention_mask, past_key_values, use_cache,
+                                      return_last_logit, labels)
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
+                                      position_ids=None, use_cache: bool | None = None, **kwargs) -> dict:
+        """The inputs of the next forward of a generation loop (transformers' convention): with a cache, only
+        the ids it does not hold yet, at the positions that follow it."""
+        if past_key_values is not None:
+            held = past_key_values.length - self.prefix_length
+            input_ids = input_ids[:, held:]
+            if position_ids is not None:
+                position_ids = position_ids[..., held:]
+            else:
+                position_ids = torch.arange(held, held + input_ids.shape[1],
+                                            device=input_ids.device).expand_as(input_ids)
+        return {"input_ids": input_ids, "past_key_values": past_key_values, "attention_mask": attention_mask,
+                "position_ids": position_ids, "use_cache": True if use_cache is None else use_cache,
+                "return_last_logit": True}

@@ -15,7 +15,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .config_v1 import ChatGLM1Config
-from .modeling import Linear, ModelOutput
+from .modeling import Linear, ModelOutput, TrainingConventions
 from .cache import KVCache
 
 
@@ -117,6 +117,8 @@ class GLMBlock(nn.Module):
 class ChatGLM1Model(nn.Module):
     """Embedding -> GLM blocks -> final LayerNorm -> logits through the embedding (the `transformer.` prefix)."""
 
+    gradient_checkpointing = False  # set by PreTrainedModel.gradient_checkpointing_enable()
+
     def __init__(self, config: ChatGLM1Config, dtype=None, device=None):
         super().__init__()
         self.config = config
@@ -186,8 +188,12 @@ class ChatGLM1Model(nn.Module):
         rope = (rotary_cos_sin(self.config.kv_channels, position_ids[:, 0], x.dtype),
                 rotary_cos_sin(self.config.kv_channels, position_ids[:, 1], x.dtype))
         mask = self._mask(input_ids, attention_mask, past)
+        checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, rope, mask, cache)
+            if checkpointed:  # recomputed in the backward pass (no cache while training)
+                x = self._gradient_checkpointing_func(layer.__call__, x, rope, mask, cache)
+            else:
+                x = layer(x, rope, mask, cache)
         if cache is not None:
             cache.advance(T)
         if last_logits_only:
@@ -198,7 +204,7 @@ class ChatGLM1Model(nn.Module):
                            past_key_values=cache if use_cache else None)
 
 
-class ChatGLM1PreTrainedModel(PreTrainedModel):
+class ChatGLM1PreTrainedModel(TrainingConventions, PreTrainedModel):
     """The ChatGLM-6B network as a transformers PreTrainedModel: no chat and no loading here (the public
     model.chatglm.ChatGLM1ForConditionalGeneration adds chat(), from_pretrained(), quantize(), save_pretrained())."""
 
@@ -206,6 +212,7 @@ class ChatGLM1PreTrainedModel(PreTrainedModel):
     base_model_prefix = "transformer"
     main_input_name = "input_ids"
     _no_split_modules = ["GLMBlock"]
+    supports_gradient_checkpointing = True
     BLOCK_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 
     def __init__(self, config: ChatGLM1Config, dtype=None, device=None):
@@ -216,16 +223,37 @@ class ChatGLM1PreTrainedModel(PreTrainedModel):
     def blocks(self) -> nn.ModuleList:
         return self.transformer.layers
 
+    def _embedding_owner(self) -> nn.Module:
+        return self.transformer
+
+    def _checkpointed(self) -> nn.Module:
+        return self.transformer
+
     def forward(self, input_ids, position_ids=None, attention_mask=None, past_key_values=None,
-                use_cache: bool = True, return_last_logit: bool = False, **kwargs) -> ModelOutput:
-        """As the original: attention_mask is its (B, 1, T, T) mask with True (or 1) = blocked."""
+                use_cache: bool | None = None, return_last_logit: bool = False, labels=None,
+                **kwargs) -> ModelOutput:
+        """As the original: attention_mask is its (B, 1, T, T) mask with True (or 1) = blocked. labels: the
+        shifted cross-entropy `loss` (see modeling.TrainingConventions.causal_lm_forward)."""
         if attention_mask is not None and attention_mask.dim() == 4:
             attention_mask = ~attention_mask[:, 0, -1, :].bool()  # the keys the last real query may see
-        return self.transformer(input_ids, position_ids, attention_mask, past_key_values, use_cache,
-                                last_logits_only=return_last_logit)
+        return self.causal_lm_forward(input_ids, position_ids, attention_mask, past_key_values, use_cache,
+                                      return_last_logit, labels)
 
     def prompt_position_ids(self, input_ids, past: int = 0):
         return self.transformer.prompt_position_ids(input_ids, past)
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
+                                      position_ids=None, use_cache: bool | None = None, **kwargs) -> dict:
+        """The inputs of the next forward of a generation loop (transformers' convention): with a cache, only
+        the ids it does not hold yet, at their 2-D positions (counted over the whole sequence)."""
+        if position_ids is None:
+            position_ids = self.transformer.prompt_position_ids(input_ids)
+        if past_key_values is not None:
+            held = past_key_values.length
+            input_ids, position_ids = input_ids[:, held:], position_ids[..., held:]
+        return {"input_ids": input_ids, "past_key_values": past_key_values, "attention_mask": attention_mask,
+                "position_ids": position_ids, "use_cache": True if use_cache is None else use_cache,
+                "return_last_logit": True}
 
     def next_position_ids(self, last):
         return self.transformer.next_position_ids(last)
