@@ -193,9 +193,10 @@ def load_from_args(args):
         from .multigpu import device_map_for
 
         device_map = device_map_for(args.model, args.num_gpus) if args.num_gpus > 1 else None
+        # (a script with a parser of its own, such as finetune.py, may lack the fine-tuning flags)
         return load_model(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
-                          device_map=device_map, ptuning=args.ptuning_checkpoint, pre_seq_len=args.pre_seq_len,
-                          adapter=args.adapter)
+                          device_map=device_map, ptuning=getattr(args, "ptuning_checkpoint", None),
+                          pre_seq_len=getattr(args, "pre_seq_len", None), adapter=getattr(args, "adapter", None))
     except (ModelNotFoundError, CheckpointError, DeviceUnavailableError, FileNotFoundError, RuntimeError,
             ValueError) as e:  # ValueError: flags that do not fit together (e.g. --pre-seq-len alone)
         raise ModelLoadError(" ".join(str(e).split())) from e  # one line, whatever the message holds
