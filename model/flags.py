@@ -133,6 +133,9 @@ def build_parser(description: str, *, server: bool = False, web: bool = False, e
                         help="requests decoded together (continuous batching); more wait in the queue")
         ap.add_argument("--prefill-chunk", type=positive, default=128,
                         help="read longer prompts this many tokens per step, so running replies keep flowing")
+        ap.add_argument("--cache-capacity", type=int_range(2), default=None, metavar="TOKENS",
+                        help="preallocate the batch KV cache for this many tokens per row, fixed in shape (for "
+                             "CUDA graphs / torch.compile); prompt + reply must fit it (default: grow as needed)")
     if server:
         ap.add_argument("--api-key", default=os.environ.get("API_KEY"),
                         help="require 'Authorization: Bearer KEY' (env API_KEY)")
@@ -224,7 +227,8 @@ def service_from_args(args):
     return LocalService(Engine(model, tokenizer, model_name=args.model_name or model_id(args.model),
                                max_batch=getattr(args, "max_batch", 1),
                                prefill_chunk=getattr(args, "prefill_chunk", 128),
-                               max_queue=getattr(args, "max_queue", 32)))
+                               max_queue=getattr(args, "max_queue", 32),
+                               cache_capacity=getattr(args, "cache_capacity", None)))
 
 
 def exit_on_load_error(load, args):

@@ -103,3 +103,18 @@ def test_an_engine_step_samples_every_row_with_one_host_sync(monkeypatch):
     calls.clear()
     choose_rows(samplers, logits)  # the penalties now count the first step's ids, still on the device
     assert calls == ["tolist"]
+
+
+def test_the_servers_cache_capacity_flag_gives_a_fixed_cache():
+    from conftest import model_dir
+    from model.flags import build_parser, service_from_args
+
+    args = build_parser("t", server=True).parse_args(["--model", model_dir("chatglm2-tiny"), "--device", "cpu",
+                                                      "--cache-capacity", "64"])
+    service = service_from_args(args)
+    try:
+        assert service.context_length == 64 and service.engine.cache.fixed and service.engine.cache.capacity == 64
+        text, finish = service.complete([Message("user", QUERY)], CompletionSettings(temperature=0)).text()
+        assert finish.reason in ("stop", "length") and finish.prompt_tokens + finish.completion_tokens <= 64
+    finally:
+        service.close()
