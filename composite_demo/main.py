@@ -109,7 +109,7 @@ def logged_in(pairs: list[tuple[str, str]]) -> bool:
 def show(entry: dict) -> None:
     """One entry as a chat message; markdown is rendered, HTML in it shown as text (no unsafe_allow_html)."""
     if entry["role"] == "tool":
-        with st.chat_message("tool", avatar="🛠️"):
+        with st.chat_message("tool", avatar=":material/build:"):
             label = "Tool error" if entry.get("error") else "Tool result"
             st.markdown(f"**{label}** · `{entry['name']}`")
             st.code(entry["content"], language=None)

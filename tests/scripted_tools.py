@@ -4,8 +4,9 @@
 
 A message containing call(NAME, ARGUMENTS) gets, as the model's first turn, a ChatGLM3 tool call of NAME with
 ARGUMENTS (a dict, written as `tool_call(...)` the way ChatGLM3 writes it); the turn after the tool's result
-(the observation) says "Observed: " and that result, as the model received it in its prompt. Every other message
-is answered as tests/scripted_demo.py answers it.
+(the observation) says "Observed: " and that result, as the model received it in its prompt; with
+call(..., again=True) every turn calls the tool again. Every other message is answered as tests/scripted_demo.py
+answers it.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ OBSERVED = "Observed: "
 OBSERVATION_MARK = "<|observation|>"
 
 
-def call(name: str, arguments: dict) -> str:
-    return f"{CALL}{json.dumps({'name': name, 'arguments': arguments})}{END}"
+def call(name: str, arguments: dict, again: bool = False) -> str:
+    return f"{CALL}{json.dumps({'name': name, 'arguments': arguments, 'again': again})}{END}"
 
 
 class ToolScriptedEngine(ScriptedEngine):
@@ -39,14 +40,14 @@ class ToolScriptedEngine(ScriptedEngine):
         if CALL not in user or END not in user:
             return super().submit(request, loop)
         handle = RequestHandle(request, None)
-        if OBSERVATION_MARK in user:  # the tool's result came back: say what was received
+        spec = json.loads(user[user.index(CALL) + len(CALL):user.rindex(END)])
+        if OBSERVATION_MARK in user and not spec["again"]:  # the tool's result came back: say what was received
             observed = user[user.rindex(OBSERVATION_MARK) + len(OBSERVATION_MARK):]
             observed = observed.rsplit("<|assistant|>", 1)[0].strip()
             events = [Event(text="\n"), Event(text=OBSERVED + observed, completion_tokens=1)]
         else:
             from model.formats import render_tool_call
 
-            spec = json.loads(user[user.index(CALL) + len(CALL):user.rindex(END)])
             text = f"{spec['name']}\n{render_tool_call(spec['name'], json.dumps(spec['arguments']))}"
             events = [Event(text=text[i:i + 8], completion_tokens=n) for n, i in enumerate(range(0, len(text), 8))]
 

@@ -205,6 +205,18 @@ def test_a_tool_error_is_shown_and_sent_back(composite, browser):
 
 
 @pytest.mark.browser
+def test_a_model_that_keeps_calling_tools_is_stopped_after_max_rounds(composite, browser):
+    from composite_demo.main import MAX_ROUNDS
+    from scripted_tools import call
+
+    page = open_page(browser, composite.url, "Tool")
+    send(page, call("random_number", {"low": 1, "high": 6}, again=True))
+    wait_messages(page, "please call tool", *[r"Tool call · random_number", r"Tool result · random_number\s+[1-6]$"]
+                  * MAX_ROUNDS)
+    assert f"called tools {MAX_ROUNDS} times in a row" in page.get_by_test_id("stAlert").inner_text()
+
+
+@pytest.mark.browser
 def test_chat_mode_renders_markdown_safely_and_keeps_each_modes_conversation(composite, browser):
     from browser import screenshot
     from scripted_demo import say
@@ -241,3 +253,22 @@ def test_a_chatglm2_checkpoint_offers_only_chat(browser):
         assert "ChatGLM2-6B" in sidebar.inner_text()
         send(page, "hello")
         wait_messages(page, "^hello$", r"^Reply \d+: this is a scripted reply\.$")
+
+
+@pytest.mark.browser
+def test_streamlit_run_with_the_model_and_host_check(v3_dir, browser):
+    """The page as users start it (the real tiny model); it refuses to serve where Streamlit listens elsewhere than
+    --host."""
+    from serving import ServerProcess
+
+    script = "composite_demo/main.py"
+    with ServerProcess(script, v3_dir, ready_path=HEALTH, streamlit=True) as server:
+        page = open_page(browser, server.url, "Tool")
+        send(page, "hello")
+        wait_messages(page, "^hello$", "")  # the random tiny model's reply (whatever it is)
+    with ServerProcess(script, v3_dir, "--host", "0.0.0.0", ready_path=HEALTH, streamlit=True) as server:
+        page = browser.new_page()
+        page.goto(server.url, timeout=60_000)
+        page.get_by_test_id("stAlert").wait_for(timeout=60_000)
+        assert "--host is 0.0.0.0" in page.get_by_test_id("stAlert").inner_text()
+        assert page.get_by_test_id("stChatInputTextArea").count() == 0
