@@ -217,6 +217,23 @@ def test_a_model_that_keeps_calling_tools_is_stopped_after_max_rounds(composite,
 
 
 @pytest.mark.browser
+@pytest.mark.parametrize("mode", ["Chat", "Tool"])
+def test_stop_keeps_what_was_written_and_the_chat_goes_on(composite, browser, mode):
+    from browser import wait_until
+    from scripted_demo import LONG, say
+
+    page = open_page(browser, composite.url, mode)
+    send(page, LONG)
+    wait_until(page, lambda: page.get_by_text(re.compile("word40 ")).count() > 0, what="a long reply to stream")
+    page.get_by_role("button", name="Stop").click()
+    wait_messages(page, LONG, "^word0 word1 .*word40 ")
+    kept = messages(page)[1]
+    send(page, say("next"))
+    wait_messages(page, LONG, "^word0", "next", "^next$")
+    assert messages(page)[1] == kept
+
+
+@pytest.mark.browser
 def test_chat_mode_renders_markdown_safely_and_keeps_each_modes_conversation(composite, browser):
     from browser import screenshot
     from scripted_demo import say
