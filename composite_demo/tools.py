@@ -48,13 +48,14 @@ def _schema(annotation) -> dict:
                     f"not {annotation!r}")
 
 
-def _docs(doc: str) -> tuple[str, dict[str, str]]:
-    """(the description, {parameter: its description}) from a docstring."""
+def _docs(doc: str, names) -> tuple[str, dict[str, str]]:
+    """(the description, {parameter: its description}) from a docstring: a paragraph of `name: text` lines naming
+    parameters describes them; every other paragraph is the description."""
     description, params = [], {}
     for paragraph in inspect.cleandoc(doc or "").split("\n\n"):
         lines = [line.strip() for line in paragraph.splitlines() if line.strip()]
         named = [line.partition(":") for line in lines]
-        if lines and all(sep and name.isidentifier() for name, sep, _ in named):
+        if lines and all(sep and name in names for name, sep, _ in named):
             params.update({name: text.strip() for name, _, text in named})
         elif lines:
             description.append(" ".join(lines))
@@ -63,12 +64,15 @@ def _docs(doc: str) -> tuple[str, dict[str, str]]:
 
 def describe(fn: typing.Callable) -> dict:
     """The ChatGLM3 tool description of fn: {"name", "description", "parameters" (a JSON schema)}."""
-    description, param_docs = _docs(fn.__doc__)
+    signature = inspect.signature(fn)
+    description, param_docs = _docs(fn.__doc__, signature.parameters)
     if not description:
         raise TypeError(f"the tool {fn.__name__} needs a docstring: it tells the model what the tool does")
     hints = typing.get_type_hints(fn)
     properties, required = {}, []
-    for name, param in inspect.signature(fn).parameters.items():
+    for name, param in signature.parameters.items():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD, param.POSITIONAL_ONLY):
+            raise TypeError(f"the tool {fn.__name__}'s parameter {name} must be a plain keyword parameter")
         if name not in hints:
             raise TypeError(f"the tool {fn.__name__}'s parameter {name} needs a type hint")
         properties[name] = {**_schema(hints[name]), **({"description": param_docs[name]} if name in param_docs

@@ -21,13 +21,15 @@ def test_a_typed_documented_function_becomes_a_chatglm3_tool():
 
         Pays at the desk.
 
+        Note: not refundable.
+
         city: where
         nights: how many nights
         """
         return f"{city} {nights} {budget} {breakfast} {kind}"
 
     assert describe(book) == {
-        "name": "book", "description": "Book a room.\nPays at the desk.",
+        "name": "book", "description": "Book a room.\nPays at the desk.\nNote: not refundable.",
         "parameters": {"type": "object", "required": ["city", "nights"], "properties": {
             "city": {"type": "string", "description": "where"},
             "nights": {"type": "integer", "description": "how many nights"},
@@ -56,7 +58,13 @@ def test_a_tool_without_docstring_or_hint_is_refused_when_declared():
         tools.tool(undocumented)
     with pytest.raises(TypeError, match="type hint"):
         tools.tool(untyped)
-    assert "undocumented" not in tools.REGISTRY and "untyped" not in tools.REGISTRY
+
+    def anything(**kwargs: int) -> int:
+        """Something."""
+
+    with pytest.raises(TypeError, match="plain keyword parameter"):
+        tools.tool(anything)
+    assert not {"undocumented", "untyped", "anything"} & set(tools.REGISTRY)
 
 
 def test_shipped_tools_are_registered_with_their_descriptions():
