@@ -2,7 +2,6 @@
 [--port 8501] [--auth USER:PASS] (or: streamlit run web_demo2.py -- [the same flags])."""
 
 import base64
-import hmac
 import html
 import os
 import re
@@ -13,7 +12,8 @@ import time
 
 import streamlit as st
 
-from model.flags import ModelLoadError, build_parser, logins, service_from_args
+from model.flags import build_parser, service_from_args
+from server import streamlit_page as page
 from server.webchat import clean_text, reply_stream
 
 # Avatars drawn here (streamlit-chat's default ones come from a web service, which an offline machine lacks).
@@ -30,9 +30,7 @@ STREAMLIT_FLAGS = ["--server.headless", "true", "--browser.gatherUsageStats", "f
                    "--client.toolbarMode", "minimal", "--server.maxUploadSize", "1"]
 
 
-class FlagError(ValueError):
-    """A bad command-line flag; the message is argparse's usage and error."""
-
+SCRIPT = "web_demo2.py"  # how the page names itself in messages
 
 def parser():
     return build_parser(__doc__, web=True, port=DEFAULT_PORT)
@@ -40,19 +38,7 @@ def parser():
 
 def parse_args(argv: list[str]):
     """The flags, with host / port None where not given; FlagError instead of exiting on a bad one."""
-    ap = parser()
-    ap.set_defaults(host=None, port=None)  # None: not given, so whatever Streamlit was told holds
-
-    def error(message):
-        raise FlagError(f"{ap.format_usage()}{ap.prog}: error: {message}")
-
-    ap.error = error
-    args = ap.parse_args(argv)
-    try:
-        args.logins = logins(args.auth)
-    except (OSError, ValueError) as e:
-        error(f"--auth: {e}")
-    return args
+    return page.parse_args(parser(), argv)
 
 
 @st.cache_resource(show_spinner="Loading the model...")
@@ -167,68 +153,11 @@ def bubble(text: str, role: str, key: str) -> None:
 
 
 # ---- start, flags and login -------------------------------------------------------------------------------------
-_reported = set()
-
-
-def refuse(message: str) -> None:
-    """Say what is wrong in the page and (once) in the terminal, and serve nothing else."""
-    if message not in _reported:
-        _reported.add(message)
-        print(f"web_demo2.py: {message}", file=sys.stderr, flush=True)
-    st.error(message)
-    st.stop()
-
-
-def binding_problem(args) -> str | None:
-    """Why the address / port Streamlit listens on is not the one the flags ask for (None: they agree)."""
-    bound, host = st.get_option("server.address"), args.host or "127.0.0.1"
-    if (bound or "0.0.0.0") != host:
-        where = f"listens on {bound}" if bound else "listens on every interface"
-        return (f"Streamlit {where} but --host is {host}: start with `python web_demo2.py --host {host}` "
-                f"(or `streamlit run web_demo2.py --server.address {host} -- ...`).")
-    if args.port is not None and args.port != st.get_option("server.port"):
-        return (f"Streamlit listens on port {st.get_option('server.port')} but --port is {args.port}: start with "
-                f"`python web_demo2.py --port {args.port}`.")
-    return None
-
-
-def logged_in(pairs: list[tuple[str, str]]) -> bool:
-    """True once this browser session has given one of the logins (always, with none configured)."""
-    state = st.session_state
-    if not pairs or state.get("user"):
-        return True
-    with st.form("login"):
-        st.markdown("**Log in to chat**")
-        user = st.text_input("User")
-        password = st.text_input("Password", type="password")
-        if st.form_submit_button("Log in"):
-            ok = False
-            for u, p in pairs:  # every pair compared, in constant time: the answer's timing says nothing
-                ok |= hmac.compare_digest(user.encode(), u.encode()) & hmac.compare_digest(password.encode(),
-                                                                                          p.encode())
-            if ok:
-                state.user = user
-                st.rerun()
-            st.error("Wrong user or password.")
-    return False
-
-
 def main(service_for=None) -> None:
     """The page; service_for(argv tuple) gives the completion service (default: the flags', made once)."""
     st.set_page_config(page_title="ChatGLM", page_icon=":robot:", layout="wide")
-    try:
-        args = parse_args(sys.argv[1:])
-    except FlagError as e:
-        refuse(str(e))
-    problem = binding_problem(args)
-    if problem:
-        refuse(problem)
-    if not logged_in(args.logins):
-        st.stop()
-    try:
-        service = (service_for or get_service)(tuple(sys.argv[1:]))
-    except ModelLoadError as e:
-        refuse(f"The model could not be loaded. {e}")
+    args, service = page.open_page(sys.argv[1:], parse_args, service_for or get_service, SCRIPT,
+                                   runs_streamlit=True)
     state = st.session_state
     state.setdefault("history", [])  # [{"role", "content"}], this browser session's own
     # Streamlit starts the next run (Stop, a new message) before the one still streaming has noticed that it was
@@ -291,7 +220,7 @@ def run_streamlit(argv: list[str]) -> int:
     """`python web_demo2.py FLAGS`: check the flags here, then become `streamlit run` listening where they say."""
     try:
         args = parse_args(argv)
-    except FlagError as e:
+    except page.FlagError as e:
         print(e, file=sys.stderr)
         return 2
     os.execv(sys.executable, [sys.executable, "-m", "streamlit", "run", os.path.abspath(__file__),

@@ -30,7 +30,7 @@ def imported_modules(path: str) -> set[str]:
 
 def package_and_script_files() -> list[str]:
     files = [os.path.join(ROOT, f"{name}.py") for name in TOP_LEVEL]
-    for package in ("model", "server"):
+    for package in ("model", "server", "composite_demo"):
         files += sorted(glob.glob(os.path.join(ROOT, package, "*.py")))
     return files
 
@@ -40,6 +40,8 @@ def test_no_script_or_package_module_imports_a_script_or_utils(path):
     """What the scripts share lives in the package; utils.py only keeps load_model_on_gpus (and old names)."""
     own = os.path.splitext(os.path.basename(path))[0]
     wrong = imported_modules(path) & (set(TOP_LEVEL) - {own})
+    if os.path.basename(os.path.dirname(path)) != "composite_demo":  # a front end too: nothing imports it
+        wrong |= imported_modules(path) & {"composite_demo"}
     if own == "utils":
         wrong -= {"model"}
     assert not wrong, f"{os.path.relpath(path, ROOT)} imports {sorted(wrong)}"
@@ -52,6 +54,7 @@ def test_every_script_has_the_same_model_default(monkeypatch):
     monkeypatch.delenv("MODEL_PATH", raising=False)
     parsers = {name: importlib.import_module(name).parser() for name in SCRIPTS}
     parsers["python -m model"] = model_main_parser()
+    parsers["composite_demo"] = importlib.import_module("composite_demo.main").parser()
     defaults = {name: p.get_default("model") for name, p in parsers.items()}
     assert defaults == dict.fromkeys(defaults, DEFAULT_MODEL)
     monkeypatch.setenv("MODEL_PATH", "/models/mine")
@@ -59,7 +62,8 @@ def test_every_script_has_the_same_model_default(monkeypatch):
         "/models/mine"}
 
 
-CHAT_FRONT_ENDS = ["cli_demo.py", "web_demo.py", "web_demo2.py", "model/__main__.py", "server/webchat.py"]
+CHAT_FRONT_ENDS = ["cli_demo.py", "web_demo.py", "web_demo2.py", "model/__main__.py", "server/webchat.py",
+                   "composite_demo/main.py"]
 ENGINE_ONLY = {"engine", "format", "tokenizer", "stats", "submit_all", "stream_chat", "model"}
 
 
