@@ -5,6 +5,7 @@ still answer exactly as before. (Its memory over many requests is measured by be
 """
 
 import asyncio
+import concurrent.futures
 import json
 import random
 import time
@@ -90,7 +91,9 @@ def test_soak_with_random_disconnects(server):
     before_text = greedy_reply(server.url)
     idle = settle(server)
     started = time.monotonic()
-    outcomes = asyncio.run(soak(server.url))
+    # in a thread of its own: a session's Playwright (sync API) keeps an event loop running in the main thread
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        outcomes = pool.submit(asyncio.run, soak(server.url)).result()
     elapsed = time.monotonic() - started
     counts = {k: outcomes.count(k) for k in set(outcomes)}
     assert set(counts) <= {"done", "hung up", "timed out"}, counts  # no error status, no stream cut short
