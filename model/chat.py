@@ -96,7 +96,7 @@ class ChatMixin:
         """
         params, max_new = self._chat_params(do_sample, top_p, temperature, num_beams, kwargs)
         fmt, history, last = format_for(tokenizer.family), list(history or []), None
-        for parser, done, cache in self._chat_stream(tokenizer, query, history, role, past_key_values, max_length,
+        for parser, _, cache in self._chat_stream(tokenizer, query, history, role, past_key_values, max_length,
                                                      params, max_new, logits_processor):
             response, new_history = fmt.chat_result(parser, query, history, role)
             if response == last:
@@ -112,7 +112,6 @@ class ChatMixin:
         ChatGLM3: role dicts, response a dict for tool calls)."""
         params, max_new = self._chat_params(do_sample, top_p, temperature, num_beams, kwargs)
         fmt, history = format_for(tokenizer.family), list(history or [])
-        parser = fmt.parser()
         for parser, _, _ in self._chat_stream(tokenizer, query, history, role, None, max_length, params, max_new,
                                               logits_processor):
             pass

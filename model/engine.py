@@ -119,7 +119,8 @@ class _Sequence:
         self.stop_ids = set(request.stop_ids)
         self.prompt = list(request.input_ids)
         self.budget = reply_budget(engine.context_length, len(self.prompt), request.max_new_tokens)
-        self.sampler = SequenceSampler(request.params, torch.tensor([self.prompt], device=device))
+        self.ids = torch.tensor([self.prompt], dtype=torch.long, device=device)  # (1, T): prefill and penalties read it
+        self.sampler = SequenceSampler(request.params, self.ids)
         self.decoder = StreamDecoder(engine.tokenizer)
         self.count = 0
         self.next_id: int | None = None  # the sampled id to feed at the next step
@@ -302,7 +303,7 @@ class Engine:
             self.stats.prompt_tokens += len(seq.prompt)
         try:
             seed_prefix(model, row)
-            ids = torch.tensor([seq.prompt], dtype=torch.long, device=model.device)
+            ids = seq.ids
             positions = prompt_position_ids(model, ids)
             seq.position = positions[..., -1:]
             out = model.transformer(ids, positions, None, row, last_logits_only=True)
@@ -321,7 +322,7 @@ class Engine:
         start = seq.stage.length - self.prefix  # prompt tokens read so far
         end = min(start + self.prefill_chunk, len(seq.prompt))
         try:
-            ids = torch.tensor([seq.prompt[start:end]], dtype=torch.long, device=model.device)
+            ids = seq.ids[:, start:end]
             positions = prompt_position_ids(model, ids, start)
             out = model.transformer(ids, positions, None, seq.stage, last_logits_only=True)
             if end < len(seq.prompt):
