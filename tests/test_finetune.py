@@ -1,7 +1,7 @@
 """Training (issue 20 §3): the model's training conventions (labels -> shifted cross-entropy, gradient
 checkpointing, prepare_inputs_for_generation, peft, the transformers Trainer), finetune.py's data handling and
-errors, and, marked slow, LoRA / P-Tuning v2 runs on a tiny golden model that learn a fixed answer and keep it
-after saving and reloading."""
+errors, and, marked slow, LoRA / P-Tuning v2 runs on a tiny golden model of each family that learn a fixed answer
+and keep it after saving and reloading (load_model, cli_demo.py and openai_api.py with the scripts' flags)."""
 
 import json
 import os
@@ -293,6 +293,21 @@ def greedy_answer(model, tokenizer) -> str:
     return model.chat(tokenizer, QUESTION, do_sample=False, max_new_tokens=16)[0]
 
 
+def cli_demo_answer(base: str, *flags: str, env=None) -> str:
+    """cli_demo.py's greedy reply to QUESTION (driven through a pseudo-terminal as in test_cli_demo.py)."""
+    import pexpect
+
+    from test_cli_demo import ask, spawn
+
+    child = spawn(base, *flags, env=env)
+    try:
+        return ask(child, QUESTION)
+    finally:
+        child.sendline("stop")
+        child.expect(pexpect.EOF)
+        child.close()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method,name,extra", [
     ("lora", "chatglm3-tiny", ["--lr", "5e-3", "--lora-dropout", "0"]),
@@ -325,6 +340,11 @@ def test_finetune_teaches_an_answer_that_survives_saving_and_reloading(tmp_path,
         assert json.load(open(os.path.join(out, "ptuning.json")))["pre_seq_len"] == 8
         reloaded, tok = load_model(base, ptuning=out, device="cpu", dtype="float32")
     assert greedy_answer(reloaded, tok) == ANSWER
+    # cli_demo.py reloads it with the scripts' flags (one case through the original demos' environment variables)
+    flags, env = ["--adapter", out] if method == "lora" else ["--ptuning-checkpoint", out, "--pre-seq-len", "8"], None
+    if method == "ptuning" and name == "chatglm2-tiny":
+        flags, env = [], dict(os.environ, HF_HUB_OFFLINE="1", CHECKPOINT_PATH=out, PRE_SEQ_LEN="8")
+    assert cli_demo_answer(base, *flags, env=env) == ANSWER
     if family == "chatglm3":  # a front end with the scripts' flag serves the answer too
         import httpx
 
