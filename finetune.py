@@ -226,9 +226,6 @@ def prepare(model, args):
                             target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
         model = get_peft_model(model, config)
     else:
-        if not hasattr(model, "add_prefix_encoder"):
-            raise DataError(f"P-Tuning v2 training is for ChatGLM2 / ChatGLM3 models; {args.model} is "
-                            f"{model.config.family}: use --method lora")
         model.add_prefix_encoder(args.pre_seq_len, args.prefix_projection).requires_grad_(True)
     if args.gradient_checkpointing:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model

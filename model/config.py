@@ -8,7 +8,7 @@ import os
 
 from transformers import PretrainedConfig
 
-from .config_v1 import V1_SHAPE_KEYS, ChatGLM1Config, is_v1_config
+from .config_v1 import V1_SHAPE_KEYS, ChatGLM1Config, is_v1_config, valid_pre_seq_len
 from .hub import CheckpointError, UnsupportedConfigError, read_json
 
 logger = logging.getLogger(__name__)
@@ -165,8 +165,7 @@ class ChatGLMConfig(PretrainedConfig):
             unsupported.append("rmsnorm=false (LayerNorm blocks)")
         if self.fp32_residual_connection:
             unsupported.append("fp32_residual_connection=true")
-        prefix = self.pre_seq_len
-        if prefix is not None and (isinstance(prefix, bool) or not isinstance(prefix, int) or prefix <= 0):
+        if not valid_pre_seq_len(self.pre_seq_len):
             unsupported.append(f"pre_seq_len={self.pre_seq_len!r} (P-Tuning v2 prefix: a positive number of tokens)")
         if self.quantization_bit not in (0, 4, 8):
             unsupported.append(f"quantization_bit={self.quantization_bit} (supported: 4, 8)")

@@ -16,6 +16,11 @@ def is_v1_config(config_dict: dict) -> bool:
             and "padded_vocab_size" not in config_dict and "multi_query_group_num" not in config_dict)
 
 
+def valid_pre_seq_len(value) -> bool:
+    """None (no P-Tuning prefix) or a positive int, as both families' configs accept."""
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0)
+
+
 class ChatGLM1Config(PretrainedConfig):
     """Config of the ChatGLM-6B network; attribute names are the config.json keys (6B values as defaults,
     but the ids must come from the file: the oldest revisions use other ones)."""
@@ -41,8 +46,8 @@ class ChatGLM1Config(PretrainedConfig):
         self.gmask_token_id = gmask_token_id
         self.quantization_bit = quantization_bit or 0
         self.quantization_embeddings = quantization_embeddings
-        self.pre_seq_len = pre_seq_len
-        self.prefix_projection = prefix_projection
+        self.pre_seq_len = pre_seq_len or None  # 0 / null: no prefix
+        self.prefix_projection = bool(prefix_projection)
         self.family = "chatglm1"
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
 
@@ -67,8 +72,8 @@ class ChatGLM1Config(PretrainedConfig):
         unsupported = []
         if not self.position_encoding_2d:
             unsupported.append("position_encoding_2d=false (never released)")
-        if self.pre_seq_len:
-            unsupported.append(f"pre_seq_len={self.pre_seq_len} (P-tuning v2 prefix)")
+        if not valid_pre_seq_len(self.pre_seq_len):
+            unsupported.append(f"pre_seq_len={self.pre_seq_len!r} (P-Tuning v2 prefix: a positive number of tokens)")
         if self.quantization_bit not in (0, 4, 8):
             unsupported.append(f"quantization_bit={self.quantization_bit} (supported: 4, 8)")
         if self.quantization_embeddings:

@@ -54,6 +54,89 @@ def render_tool_call(name: str, arguments: str) -> str:
     return f"```python\ntool_call({call})\n```"
 
 
+# ---- chat templates (Jinja, as transformers renders tokenizer_config.json's chat_template) ------------------
+# Each renders the prompt text of the family's format (ChatFormat.prompt_text) for transformers-style messages;
+# what the family cannot express raises through transformers' raise_exception. The prompt always ends ready for
+# the assistant's reply, whatever add_generation_prompt says (as apply_chat_template).
+_QA_TURNS = r"""
+{%- set ns = namespace(systems=[], query=none, rounds=[]) -%}
+{%- if tools -%}{{- raise_exception('tool calling needs a ChatGLM3 checkpoint') -}}{%- endif -%}
+{%- for m in messages -%}
+  {%- set content = m['content'] or '' -%}
+  {%- if m['tool_calls'] or m['tools'] or m['role'] in ['tool', 'observation'] -%}
+    {{- raise_exception('tool calling needs a ChatGLM3 checkpoint') -}}
+  {%- elif m['role'] == 'system' -%}
+    {%- set ns.systems = ns.systems + [content] -%}
+  {%- elif m['role'] == 'user' -%}
+    {%- set ns.query = content if ns.query is none else ns.query ~ '\n' ~ content -%}
+  {%- elif m['role'] == 'assistant' -%}
+    {%- if ns.query is none -%}{{- raise_exception('an assistant message must follow a user message') -}}{%- endif -%}
+    {%- set ns.rounds = ns.rounds + [[ns.query, content]] -%}
+    {%- set ns.query = none -%}
+  {%- else -%}
+    {{- raise_exception('unknown role ' ~ m['role']) -}}
+  {%- endif -%}
+{%- endfor -%}
+{%- if ns.query is none -%}{{- raise_exception('the last message must be from the user') -}}{%- endif -%}
+{%- set system = ns.systems | join('\n') -%}
+{%- set opening = (system ~ '\n') if system else '' -%}
+"""
+CHATGLM1_TEMPLATE = _QA_TURNS + r"""
+{%- if not ns.rounds -%}
+  {{- opening ~ ns.query -}}
+{%- else -%}
+  {%- for r in ns.rounds -%}
+    {{- '[Round ' ~ loop.index0 ~ ']\n问：' ~ (opening if loop.first else '') ~ r[0] ~ '\n答：' ~ r[1] ~ '\n' -}}
+  {%- endfor -%}
+  {{- '[Round ' ~ ns.rounds | length ~ ']\n问：' ~ ns.query ~ '\n答：' -}}
+{%- endif -%}
+"""
+CHATGLM2_TEMPLATE = _QA_TURNS + r"""
+{%- for r in ns.rounds -%}
+  {{- '[Round ' ~ loop.index ~ ']\n\n问：' ~ (opening if loop.first else '') ~ r[0] ~ '\n\n答：' ~ r[1] ~ '\n\n' -}}
+{%- endfor -%}
+{{- '[Round ' ~ (ns.rounds | length + 1) ~ ']\n\n问：' ~ ('' if ns.rounds else opening) ~ ns.query ~ '\n\n答：' -}}
+"""
+# ChatGLM3: [gMASK]sop, then per turn '<|role|> metadata\n content' (the space before metadata and content is
+# how the tokenizer's decode shows the pieces' leading '▁'), then <|assistant|>. Top-level tools go to the first
+# system message (a default one when there is none), as JSON indented by 4.
+CHATGLM3_TEMPLATE = r"""
+{%- set ns = namespace(first_system=true) -%}
+{%- set has_system = messages | selectattr('role', 'equalto', 'system') | list | length > 0 -%}
+{{- '[gMASK]sop' -}}
+{%- if tools and not has_system -%}
+  {{- '<|system|> \n ' ~ '""" + DEFAULT_TOOL_PROMPT + r"""' ~ '\n' ~ (tools | tojson(indent=4)) -}}
+{%- endif -%}
+{%- if not messages or messages[-1]['role'] not in ['user', 'tool', 'observation'] -%}
+  {{- raise_exception('the last message must be from the user or a tool') -}}
+{%- endif -%}
+{%- for m in messages -%}
+  {%- set content = m['content'] or '' -%}
+  {%- set metadata = '' -%}
+  {%- if m['role'] == 'system' -%}
+    {%- set offered = tools if (tools and ns.first_system) else m['tools'] -%}
+    {%- set ns.first_system = false -%}
+    {%- if offered -%}{%- set content = content ~ '\n' ~ (offered | tojson(indent=4)) -%}{%- endif -%}
+    {%- set role = 'system' -%}
+  {%- elif m['role'] == 'user' -%}
+    {%- set role = 'user' -%}
+  {%- elif m['role'] in ['tool', 'observation'] -%}
+    {%- set role = 'observation' -%}
+  {%- elif m['role'] == 'assistant' -%}
+    {%- if m['tool_calls'] -%}
+      {{- raise_exception('assistant tool_calls are not rendered by this template; use apply_chat_template') -}}
+    {%- endif -%}
+    {%- set metadata = m['metadata'] or '' -%}
+    {%- set role = 'assistant' -%}
+  {%- else -%}
+    {{- raise_exception('unknown role ' ~ m['role']) -}}
+  {%- endif -%}
+  {{- '<|' ~ role ~ '|> ' ~ metadata ~ '\n' ~ ((' ' ~ content) if content else '') -}}
+{%- endfor -%}
+{{- '<|assistant|>' -}}
+"""
+
+
 class ChatFormat:
     """A family's chat format. Subclasses fill in the prompt; the rest is shared."""
 
@@ -66,6 +149,7 @@ class ChatFormat:
     chunked_prefill = True  # the prompt is causal, so it can be read a chunk at a time
     segments = False  # the reply is segments with metadata lines (ChatGLM3)
     widen_punctuation = False  # ASCII , ! : ; ? next to CJK text become full-width (ChatGLM-6B)
+    chat_template = ""  # Jinja source that renders prompt_text, saved in tokenizer_config.json
 
     # ---- prompts --------------------------------------------------------------------------------
     def prompt_ids(self, tokenizer, messages: list[Message], tools: list[dict] | None = None,
@@ -75,17 +159,29 @@ class ChatFormat:
         tools: function definitions ({"name", "description", "parameters"}) offered to the model;
         forced_tool: name of a tool the reply must call.
         """
+        self.check(messages, tools, forced_tool)
+        return self._prompt_ids(tokenizer, messages, tools, forced_tool)
+
+    def prompt_text(self, tokenizer, messages: list[Message], tools: list[dict] | None = None) -> str:
+        """The prompt as text, what the family's chat_template renders (families without roles: the original
+        build_prompt text, whose encode() is prompt_ids; ChatGLM3: the ids as its decode() writes them)."""
+        self.check(messages, tools)
+        return self._prompt_text(tokenizer, messages, tools)
+
+    def check(self, messages: list[Message], tools: list[dict] | None = None, forced_tool: str | None = None):
+        """ConversationError for what this family cannot take."""
         if not messages:
             raise ConversationError("messages must not be empty", "messages")
         if not self.supports_tools and (tools or forced_tool or any(
                 m.role in ("tool", "observation") or m.tool_calls or m.tools for m in messages)):
             raise ConversationError(f"tool calling needs a ChatGLM3 checkpoint; this model is {self.display_name}",
                                     "tools")
-        return self._prompt_ids(tokenizer, messages, tools, forced_tool)
 
     def _prompt_ids(self, tokenizer, messages, tools, forced_tool) -> list[int]:
-        query, history = question_answer_turns(messages)
-        return tokenizer.encode(tokenizer.build_prompt(query, history))
+        return tokenizer.encode(self._prompt_text(tokenizer, messages, tools))
+
+    def _prompt_text(self, tokenizer, messages, tools) -> str:
+        return tokenizer.build_prompt(*question_answer_turns(messages))
 
     def turn_ids(self, tokenizer, query: str, history: list, role: str = "user", cached: bool = False) -> list[int]:
         """The original chat API: ids of query after history (in the family's history form). With cached, the
@@ -145,6 +241,7 @@ def question_answer_turns(messages: list[Message]) -> tuple[str, list[tuple[str,
 
 class ChatGLM1Format(ChatFormat):
     family = "chatglm1"
+    chat_template = CHATGLM1_TEMPLATE
     display_name = "ChatGLM-6B"
     defaults = SamplingDefaults(temperature=0.95, top_p=0.7)
     reuses_cache = False  # its 2-D positions restart each prompt: a conversation is re-read every turn
@@ -159,6 +256,7 @@ class ChatGLM1Format(ChatFormat):
 
 class ChatGLM2Format(ChatFormat):
     family = "chatglm2"
+    chat_template = CHATGLM2_TEMPLATE
     display_name = "ChatGLM2-6B"
 
 
@@ -168,6 +266,10 @@ class ChatGLM3Format(ChatFormat):
     has_system_role = True
     supports_tools = True
     segments = True
+    chat_template = CHATGLM3_TEMPLATE
+
+    def _prompt_text(self, tokenizer, messages, tools):
+        return tokenizer.decode(self._prompt_ids(tokenizer, messages, tools, None))
 
     def _prompt_ids(self, tokenizer, messages, tools, forced_tool):
         history: list[dict] = []

@@ -500,13 +500,11 @@ def config_to_json(config: ChatGLMConfig, dtype: torch.dtype) -> dict:
         d = {"_name_or_path": config._name_or_path or "local/chatglm1", "model_type": "chatglm",
              "architectures": ["ChatGLMModel"], "torch_dtype": str(dtype).removeprefix("torch."), "use_cache": True}
         d.update({k: getattr(config, k) for k in V1_CONFIG_KEYS})
-        if not d["quantization_bit"]:
-            del d["quantization_bit"]
-        return d
-    d = {"_name_or_path": config._name_or_path or f"local/{config.family}", "model_type": "chatglm",
-         "architectures": ["ChatGLMModel"], "torch_dtype": str(dtype).removeprefix("torch."),
-         "tie_word_embeddings": False, "use_cache": True}
-    d.update({k: getattr(config, k) for k in CONFIG_KEYS})
+    else:
+        d = {"_name_or_path": config._name_or_path or f"local/{config.family}", "model_type": "chatglm",
+             "architectures": ["ChatGLMModel"], "torch_dtype": str(dtype).removeprefix("torch."),
+             "tie_word_embeddings": False, "use_cache": True}
+        d.update({k: getattr(config, k) for k in CONFIG_KEYS})
     if not d["quantization_bit"]:
         del d["quantization_bit"]
     if config.pre_seq_len:  # a P-Tuning v2 prefix: its encoder is saved with the weights

@@ -299,15 +299,19 @@ class StaticPrefix:
 class PrefixEncoder(nn.Module):
     """P-Tuning v2: the learned keys and values of pre_seq_len virtual tokens for every layer (the checkpoint's
     `transformer.prefix_encoder.*`): an embedding of the prefix positions, with prefix_projection through
-    Linear(kv -> hidden), tanh, Linear(hidden -> kv), as the original. Kept and computed in float32 whatever
-    the model's dtype (as the original demos keep it); only its output is cast to the model's dtype."""
+    Linear(embedding -> hidden), tanh, Linear(hidden -> kv), as the original. Kept and computed in float32
+    whatever the model's dtype (as the original demos keep it); only its output is cast to the model's dtype.
 
-    def __init__(self, config: ChatGLMConfig, device=None):
+    The embedding of the projection is as wide as the keys/values (ChatGLM2/3) or as the hidden state
+    (ChatGLM-6B: projection_input=hidden_size, its original's layout)."""
+
+    def __init__(self, config, device=None, projection_input: int | None = None):
         super().__init__()
         kv_size = config.num_layers * 2 * config.num_kv_heads * config.kv_channels
-        self.embedding = nn.Embedding(config.pre_seq_len, kv_size, dtype=torch.float32, device=device)
+        width = (projection_input or kv_size) if config.prefix_projection else kv_size
+        self.embedding = nn.Embedding(config.pre_seq_len, width, dtype=torch.float32, device=device)
         self.trans = nn.Sequential(
-            nn.Linear(kv_size, config.hidden_size, dtype=torch.float32, device=device),
+            nn.Linear(width, config.hidden_size, dtype=torch.float32, device=device),
             nn.Tanh(),
             nn.Linear(config.hidden_size, kv_size, dtype=torch.float32, device=device),
         ) if config.prefix_projection else None
@@ -320,6 +324,78 @@ class PrefixEncoder(nn.Module):
             x = F.linear(x, first.weight.float(), first.bias.float()).tanh()
             x = F.linear(x, last.weight.float(), last.bias.float())
         return x
+
+
+class PrefixTuning:
+    """The P-Tuning v2 prefix of a network module (ChatGLMModel, ChatGLM1Model): `prefix_encoder` (None without
+    a prefix) and `config`; the subclass names its blocks (prefix_blocks) and its word embeddings' dtype
+    (prefix_dtype). Both families lay the prefix out alike: as the original's past_key_values, layer i's keys
+    are the encoder output [:, 2i] and its values [:, 2i + 1], viewed as (pre_seq_len, num_layers * 2, kv_heads,
+    head_dim), stored without rotary (the tokens' positions still start at 0)."""
+
+    PREFIX_PROJECTION_INPUT: str | None = None  # the config field the projection's embedding is as wide as
+
+    def make_prefix_encoder(self, device=None) -> PrefixEncoder | None:
+        c = self.config
+        if not c.pre_seq_len:
+            return None
+        width = getattr(c, self.PREFIX_PROJECTION_INPUT) if self.PREFIX_PROJECTION_INPUT else None
+        return PrefixEncoder(c, device, projection_input=width)
+
+    @property
+    def prefix_length(self) -> int:
+        """Cache positions the P-Tuning v2 prefix takes before the tokens (0 without one)."""
+        return self.config.pre_seq_len if self.prefix_encoder is not None else 0
+
+    def seed_prefix(self, cache):
+        """Write the prefix keys/values into an empty cache (KVCache, or a BatchCache's RowCache) at positions
+        0..pre_seq_len-1 of every layer and return the cache; a cache that is not empty, or a model without a
+        prefix: unchanged. The one place a cache gets the prefix: every code path that creates a cache calls it."""
+        if self.prefix_encoder is None or cache.length:
+            return cache
+        P = self.config.pre_seq_len
+        cache.reserve(P)
+        for i, (key, value) in enumerate(self.prefix_key_values(cache.batch_size)):
+            cache.update(i, key, value)
+        cache.advance(P)
+        return cache
+
+    def prefix_key_values(self, batch: int):
+        """Each layer's prefix (key, value), (batch, kv_heads, pre_seq_len, head_dim) in the model's dtype on
+        the layer's device (see seed_prefix)."""
+        P, c = self.config.pre_seq_len, self.config
+        kv = self.prefix_encoder().view(P, c.num_layers * 2, c.num_kv_heads, c.kv_channels)
+        kv = kv.permute(1, 2, 0, 3)  # (num_layers * 2, kv_heads, P, head_dim)
+        dtype = self.prefix_dtype
+        for i, layer in enumerate(self.prefix_blocks):
+            device = layer.input_layernorm.weight.device  # the layer's own device when split over GPUs
+            yield tuple(t.to(device=device, dtype=dtype)[None].expand(batch, -1, -1, -1)
+                        for t in (kv[2 * i], kv[2 * i + 1]))
+
+    def prefixed_cache(self, cache, batch: int, new_tokens: int, use_cache: bool, dtype, device):
+        """The cache a forward of `new_tokens` tokens reads and writes: a training pass with a prefix (no
+        cache, gradients on) gets a StaticPrefix (the prefix concatenated in each layer, differentiably); else a
+        new KVCache when use_cache or a prefix asks for one (a prefix is read from a cache, even without
+        use_cache), which, as an empty given one, starts with the prefix."""
+        prefix = self.prefix_length
+        if cache is None and prefix and not use_cache and torch.is_grad_enabled():
+            pairs = list(self.prefix_key_values(batch))
+            return StaticPrefix([k for k, _ in pairs], [v for _, v in pairs])
+        if cache is None and (use_cache or prefix):
+            cache = KVCache.for_model(self.config, batch, dtype, device, capacity=max(new_tokens, 256) + prefix)
+        if cache is not None:
+            self.seed_prefix(cache)
+            cache.reserve(new_tokens)
+        return cache
+
+    def token_key_padding(self, attention_mask, batch: int, cached: int, new_tokens: int):
+        """A (B, S) key-padding mask that covers the tokens only (the original's convention) gets the prefix's
+        columns in front, all 'attend'; one that covers the prefix too is unchanged."""
+        prefix = self.prefix_length
+        if prefix and attention_mask is not None and attention_mask.dim() == 2 \
+                and attention_mask.shape[-1] == cached - prefix + new_tokens:
+            return torch.cat([attention_mask.new_ones(batch, prefix), attention_mask], dim=-1)
+        return attention_mask
 
 
 def build_attention_mask(attention_mask: torch.Tensor | None, past_length: int, new_length: int,
@@ -375,7 +451,7 @@ def resolve_use_cache(model: nn.Module, use_cache: bool | None, labels, checkpoi
     return use_cache and not (training and checkpointing)
 
 
-class ChatGLMModel(nn.Module):
+class ChatGLMModel(PrefixTuning, nn.Module):
     """Embedding -> blocks -> final norm -> output layer (the checkpoint's `transformer.` prefix)."""
 
     def __init__(self, config: ChatGLMConfig, dtype=None, device=None):
@@ -386,72 +462,30 @@ class ChatGLMModel(nn.Module):
         self.output_layer = Linear(config.hidden_size, config.padded_vocab_size, bias=False,
                                       dtype=dtype, device=device)
         # registered last, so that the model's dtype (its first floating parameter's) stays the network's
-        self.prefix_encoder = PrefixEncoder(config, device) if config.pre_seq_len else None
+        self.prefix_encoder = self.make_prefix_encoder(device)
 
-    # ---- P-Tuning v2 prefix -------------------------------------------------------------------------
     @property
-    def prefix_length(self) -> int:
-        """Cache positions the P-Tuning v2 prefix takes before the tokens (0 without one)."""
-        return self.config.pre_seq_len if self.prefix_encoder is not None else 0
+    def prefix_blocks(self) -> nn.ModuleList:
+        return self.encoder.layers
 
-    def seed_prefix(self, cache):
-        """Write the prefix keys/values into an empty cache (KVCache, or a BatchCache's RowCache) at positions
-        0..pre_seq_len-1 of every layer and return the cache; a cache that is not empty, or a model without a
-        prefix: unchanged. The one place a cache gets the prefix: every code path that creates a cache calls it.
-
-        As the original's past_key_values: for layer i, keys = encoder output [:, 2i] and values [:, 2i + 1]
-        viewed as (pre_seq_len, num_layers * 2, kv_heads, head_dim); stored as given (no rotary: the tokens'
-        rotary positions still start at 0), cast to the model's dtype.
-        """
-        if self.prefix_encoder is None or cache.length:
-            return cache
-        P = self.config.pre_seq_len
-        cache.reserve(P)
-        for i, (key, value) in enumerate(self.prefix_key_values(cache.batch_size)):
-            cache.update(i, key, value)
-        cache.advance(P)
-        return cache
-
-    def prefix_key_values(self, batch: int):
-        """Each layer's prefix (key, value), (batch, kv_heads, pre_seq_len, head_dim) in the model's dtype on
-        the layer's device (see seed_prefix)."""
-        P, c = self.config.pre_seq_len, self.config
-        kv = self.prefix_encoder().view(P, c.num_layers * 2, c.num_kv_heads, c.kv_channels)
-        kv = kv.permute(1, 2, 0, 3)  # (num_layers * 2, kv_heads, P, head_dim)
-        dtype = self.embedding.word_embeddings.weight.dtype
-        for i, layer in enumerate(self.encoder.layers):
-            device = layer.input_layernorm.weight.device  # the layer's own device when split over GPUs
-            yield tuple(t.to(device=device, dtype=dtype)[None].expand(batch, -1, -1, -1)
-                        for t in (kv[2 * i], kv[2 * i + 1]))
+    @property
+    def prefix_dtype(self) -> torch.dtype:
+        return self.embedding.word_embeddings.weight.dtype
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, past_key_values: KVCache | None = None,
                 use_cache: bool = True, last_logits_only: bool = False) -> ModelOutput:
         B, T = input_ids.shape
         x = self.embedding(input_ids)  # (B, T, H)
-        cache = past_key_values
         prefix = self.prefix_length
-        if cache is None and prefix and not use_cache and torch.is_grad_enabled():
-            # training: the prefix is concatenated in each layer, differentiably (no cache is written)
-            pairs = list(self.prefix_key_values(B))
-            cache = StaticPrefix([k for k, _ in pairs], [v for _, v in pairs])
-        elif cache is None and (use_cache or prefix):  # a prefix is read from a cache, even without use_cache
-            cache = KVCache.for_model(self.config, B, x.dtype, x.device, capacity=max(T, 256) + prefix)
-        if isinstance(cache, StaticPrefix):
-            pass
-        elif cache is not None:
-            self.seed_prefix(cache)  # a new or empty cache starts with the prefix
+        cache = self.prefixed_cache(past_key_values, B, T, use_cache, x.dtype, x.device)
         past = cache.length if cache is not None else 0
         if position_ids is None:  # the prefix takes cache positions, not rotary ones: tokens start at 0
             position_ids = torch.arange(past - prefix, past - prefix + T, device=input_ids.device).expand(B, T)
-        if cache is not None and not isinstance(cache, StaticPrefix):
-            cache.reserve(T)
         cos, sin = rotary_cos_sin(self.config, position_ids, x.dtype)
         if attention_mask is not None and attention_mask.dim() == 4:  # (B, 1, T, S) bool, built by the caller
             mask = attention_mask
         else:
-            if prefix and attention_mask is not None and attention_mask.shape[-1] == past - prefix + T:
-                # the original's convention: the mask covers the tokens only; every query sees the prefix
-                attention_mask = torch.cat([attention_mask.new_ones(B, prefix), attention_mask], dim=-1)
+            attention_mask = self.token_key_padding(attention_mask, B, past, T)  # every query sees the prefix
             mask = build_attention_mask(attention_mask, past, T, input_ids.device)
         x = self.encoder(x, cos, sin, mask, cache)
         if isinstance(cache, StaticPrefix):
@@ -496,7 +530,28 @@ class TrainingConventions:
         return out
 
 
-class ChatGLMPreTrainedModel(TrainingConventions, PreTrainedModel):
+class PrefixTuningMethods:
+    """The P-Tuning v2 surface of both families' PreTrainedModel classes (self.transformer a PrefixTuning)."""
+
+    @property
+    def prefix_length(self) -> int:
+        """Cache positions the P-Tuning v2 prefix takes (0 without one); see PrefixTuning.seed_prefix."""
+        return self.transformer.prefix_length
+
+    def seed_prefix(self, cache):
+        """An empty cache with the P-Tuning v2 prefix written in (see PrefixTuning.seed_prefix)."""
+        return self.transformer.seed_prefix(cache)
+
+    def add_prefix_encoder(self, pre_seq_len: int, prefix_projection: bool = False) -> PrefixEncoder:
+        """A new P-Tuning v2 prefix encoder of pre_seq_len tokens (float32, initialised as the original's: the
+        embedding N(0, 1)), to train; the config says pre_seq_len / prefix_projection from now on."""
+        self.config.pre_seq_len, self.config.prefix_projection = pre_seq_len, prefix_projection
+        device = self.get_input_embeddings().weight.device
+        self.transformer.prefix_encoder = self.transformer.make_prefix_encoder(device)
+        return self.transformer.prefix_encoder
+
+
+class ChatGLMPreTrainedModel(TrainingConventions, PrefixTuningMethods, PreTrainedModel):
     """The ChatGLM2/3 network as a transformers PreTrainedModel: no chat and no loading here (the public
     model.chatglm.ChatGLMForConditionalGeneration adds chat(), from_pretrained(), quantize(), save_pretrained())."""
 
@@ -516,23 +571,6 @@ class ChatGLMPreTrainedModel(TrainingConventions, PreTrainedModel):
     @property
     def blocks(self) -> nn.ModuleList:
         return self.transformer.encoder.layers
-
-    @property
-    def prefix_length(self) -> int:
-        """Cache positions the P-Tuning v2 prefix takes (0 without one); see ChatGLMModel.seed_prefix."""
-        return self.transformer.prefix_length
-
-    def seed_prefix(self, cache):
-        """An empty cache with the P-Tuning v2 prefix written in (see ChatGLMModel.seed_prefix)."""
-        return self.transformer.seed_prefix(cache)
-
-    def add_prefix_encoder(self, pre_seq_len: int, prefix_projection: bool = False) -> PrefixEncoder:
-        """A new P-Tuning v2 prefix encoder of pre_seq_len tokens (float32, initialised as the original's: the
-        embedding N(0, 1)), to train; the config says pre_seq_len / prefix_projection from now on."""
-        self.config.pre_seq_len, self.config.prefix_projection = pre_seq_len, prefix_projection
-        device = self.transformer.embedding.word_embeddings.weight.device
-        self.transformer.prefix_encoder = PrefixEncoder(self.config, device)
-        return self.transformer.prefix_encoder
 
     def _embedding_owner(self) -> nn.Module:
         return self.transformer.embedding

@@ -15,7 +15,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .config_v1 import ChatGLM1Config
-from .modeling import Linear, ModelOutput, TrainingConventions
+from .modeling import Linear, ModelOutput, PrefixTuning, PrefixTuningMethods, StaticPrefix, TrainingConventions
 from .cache import KVCache
 
 
@@ -114,10 +114,15 @@ class GLMBlock(nn.Module):
         return m * self.alpha + self.mlp(m)
 
 
-class ChatGLM1Model(nn.Module):
-    """Embedding -> GLM blocks -> final LayerNorm -> logits through the embedding (the `transformer.` prefix)."""
+class ChatGLM1Model(PrefixTuning, nn.Module):
+    """Embedding -> GLM blocks -> final LayerNorm -> logits through the embedding (the `transformer.` prefix).
+
+    P-Tuning v2 (config.pre_seq_len), as the original ChatGLM-6B: the prefix encoder's keys/values precede the
+    tokens' in every layer (see modeling.PrefixTuning; with prefix_projection its embedding is hidden_size wide);
+    every query attends to them, and the 2-D position ids are the tokens' own (not shifted by the prefix)."""
 
     gradient_checkpointing = False  # set by PreTrainedModel.gradient_checkpointing_enable()
+    PREFIX_PROJECTION_INPUT = "hidden_size"  # the original's v1 PrefixEncoder: Embedding(P, hidden) -> MLP
 
     def __init__(self, config: ChatGLM1Config, dtype=None, device=None):
         super().__init__()
@@ -126,6 +131,16 @@ class ChatGLM1Model(nn.Module):
         self.layers = nn.ModuleList(GLMBlock(config, i, dtype, device) for i in range(config.num_layers))
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon, dtype=dtype,
                                             device=device)
+        # registered last, so that the model's dtype (its first floating parameter's) stays the network's
+        self.prefix_encoder = self.make_prefix_encoder(device)
+
+    @property
+    def prefix_blocks(self) -> nn.ModuleList:
+        return self.layers
+
+    @property
+    def prefix_dtype(self) -> torch.dtype:
+        return self.word_embeddings.weight.dtype
 
     # ---- positions and masks ----------------------------------------------------------------------
     def prompt_position_ids(self, input_ids: torch.Tensor, past: int = 0) -> torch.Tensor:
@@ -153,8 +168,10 @@ class ChatGLM1Model(nn.Module):
         last = last[..., -1:]
         return torch.cat((last[:, :1], last[:, 1:] + 1), dim=1)
 
-    def _mask(self, input_ids, attention_mask, past: int) -> torch.Tensor | None:
-        """Boolean (B, 1, T, S), True = may attend: the prompt's context sees itself, the rest is causal."""
+    def _mask(self, input_ids, attention_mask, past: int, prefix: int = 0) -> torch.Tensor | None:
+        """Boolean (B, 1, T, S), True = may attend: the prompt's context sees itself, the rest is causal. `past`
+        counts every cached position, the first `prefix` of them a P-Tuning prefix that every query sees (the
+        original prepends pre_seq_len 'attend' columns to its token mask)."""
         B, T = input_ids.shape
         S = past + T
         if attention_mask is not None and attention_mask.dim() == 4:
@@ -163,10 +180,10 @@ class ChatGLM1Model(nn.Module):
         q = torch.arange(past, S, device=device)[:, None]
         k = torch.arange(S, device=device)[None, :]
         allowed = (k <= q)[None].expand(B, T, S)
-        if past == 0 and T > 1:
+        if past == prefix and T > 1:  # a prompt read whole: its context (before <bos>) sees itself both ways
             bos = (input_ids == self.config.bos_token_id).int()
             context = torch.where(bos.any(1), bos.argmax(1), torch.full((B,), T, device=device))
-            allowed = allowed | (k[None] < context[:, None, None])
+            allowed = allowed | (k[None] < prefix + context[:, None, None])
         if attention_mask is not None:  # (B, S) key padding: 0 at pads
             allowed = allowed & attention_mask[:, None, :].bool()
         if attention_mask is None and (T == 1 or bool(allowed.all())):
@@ -177,24 +194,23 @@ class ChatGLM1Model(nn.Module):
                 use_cache: bool = True, last_logits_only: bool = False) -> ModelOutput:
         B, T = input_ids.shape
         x = self.word_embeddings(input_ids)
-        cache = past_key_values
-        if cache is None and use_cache:
-            cache = KVCache.for_model(self.config, B, x.dtype, x.device, capacity=max(T, 256))
+        prefix = self.prefix_length
+        cache = self.prefixed_cache(past_key_values, B, T, use_cache, x.dtype, x.device)
         past = cache.length if cache is not None else 0
-        if position_ids is None:
-            position_ids = self.prompt_position_ids(input_ids, past)
-        if cache is not None:
-            cache.reserve(T)
+        if position_ids is None:  # the tokens' own positions: the prefix does not shift them
+            position_ids = self.prompt_position_ids(input_ids, past - prefix)
         rope = (rotary_cos_sin(self.config.kv_channels, position_ids[:, 0], x.dtype),
                 rotary_cos_sin(self.config.kv_channels, position_ids[:, 1], x.dtype))
-        mask = self._mask(input_ids, attention_mask, past)
+        mask = self._mask(input_ids, self.token_key_padding(attention_mask, B, past, T), past, prefix)
         checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             if checkpointed:  # recomputed in the backward pass (no cache while training)
                 x = self._gradient_checkpointing_func(layer.__call__, x, rope, mask, cache)
             else:
                 x = layer(x, rope, mask, cache)
-        if cache is not None:
+        if isinstance(cache, StaticPrefix):
+            cache = None
+        elif cache is not None:
             cache.advance(T)
         if last_logits_only:
             x = x[:, -1:]
@@ -204,7 +220,7 @@ class ChatGLM1Model(nn.Module):
                            past_key_values=cache if use_cache else None)
 
 
-class ChatGLM1PreTrainedModel(TrainingConventions, PreTrainedModel):
+class ChatGLM1PreTrainedModel(TrainingConventions, PrefixTuningMethods, PreTrainedModel):
     """The ChatGLM-6B network as a transformers PreTrainedModel: no chat and no loading here (the public
     model.chatglm.ChatGLM1ForConditionalGeneration adds chat(), from_pretrained(), quantize(), save_pretrained())."""
 
@@ -249,7 +265,7 @@ class ChatGLM1PreTrainedModel(TrainingConventions, PreTrainedModel):
         if position_ids is None:
             position_ids = self.transformer.prompt_position_ids(input_ids)
         if past_key_values is not None:
-            held = past_key_values.length
+            held = past_key_values.length - self.prefix_length  # tokens held (a P-Tuning prefix is no token)
             input_ids, position_ids = input_ids[:, held:], position_ids[..., held:]
         return {"input_ids": input_ids, "past_key_values": past_key_values, "attention_mask": attention_mask,
                 "position_ids": position_ids, "use_cache": True if use_cache is None else use_cache,

@@ -74,13 +74,21 @@ class TokenizerBase:
             {"name": c["function"]["name"], "arguments": c["function"].get("arguments") or ""} if "function" in c
             else c for c in m.get("tool_calls") or []], metadata=m.get("metadata", ""), tools=m.get("tools"))
             for m in conversation]
+        if not tokenize:  # the text chat_template renders
+            return format_for(self.family).prompt_text(self, messages, tools)
         ids = format_for(self.family).prompt_ids(self, messages, tools)
-        if not tokenize:
-            return self.decode(ids)
         if return_dict or return_tensors is not None:
             encoded = self.pad([ids], return_tensors=return_tensors)
             return encoded if return_dict else encoded["input_ids"]
         return ids
+
+    @property
+    def chat_template(self) -> str:
+        """Jinja source of the family's prompt format (see model.formats), saved in tokenizer_config.json so
+        that transformers' chat templating renders what apply_chat_template(tokenize=False) returns."""
+        from .formats import format_for
+
+        return format_for(self.family).chat_template
 
     def batch_decode(self, sequences, skip_special_tokens: bool = False, **kwargs) -> list[str]:
         if hasattr(sequences, "tolist"):
@@ -106,7 +114,8 @@ class TokenizerBase:
                                   f"download it again") from e
 
     def _save(self, save_directory: str, vocab_name: str, tokenizer_config: dict) -> None:
-        """Copy the SentencePiece file and write tokenizer_config.json."""
+        """Copy the SentencePiece file and write tokenizer_config.json (with the family's chat_template)."""
+        tokenizer_config = {**tokenizer_config, "chat_template": self.chat_template}
         os.makedirs(save_directory, exist_ok=True)
         target = os.path.join(save_directory, vocab_name)
         if os.path.abspath(target) != os.path.abspath(self.vocab_file):

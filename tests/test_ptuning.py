@@ -15,7 +15,7 @@ from model import load_model
 from model.cache import KVCache
 from model.engine import Engine, GenerationRequest
 from model.generation import SamplingParams
-from model.hub import CheckpointError, UnsupportedConfigError
+from model.hub import CheckpointError
 from test_engine import BatchSizes, alone_events, prompt, run_staggered
 
 NAME = PTUNING_MODELS[0]
@@ -212,9 +212,9 @@ def test_prefix_settings_without_a_checkpoint_are_refused():
         load_model(BASE, ptuning=CKPT, pre_seq_len=0, device="cpu")
 
 
-def test_chatglm1_refuses_a_prefix_by_name():
-    """ChatGLM-6B's prefix (its own encoder shapes and mask) is not implemented: refused, not ignored."""
-    with pytest.raises(UnsupportedConfigError, match="pre_seq_len"):
+def test_a_chatglm2_prefix_on_chatglm1_is_refused_naming_the_shapes():
+    """ChatGLM-6B has its own prefix (test_v1_ptuning.py); another family's does not fit its shapes."""
+    with pytest.raises(CheckpointError, match=r"embedding.weight has shape \(4, 128\) .* needs \(4, 256\)"):
         load_model(model_dir("chatglm1-tiny"), ptuning=CKPT, device="cpu")
 
 

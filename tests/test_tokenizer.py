@@ -202,6 +202,93 @@ def test_apply_chat_template_is_the_familys_prompt(family):
                                                      {"role": "assistant", "metadata": "", "content": "hello"}])
     else:
         assert ids == t.encode(t.build_prompt("what now?", [("hi", "hello")]))
-    assert t.apply_chat_template(conversation, tokenize=False) == t.decode(ids)
+    text = t.apply_chat_template(conversation, tokenize=False)  # the prompt text, what chat_template renders
+    assert text == (t.decode(ids) if family == "chatglm3" else t.build_prompt("what now?", [("hi", "hello")]))
     batch = t.apply_chat_template(conversation, return_tensors="pt", return_dict=True)
     assert batch["input_ids"].tolist() == [ids] and batch["attention_mask"].tolist() == [[1] * len(ids)]
+
+
+# ---- chat_template: the family's format as Jinja, rendered by transformers --------------------------------------
+WEATHER = [{"name": "get_weather", "description": "天气 of a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
+CONVERSATIONS = [  # (messages, tools)
+    ([{"role": "user", "content": "hi"}], None),
+    ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+      {"role": "assistant", "content": "hello"}, {"role": "user", "content": "what now?"}], None),
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": ""},
+      {"role": "system", "content": "S"}, {"role": "user", "content": "c\nd 你好"}], None),
+    ([{"role": "assistant", "content": "first?"}, {"role": "user", "content": "x"}], None),  # refused
+    ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], None),  # refused: not ready
+    ([{"role": "user", "content": "x"}], WEATHER),  # tools: ChatGLM3 only
+]
+CHATGLM3_ONLY = [
+    ([{"role": "system", "content": "You are X", "tools": WEATHER}, {"role": "user", "content": "weather?"},
+      {"role": "assistant", "metadata": "get_weather", "content": "call"},
+      {"role": "observation", "content": '{"t": 3}'}], None),
+    ([{"role": "system", "content": "sys"}, {"role": "user", "content": "weather?"},
+      {"role": "assistant", "content": "ok"}, {"role": "tool", "content": "r"}], WEATHER),
+    ([{"role": "user", "content": "x"}, {"role": "critic", "content": "y"}], None),  # refused
+]
+
+
+def rendered(t, messages, tools):
+    """What transformers' chat templating (its Jinja environment) renders from the saved chat_template."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    texts, _ = render_jinja_template(conversations=[messages], tools=tools, chat_template=t.chat_template,
+                                     add_generation_prompt=True)
+    return texts[0]
+
+
+def chatglm3_text_ids(t, text: str) -> list[int]:
+    """Ids of a ChatGLM3 prompt text: [gMASK]sop, then per '<|role|> metadata\n content' the role token,
+    metadata + newline and content each encoded (as build_single_message), then <|assistant|>."""
+    import re
+
+    assert text.startswith("[gMASK]sop") and text.endswith("<|assistant|>")
+    ids = t.get_prefix_tokens()
+    for role, body in re.findall(r"(<\|\w+\|>)( [^\n]*\n(?:(?!<\|\w+\|>).)*)", text[9:], flags=re.S):
+        metadata, _, content = body[1:].partition("\n")
+        ids += [t.get_command(role)] + t.sp.encode(metadata + "\n") + t.sp.encode(content[1:])
+    return ids + [t.get_command("<|assistant|>")]
+
+
+@pytest.mark.parametrize("family", ["chatglm1", "chatglm2", "chatglm3"])
+def test_chat_template_renders_what_apply_chat_template_gives(family):
+    """The same text (ChatGLM-6B / ChatGLM2: encode(text) gives the ids; ChatGLM3: the text splits back into
+    the ids), and the same refusals."""
+    from jinja2 import TemplateError
+
+    from model.formats import ConversationError
+
+    t = ChatGLMTokenizer.from_pretrained(os.path.join(GOLDEN, "models", f"{family}-tiny"))
+    cases = CONVERSATIONS + (CHATGLM3_ONLY if family == "chatglm3" else [])
+    done = 0
+    for messages, tools in cases:
+        try:
+            ours = t.apply_chat_template(messages, tools=tools, tokenize=False)
+        except ConversationError:
+            with pytest.raises(TemplateError):
+                rendered(t, messages, tools)
+            continue
+        assert rendered(t, messages, tools) == ours, messages
+        ids = t.apply_chat_template(messages, tools=tools)
+        assert (chatglm3_text_ids(t, ours) if family == "chatglm3" else t.encode(ours)) == ids
+        done += 1
+    assert done == (7 if family == "chatglm3" else 3)  # every case that is not refused
+
+
+@pytest.mark.parametrize("family", ["chatglm1", "chatglm2", "chatglm3"])
+def test_save_pretrained_writes_the_chat_template_and_reloading_keeps_it(family, tmp_path):
+    t = ChatGLMTokenizer.from_pretrained(os.path.join(GOLDEN, "models", f"{family}-tiny"))
+    t.save_pretrained(str(tmp_path))
+    with open(tmp_path / "tokenizer_config.json", encoding="utf-8") as f:
+        saved = json.load(f)["chat_template"]
+    assert saved == t.chat_template and "{%" in saved
+    again = ChatGLMTokenizer.from_pretrained(str(tmp_path))
+    assert again.family == family and again.chat_template == saved
+    messages = CONVERSATIONS[1][0]
+    assert again.apply_chat_template(messages) == t.apply_chat_template(messages)
+    again.save_pretrained(str(tmp_path / "again"))
+    with open(tmp_path / "again" / "tokenizer_config.json", encoding="utf-8") as f:
+        assert json.load(f)["chat_template"] == saved
