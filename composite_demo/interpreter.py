@@ -64,6 +64,7 @@ class Kernel:
         self.manager = None
         self.client = None
         self.workdir: str | None = None
+        self.running = False  # a run is in progress
         self._lock = threading.RLock()
 
     # ---- life -------------------------------------------------------------------------------------------------
@@ -131,6 +132,13 @@ class Kernel:
                 self.workdir = None
 
     # ---- runs -------------------------------------------------------------------------------------------------
+    def interrupt(self) -> None:
+        """Interrupt the run in progress, from another thread (its result then holds the KeyboardInterrupt);
+        no-op when none runs."""
+        manager = self.manager
+        if self.running and manager is not None:
+            manager.interrupt_kernel()
+
     def run(self, code: str, timeout: float = 60.0) -> RunResult:
         """Run code; its output, images and errors. Past timeout seconds the run is interrupted (the kernel is
         restarted if the interrupt does not stop it) and timed_out is set."""
@@ -138,7 +146,11 @@ class Kernel:
             self.start()
             result, text = RunResult(), []
             msg_id = self.client.execute(code, store_history=False, allow_stdin=False)
-            done = self._collect(msg_id, time.monotonic() + timeout, result, text)
+            self.running = True
+            try:
+                done = self._collect(msg_id, time.monotonic() + timeout, result, text)
+            finally:
+                self.running = False
             if not done:
                 result.timed_out = True
                 self.manager.interrupt_kernel()

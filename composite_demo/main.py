@@ -240,8 +240,7 @@ def model_turns(service, conversation: list[dict], settings: CompletionSettings,
                 return
             conversation.append(result)
             show(result)
-            if result.get("not_run"):
-                st.info(CODE_OFF)
+            if result.get("not_run"):  # nothing to send back: the page says how to enable code execution
                 return
     what = "ran code" if run_code_of else "called tools"
     st.warning(f"The model {what} {MAX_ROUNDS} times in a row: stopped there. Send a message to go on.")
@@ -277,6 +276,8 @@ def main(service_for=None) -> None:
     shared = state.setdefault("shared", {"lock": threading.Lock(), "writer": None})
     with shared["lock"]:
         shared["writer"] = None
+    if state.get("kernel_holder") is not None:  # ... and its code, if it is running some
+        state.kernel_holder.kernel.interrupt()
     # The interpreter needs each turn's metadata line, which only a local model's replies keep.
     interpreter_ok = caps.supports_tools and isinstance(service, LocalService)
 

@@ -47,7 +47,7 @@ class ToolScriptedEngine(ScriptedEngine):
         kind = next((k for k in (CALL, RUN) if k in user and END in user), None)
         if kind is None:
             return super().submit(request, loop)
-        handle = RequestHandle(request, None)
+        handle = RequestHandle(request, loop)  # a server iterates it in its event loop
         spec = json.loads(user[user.index(kind) + len(kind):user.rindex(END)])
         if OBSERVATION_MARK in user and not spec["again"]:  # the tool's result came back: say what was received
             observed = user[user.rindex(OBSERVATION_MARK) + len(OBSERVATION_MARK):]

@@ -58,6 +58,29 @@ def test_an_endless_loop_is_stopped_by_the_time_limit_and_the_kernel_still_works
     assert kernel.run("kept").text == "'yes'"  # interrupted, not restarted: the variables are still there
 
 
+def test_interrupt_stops_the_run_in_progress(kernel):
+    import threading
+
+    results = []
+    code = "open('started', 'w').close()\nwhile True:\n    pass"
+    kernel.run("import os\nif os.path.exists('started'): os.remove('started')")
+    thread = threading.Thread(target=lambda: results.append(kernel.run(code, timeout=60)))
+    started = time.monotonic()
+    thread.start()
+    flag = os.path.join(kernel.workdir, "started")
+    while not os.path.exists(flag) and time.monotonic() - started < 30:  # the loop is running
+        time.sleep(0.01)
+    assert kernel.running
+    kernel.interrupt()
+    thread.join(30)
+    (result,) = results
+    assert result.error and "KeyboardInterrupt" in result.text and not result.timed_out
+    assert time.monotonic() - started < 30
+    assert not kernel.running and kernel.run("3 * 3").text == "9"
+    kernel.interrupt()  # none running: nothing happens
+    assert kernel.run("4 * 4").text == "16"
+
+
 @pytest.mark.slow
 def test_a_run_that_ignores_the_interrupt_restarts_the_kernel(kernel):
     pid = kernel.pid
