@@ -26,7 +26,7 @@ def allowed(v3_dir):
 
 
 def test_code_runs_and_its_output_and_a_plot_appear(allowed, browser):
-    from browser import screenshot
+    from browser import screenshot, wait_until
     from scripted_tools import RUN_INTRO, run
 
     page = open_page(browser, allowed.url, CODE)
@@ -41,8 +41,9 @@ def test_code_runs_and_its_output_and_a_plot_appear(allowed, browser):
     output = page.get_by_test_id("stChatMessage").nth(3)
     image = output.locator("img")
     assert image.count() == 1
-    size = image.evaluate("img => img.complete && [img.naturalWidth, img.naturalHeight]")
-    assert size and size[0] > 100 and size[1] > 100  # a drawn figure, not a broken image
+    size = wait_until(page, lambda: image.evaluate("img => img.complete && [img.naturalWidth, img.naturalHeight]"),
+                      what="the figure to load")
+    assert size[0] > 100 and size[1] > 100  # a drawn figure, not a broken image
     screenshot(page, "composite_demo_interpreter.png")
 
     send(page, run("undefined_name + 1"))  # an error's traceback is shown and sent back
