@@ -3,7 +3,6 @@
 
 import base64
 import html
-import os
 import re
 import secrets
 import sys
@@ -23,17 +22,10 @@ _AVATAR = ('<svg xmlns="http://www.w3.org/2000/svg" width="64" height="64"><circ
 AVATARS = {role: "data:image/svg+xml;base64," + base64.b64encode(_AVATAR.format(color=c, letter=l).encode()).decode()
            for role, c, l in (("user", "#4f7cff", "U"), ("assistant", "#f97316", "G"))}
 
-DEFAULT_PORT = 8501
-# Settings for any start: local only, no usage statistics, no Deploy button (.streamlit/config.toml says the same
-# for `streamlit run` from the repository root).
-STREAMLIT_FLAGS = ["--server.headless", "true", "--browser.gatherUsageStats", "false",
-                   "--client.toolbarMode", "minimal", "--server.maxUploadSize", "1"]
-
-
 SCRIPT = "web_demo2.py"  # how the page names itself in messages
 
 def parser():
-    return build_parser(__doc__, web=True, port=DEFAULT_PORT)
+    return build_parser(__doc__, web=True, port=page.DEFAULT_PORT)
 
 
 def parse_args(argv: list[str]):
@@ -216,23 +208,8 @@ def main(service_for=None) -> None:
         stream.close()  # ends the generation in the service, also when Streamlit stopped this run
 
 
-def run_streamlit(argv: list[str]) -> int:
-    """`python web_demo2.py FLAGS`: check the flags here, then become `streamlit run` listening where they say."""
-    try:
-        args = parse_args(argv)
-    except page.FlagError as e:
-        print(e, file=sys.stderr)
-        return 2
-    os.execv(sys.executable, [sys.executable, "-m", "streamlit", "run", os.path.abspath(__file__),
-                              "--server.address", args.host or "127.0.0.1",
-                              "--server.port", str(args.port or DEFAULT_PORT), *STREAMLIT_FLAGS, "--", *argv])
-    return 0  # not reached: execv replaced this process
-
-
 if __name__ == "__main__":
-    from streamlit import runtime
-
-    if runtime.exists():
+    if page.under_streamlit():
         main()
     else:
-        sys.exit(run_streamlit(sys.argv[1:]))
+        sys.exit(page.run_streamlit(__file__, sys.argv[1:], parse_args))

@@ -1,14 +1,43 @@
 """What the Streamlit pages (web_demo2.py, composite_demo/main.py) share: refusing to serve with a reason, the
-check that Streamlit listens where --host / --port say, and the login form of --auth."""
+check that Streamlit listens where --host / --port say, the login form of --auth, and `python SCRIPT FLAGS` starting
+Streamlit itself."""
 
 from __future__ import annotations
 
 import hmac
+import os
 import sys
 
 import streamlit as st
 
 _reported: set[str] = set()
+
+DEFAULT_PORT = 8501
+# Settings for any start: local only, no usage statistics, no Deploy button (.streamlit/config.toml says the same
+# for `streamlit run` from the repository root).
+STREAMLIT_FLAGS = ["--server.headless", "true", "--browser.gatherUsageStats", "false",
+                   "--client.toolbarMode", "minimal", "--server.maxUploadSize", "1"]
+
+
+def run_streamlit(script_file: str, argv: list[str], parse) -> int:
+    """`python SCRIPT FLAGS`: check the flags here (parse(argv)), then become `streamlit run SCRIPT` listening where
+    they say (--host, --port; default 127.0.0.1:8501). Returns 2 on a bad flag (said on stderr)."""
+    try:
+        args = parse(argv)
+    except FlagError as e:
+        print(e, file=sys.stderr)
+        return 2
+    os.execv(sys.executable, [sys.executable, "-m", "streamlit", "run", os.path.abspath(script_file),
+                              "--server.address", args.host or "127.0.0.1",
+                              "--server.port", str(args.port or DEFAULT_PORT), *STREAMLIT_FLAGS, "--", *argv])
+    return 0  # not reached: execv replaced this process
+
+
+def under_streamlit() -> bool:
+    """Whether this process is a Streamlit server running the page (else it was started as `python SCRIPT`)."""
+    from streamlit import runtime
+
+    return runtime.exists()
 
 
 class FlagError(ValueError):
