@@ -81,15 +81,16 @@ def settled(eng):
 
 
 class Together:
-    """The mixed requests submitted together to a new engine (max_batch 8 unless told): .requests, .expected
-    (each one's text and finish alone), .got, .shapes (of the prompt passes, the blocker's first), .lengths."""
+    """The mixed requests submitted together to a new engine (max_batch 8 and room for all five prompts in one
+    pass unless told): .requests, .expected (each one's text and finish alone), .got, .shapes (of the prompt
+    passes, the blocker's first), .lengths."""
 
     def __init__(self, model, tok, n_tokens=12, before=lambda eng, handles: None, check=lambda eng: None,
                  **options):
         self.requests = mixed_requests(tok, n_tokens)
         self.lengths = [len(r.input_ids) for r in self.requests]
         self.expected = [alone_events(model, tok, r) for r in self.requests]
-        eng = Engine(model, tok, **({"max_batch": 8} | options))
+        eng = Engine(model, tok, **({"max_batch": 8, "prefill_batch_tokens": 1024} | options))
         try:
             _, self.got, self.shapes, _ = submitted_together(eng, self.requests, before=before)
             assert settled(eng)
@@ -121,16 +122,18 @@ def test_a_fixed_cache_takes_the_batched_rows_without_moving(name):
 def test_the_token_cap_splits_passes_and_none_reads_each_prompt_alone():
     model, tok = loaded("chatglm3-tiny")
     lengths = sorted(len(r.input_ids) for r in mixed_requests(tok))
-    cap = 2 * lengths[2]  # the three shortest fit one pass (padded to the third), the rest do not
-    capped = Together(model, tok, prefill_batch_tokens=cap)
+    assert lengths == [7, 15, 25, 27, 38]
+    capped = Together(model, tok, prefill_batch_tokens=128)  # the default
     assert capped.got == capped.expected
-    passes = capped.shapes[1:]
-    assert len(passes) < 5 and all(b * t <= cap or b == 1 for b, t in passes) and sum(b for b, _ in passes) == 5
+    assert capped.shapes[1:] == [(4, 27), (1, 38)]  # shortest first: 4 x 27 = 108 tokens fit 128, 5 x 38 do not
     alone = Together(model, tok, prefill_batch_tokens=None)
     assert alone.got == alone.expected
     assert sorted(alone.shapes[1:]) == [(1, n) for n in lengths]  # one pass per prompt, as before batching
     with pytest.raises(ValueError, match="prefill_batch_tokens"):
         Engine(model, tok, prefill_batch_tokens=0)
+    default = Engine(model, tok)
+    default.close()
+    assert default.prefill_batch_tokens == 128
 
 
 def test_max_batch_bounds_the_rows_read_together():
@@ -160,7 +163,7 @@ def test_a_failing_batched_pass_fails_its_requests_only_and_the_engine_goes_on()
             raise RuntimeError("out of memory (injected)")
 
     hook = model.transformer.register_forward_pre_hook(fail_once)
-    eng = Engine(model, tok, max_batch=8)
+    eng = Engine(model, tok, max_batch=8, prefill_batch_tokens=1024)
     try:
         # the blocker decodes (8 tokens) across the failing pass: it is not one of "those requests"
         blocker, got, _, handles = submitted_together(eng, requests, blocker_tokens=8)
