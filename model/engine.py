@@ -385,14 +385,14 @@ class Engine:
                 self._running.append(seq)
         except Exception as e:  # a bug or an out-of-memory: fail these requests, keep serving the others
             logger.exception("batched prefill failed")
+            while self.cache.rows > len(self._running):  # the row a failed copy claimed (the last) goes first:
+                self.cache.remove_row(self.cache.rows - 1)  # row i is again _running[i]'s when _fail frees rows
             for seq in reversed(seqs):
                 if seq in self._running:
                     self._fail(seq, e)
                 else:
                     seq.handle.done = True
                     seq.handle._put(Event(finish="error", error=f"{type(e).__name__}: {e}"))
-            while self.cache.rows > len(self._running):  # a row claimed by a copy that failed
-                self.cache.remove_row(self.cache.rows - 1)
             with self._lock:
                 self.stats.running = self._in_progress()
             return

@@ -178,3 +178,31 @@ def test_a_failing_batched_pass_fails_its_requests_only_and_the_engine_goes_on()
     finally:
         hook.remove()
         eng.close()
+
+
+def test_a_copy_failing_after_claiming_its_row_leaves_the_batch_cache_consistent():
+    """The second row's copy into the batch cache fails after its row was claimed: the blocker, decoding in row
+    0 meanwhile, keeps its text; the pass's requests fail; the rows line up again for the next requests."""
+    model, tok = loaded("chatglm2-tiny")
+    requests = mixed_requests(tok, 6)[:3]
+    expected = [alone_events(model, tok, r) for r in requests]
+    blocker_alone = alone_events(model, tok, GenerationRequest(prompt(tok, "x"), GREEDY, 8))
+    eng = Engine(model, tok, max_batch=8, prefill_batch_tokens=1024)
+    adopt, calls = eng.cache.adopt, []
+
+    def adopt_then_fail(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:
+            eng.cache.add_row()
+            raise RuntimeError("copy failed (injected)")
+        return adopt(*args, **kwargs)
+
+    eng.cache.adopt = adopt_then_fail
+    try:
+        blocker, got, _, _ = submitted_together(eng, requests, blocker_tokens=8)
+        assert len(calls) == 2 and blocker == blocker_alone
+        assert got == [("", "error")] * len(requests) and settled(eng)
+        _, again, _, _ = submitted_together(eng, requests, blocker_tokens=8)
+        assert again == expected and settled(eng)
+    finally:
+        eng.close()
