@@ -123,7 +123,7 @@ def test_the_token_cap_splits_passes_and_none_reads_each_prompt_alone():
     model, tok = loaded("chatglm3-tiny")
     lengths = sorted(len(r.input_ids) for r in mixed_requests(tok))
     assert lengths == [7, 15, 25, 27, 38]
-    capped = Together(model, tok, prefill_batch_tokens=128)  # the default
+    capped = Together(model, tok, prefill_batch_tokens=128)
     assert capped.got == capped.expected
     assert capped.shapes[1:] == [(4, 27), (1, 38)]  # shortest first: 4 x 27 = 108 tokens fit 128, 5 x 38 do not
     alone = Together(model, tok, prefill_batch_tokens=None)
@@ -133,7 +133,7 @@ def test_the_token_cap_splits_passes_and_none_reads_each_prompt_alone():
         Engine(model, tok, prefill_batch_tokens=0)
     default = Engine(model, tok)
     default.close()
-    assert default.prefill_batch_tokens == 128
+    assert default.prefill_batch_tokens == 256
 
 
 def test_max_batch_bounds_the_rows_read_together():
