@@ -151,16 +151,20 @@ class BatchCache:
         self.lengths[row] = 0
         return RowCache(self, row)
 
-    def adopt(self, single: "KVCache") -> int:
-        """Claim the next free row and copy a batch-1 cache (a prompt read elsewhere) into it."""
-        n = single.length
+    def adopt(self, source: "KVCache", row: int = 0, gap: tuple[int, int] = (0, 0)) -> int:
+        """Claim the next free row and copy row `row` of a cache filled elsewhere into it: a batch-1 prompt, or
+        one prompt of a left-padded batch. gap = (at, count): `count` positions from `at` on (that row's padding,
+        after a P-Tuning prefix) are left out, so the row holds only its own positions, as if read alone."""
+        at, count = gap
+        n = source.length - count
         self.grow(n)
-        row = self.add_row().row
-        for store, source in ((self.keys, single.keys), (self.values, single.values)):
-            for t, s in zip(store, source):
-                t[row, :, :n] = s[0, :, :n].to(t.device)
-        self.lengths[row] = n
-        return row
+        dest = self.add_row().row
+        for store, stored in ((self.keys, source.keys), (self.values, source.values)):
+            for t, s in zip(store, stored):
+                t[dest, :, :at] = s[row, :, :at].to(t.device)
+                t[dest, :, at:n] = s[row, :, at + count:source.length].to(t.device)
+        self.lengths[dest] = n
+        return dest
 
     def remove_row(self, row: int) -> None:
         """Free a row; the last row moves into its place, so rows in use stay 0..rows-1."""

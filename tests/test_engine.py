@@ -300,9 +300,9 @@ def test_a_fixed_cache_gives_the_same_text_and_never_moves(name):
     requests = [GenerationRequest(prompt(tok, t), SamplingParams(do_sample=True, seed=i, top_k=8), n, stops)
                 for i, (t, n) in enumerate([("你好", 30), ("hello there, how are you", 12), ("天气", 40)])]
     eng = Engine(model, tok, max_batch=4, cache_capacity=96)
-    widths = []
+    widths = []  # of the decode steps' masks (a batched prompt pass masks its own padding)
     hook = model.transformer.register_forward_pre_hook(
-        lambda module, args: widths.append(args[2].shape[-1]) if args[2] is not None else None)
+        lambda module, args: widths.append(args[2].shape[-1]) if args[0].shape[1] == 1 else None)
     try:
         storage = [t.data_ptr() for t in eng.cache.keys]
         handles = eng.submit_all(requests)
