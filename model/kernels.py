@@ -378,7 +378,7 @@ def dequantize(weight: torch.Tensor, bits: int, scale: torch.Tensor, in_features
 
 
 # ---- prompts: GEMMs over a weight made block by block ---------------------------------------------------
-GEMM_BLOCK_BYTES = 4 << 20  # one block of the float weight: stays in cache between its fill and its GEMM
+GEMM_BLOCK_BYTES = 64 << 20  # the largest block of the float weight one GEMM multiplies (reused buffer)
 _native_bf16_gemm: bool | None = None
 
 
@@ -403,21 +403,35 @@ def gemm_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype == torch.float32 else torch.float32
 
 
+_scratch = threading.local()
+
+
+def _gemm_scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A buffer of `numel` elements this thread reuses for every block GEMM: a fresh block-sized tensor per
+    call would be fresh pages from the kernel each time (page faults cost more than the block's fill)."""
+    buf = getattr(_scratch, "gemm", None)
+    if (buf is None or buf.dtype != dtype or buf.numel() < numel
+            or (buf.is_inference() and not torch.is_inference_mode_enabled())):
+        buf = torch.empty(numel, dtype=dtype)
+        _scratch.gemm = buf
+    return buf[:numel]
+
+
 def blocked_gemm(rows: torch.Tensor, n_out: int, fill, work: torch.dtype) -> torch.Tensor:
     """rows [M, K] @ W^T -> [M, n_out] in `work` (contiguous), for a weight W that is written GEMM_BLOCK_BYTES at
     a time by fill(n0, n1, buffer) (rows n0..n1 of W into buffer, returned) and never exists whole: no
-    weight-sized temporaries and no page faults per call."""
+    weight-sized temporaries, and the block buffer is reused (no page faults per call)."""
     k = rows.shape[1]
     block = max(64, (GEMM_BLOCK_BYTES // (k * torch.finfo(work).bits // 8)) // 64 * 64)
-    xt = rows.to(work).t()
-    out = torch.empty(n_out, rows.shape[0], dtype=work)
-    buffer = torch.empty(min(block, n_out), k, dtype=work)
+    x = rows.to(work)
+    buffer = _gemm_scratch(min(block, n_out) * k, work).view(-1, k)
+    if block >= n_out:  # one block: the product is the result (oneDNN's fastest orientation, x @ W^T)
+        return torch.mm(x, fill(0, n_out, buffer[:n_out]).t())
+    out = torch.empty(rows.shape[0], n_out, dtype=work)
     for n0 in range(0, n_out, block):
         n1 = min(n0 + block, n_out)
-        torch.mm(fill(n0, n1, buffer[: n1 - n0]), xt, out=out[n0:n1])
-    # the transposed view would be copied by every consumer that needs rows (attention's bmm copied it per
-    # head: 16 s of a 17.5 s int4 decoding step at batch 8); one copy here costs M x n_out, not M x K x n_out
-    return out.t().contiguous()
+        out[:, n0:n1] = torch.mm(x, fill(n0, n1, buffer[: n1 - n0]).t())
+    return out
 
 
 # ---- float32 linears through oneDNN ------------------------------------------------------------------

@@ -443,12 +443,15 @@ def _reference(layer, x):
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("tokens", [1, 3, 9, 20])  # decode-sized and prompt-sized inputs take different kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_quantized_linear_every_path(monkeypatch, use_native, bits, tokens, dtype):
+@pytest.mark.parametrize("blocks", ["one", "several"])  # prompts: the weight made whole, or 64 rows at a time
+def test_quantized_linear_every_path(monkeypatch, use_native, bits, tokens, dtype, blocks):
     if use_native and not kernels.available():
         pytest.skip("native kernels unavailable")
     if not use_native:
         monkeypatch.setattr(kernels, "available", lambda: False)
-    layer = _layer(bits, dtype=dtype)
+    if blocks == "several":
+        monkeypatch.setattr(kernels, "GEMM_BLOCK_BYTES", 1)  # blocks of 64 output rows: 3, the last short
+    layer = _layer(bits, n=150, dtype=dtype)
     x = torch.randn(2, tokens, layer.in_features, generator=torch.Generator().manual_seed(5)).to(dtype)
     y = layer(x)
     assert y.shape == (2, tokens, layer.out_features) and y.dtype == dtype
