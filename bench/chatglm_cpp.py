@@ -5,10 +5,16 @@
 chatglm.cpp is not a dependency of this project; this script only measures it. Build its `main` program first
 (a source release from PyPI works offline):
 
-    pip download --no-deps --no-binary :all: chatglm-cpp==0.4.2 && tar xzf chatglm_cpp-0.4.2.tar.gz
-    cd chatglm_cpp-0.4.2 && mkdir -p tests && touch tests/perplexity.cpp   # that release lacks this file
-    cmake -B build -DCMAKE_BUILD_TYPE=Release && cmake --build build -j --target main
+    pip download --no-deps --no-build-isolation --no-binary :all: chatglm-cpp==0.4.2
+    tar xzf chatglm_cpp-0.4.2.tar.gz && cd chatglm_cpp-0.4.2
+    mkdir -p tests && touch tests/perplexity.cpp                          # that release lacks this file
+    cmake -B build -DCMAKE_BUILD_TYPE=Release -DCMAKE_C_FLAGS=-march=native -DCMAKE_CXX_FLAGS=-march=native
+    cmake --build build -j --target main
     pip install tabulate tqdm                                               # its converter's imports
+
+--no-build-isolation: without it pip prepares the release's build requirements from source too (CMake
+included: over 10 minutes). -march=native: on Linux its ggml's CMake passes -mavx2 and nothing above, so
+without it an AVX-512 / AMX CPU runs chatglm.cpp's AVX2 code; the numbers in the README say which build ran.
 
 --dir is the directory bench/speed.py --dir writes (its bf16/ checkpoint is written here if missing). For
 each type, chatglm.cpp's own converter (chatglm_cpp/convert.py of --source) turns that checkpoint into
@@ -37,14 +43,14 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from types import SimpleNamespace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from bench.anchor import add_arguments, finish, prepare, run_watched, stats  # noqa: E402
 
 TYPES = ("f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "f32")
 PERF = re.compile(r"prompt time: ([\d.]+) ms / (\d+) tokens.*?output time: ([\d.]+) ms / (\d+) tokens", re.S)
@@ -106,62 +112,23 @@ def run_main(binary: str, model_file: str, prompt: str, prompt_tokens: int, new_
     length = prompt_tokens + new_tokens + 64  # the KV cache chatglm.cpp allocates
     cmd = [binary, "-m", model_file, "-p", prompt, "--temp", "0", "--max_new_tokens", str(new_tokens),
            "-l", str(length), "-c", str(length), "-v"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    peak = [0]
-
-    def watch():  # VmHWM of the program itself (wait4's ru_maxrss would count this process's peak as well)
-        while proc.poll() is None:
-            try:
-                with open(f"/proc/{proc.pid}/status") as f:
-                    peak[0] = max([peak[0]] + [int(x.split()[1]) * 1024 for x in f if x.startswith("VmHWM:")])
-            except OSError:
-                break
-            time.sleep(0.05)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    output = proc.stdout.read().decode("utf-8", "replace")
-    proc.wait()
-    watcher.join()
+    output, code, peak = run_watched(cmd)
     perf, loaded = PERF.search(output), LOADED.search(output)
-    if proc.returncode or not perf or not loaded:
-        raise SystemExit(f"{' '.join(cmd[:3])} ... failed ({proc.returncode}):\n{output[-3000:]}")
+    if code or not perf or not loaded:
+        raise SystemExit(f"{' '.join(cmd[:3])} ... failed ({code}):\n{output[-3000:]}")
     return {"load_s": float(loaded.group(1)) / 1000, "prompt_s": float(perf.group(1)) / 1000,
             "prompt_tokens": int(perf.group(2)), "output_s": float(perf.group(3)) / 1000,
-            "output_tokens": int(perf.group(4)), "peak_rss": peak[0]}
-
-
-def stats(xs):
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+            "output_tokens": int(perf.group(4)), "peak_rss": peak}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--source", required=True, help="chatglm.cpp source tree with build/bin/main built")
-    ap.add_argument("--dir", required=True, help="bench/speed.py's --dir (holds or gets bf16/)")
-    ap.add_argument("--shape", default="6b", help="shape of bf16/ if it has to be written")
-    ap.add_argument("--types", default="f16,q8_0,q4_0", help="comma list of " + ", ".join(TYPES))
-    ap.add_argument("--prefill", default="128,512", help="prompt lengths, comma separated (0: none)")
-    ap.add_argument("--decode-tokens", type=int, default=24)
-    ap.add_argument("--runs", type=int, default=2)
-    ap.add_argument("--json", help="also write the results here")
+    add_arguments(ap, "chatglm.cpp", TYPES, "f16,q8_0,q4_0")
     args = ap.parse_args()
-    types = [t for t in args.types.split(",") if t]
-    for t in types:
-        if t not in TYPES:
-            ap.error(f"unknown type {t!r}; choose from {', '.join(TYPES)}")
-    binary = os.path.join(args.source, "build", "bin", "main")
-    if not os.access(binary, os.X_OK):
-        raise SystemExit(f"{binary} not found: build chatglm.cpp's main first (see --help)")
+    types, binary, checkpoint, prefill = prepare(ap, args, TYPES, "main", "chatglm.cpp")
     import sentencepiece
 
-    from model.tiny import write_checkpoint
-
-    checkpoint = os.path.join(args.dir, "bf16")
-    if not os.path.isfile(os.path.join(checkpoint, "config.json")):
-        write_checkpoint(checkpoint, "chatglm2", args.shape, "bfloat16")
     sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(checkpoint, "tokenizer.model"))
-    prefill = [int(p) for p in args.prefill.split(",") if int(p or 0)]
     results = {"source": os.path.abspath(args.source), "types": {}}
     for t in types:
         model_file = os.path.join(args.dir, f"ggml-{t}.bin")
@@ -192,17 +159,7 @@ def main() -> None:
                   flush=True)
         s = r["decode_tok_s"]["1"]
         print(f"      decode batch 1: {s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f}) tokens/s", flush=True)
-    head = ["chatglm.cpp", "load s", "peak RSS GB"] + [f"prefill {p} s" for p in prefill] + ["decode b=1 tok/s"]
-    print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
-    for t, r in results["types"].items():
-        cells = [t, f"{r['load_s']:.1f}", f"{r['peak_rss'] / 1e9:.2f}"]
-        cells += [f"{r['prefill_s'][str(p)]['median']:.1f}" for p in prefill]
-        cells.append(f"{r['decode_tok_s']['1']['median']:.2f}")
-        print("| " + " | ".join(cells) + " |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
-
+    finish(results, "chatglm.cpp", prefill, args.json)
 
 if __name__ == "__main__":
     main()
