@@ -133,6 +133,9 @@ def build_parser(description: str, *, server: bool = False, web: bool = False, e
                         help="requests decoded together (continuous batching); more wait in the queue")
         ap.add_argument("--prefill-chunk", type=positive, default=128,
                         help="read longer prompts this many tokens per step, so running replies keep flowing")
+        ap.add_argument("--prefill-batch-tokens", type=int_range(0), default=256, metavar="TOKENS",
+                        help="read short prompts that arrive together in one pass of up to this many tokens "
+                             "(padding included); 0: one pass per prompt")
         ap.add_argument("--cache-capacity", type=int_range(2), default=None, metavar="TOKENS",
                         help="preallocate the batch KV cache for this many tokens per row, fixed in shape (for "
                              "CUDA graphs / torch.compile); prompt + reply must fit it (default: grow as needed)")
@@ -227,6 +230,7 @@ def service_from_args(args):
     return LocalService(Engine(model, tokenizer, model_name=args.model_name or model_id(args.model),
                                max_batch=getattr(args, "max_batch", 1),
                                prefill_chunk=getattr(args, "prefill_chunk", 128),
+                               prefill_batch_tokens=getattr(args, "prefill_batch_tokens", 256) or None,
                                max_queue=getattr(args, "max_queue", 32),
                                cache_capacity=getattr(args, "cache_capacity", None)))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 
@@ -15,6 +16,8 @@ from model.service import Completion, CompletionSettings, ConversationError, Fin
 
 from .http import APIError, Settings, as_service, error_json, install_common, parts_until_disconnect, start
 from .protocol import MAX_STOP, ChatCompletionRequest
+
+logger = logging.getLogger(__name__)
 
 
 def create_app(engine, settings: Settings | None = None) -> FastAPI:
@@ -192,6 +195,9 @@ async def stream_chunks(service, plan: Plan, completions: list[Completion]):
         try:
             async for item in completion:
                 await merged.put((index, item))
+        except Exception as e:  # the service failed mid-stream: the client gets an error event, not a quiet end
+            logger.exception("a streamed completion failed")
+            await merged.put((index, Finish("error", error=f"{type(e).__name__}: {e}")))
         finally:
             await merged.put((index, None))
 

@@ -109,3 +109,41 @@ def test_request_size_limit_is_configurable(v2_keyed):
                                                            "content-type": "application/json"},
                          content=iter([json.dumps(big).encode()]))  # no Content-Length: counted as it arrives
     assert chunked.status_code == 413
+
+
+def test_a_stream_whose_service_fails_midway_ends_with_an_error_event():
+    """A completion that raises mid-stream (a device lost, a bug) must reach the client as an error event before
+    [DONE], not as a stream that simply stops without a finish reason."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from model.service import ReplyPart
+    from server.openai_app import stream_chunks
+
+    class Failing:
+        cancelled = False
+
+        def cancel(self):
+            self.cancelled = True
+
+        async def _items(self):
+            yield ReplyPart("Hello")
+            raise RuntimeError("the device was lost")
+
+        def __aiter__(self):
+            return self._items()
+
+    completion = Failing()
+    plan = SimpleNamespace(id="chatcmpl-test", created=0, include_usage=False, prompt_tokens=3)
+
+    async def collect():
+        return [event async for event in stream_chunks(SimpleNamespace(model_name="m"), plan, [completion])]
+
+    events = asyncio.run(collect())
+    assert events[-1] == "data: [DONE]\n\n"
+    bodies = [json.loads(event.removeprefix("data: ")) for event in events[:-1]]
+    assert [b["choices"][0]["delta"] for b in bodies[:2]] == [{"role": "assistant", "content": ""},
+                                                              {"content": "Hello"}]
+    assert bodies[2:] == [{"error": {"message": "generation failed: RuntimeError: the device was lost",
+                                     "type": "server_error", "param": None, "code": None}}]
+    assert completion.cancelled

@@ -118,3 +118,17 @@ def test_the_servers_cache_capacity_flag_gives_a_fixed_cache():
         assert finish.reason in ("stop", "length") and finish.prompt_tokens + finish.completion_tokens <= 64
     finally:
         service.close()
+
+
+@pytest.mark.parametrize("value, expected", [("0", None), ("64", 64), (None, 256)])
+def test_the_servers_prefill_batch_tokens_flag_reaches_the_engine(value, expected):
+    from conftest import model_dir
+    from model.flags import build_parser, service_from_args
+
+    argv = ["--model", model_dir("chatglm2-tiny"), "--device", "cpu"]
+    args = build_parser("t", server=True).parse_args(argv + (["--prefill-batch-tokens", value] if value else []))
+    service = service_from_args(args)
+    try:
+        assert service.engine.prefill_batch_tokens == expected
+    finally:
+        service.close()
