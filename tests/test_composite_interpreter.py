@@ -40,7 +40,8 @@ def test_code_runs_and_its_output_and_a_plot_appear(allowed, browser):
                   r"^Observed: sum: 45 pi: 3\.142\s/tmp/chatglm-interpreter-\w+\s\[image\]$")  # markdown: lines joined
     output = page.get_by_test_id("stChatMessage").nth(3)
     image = output.locator("img")
-    assert image.count() == 1
+    # the figure is its own element in the bubble, drawn after the bubble's text (seen missing at that moment once)
+    wait_until(page, lambda: image.count() == 1, what="the figure in the output bubble")
     size = wait_until(page, lambda: image.evaluate("img => img.complete && [img.naturalWidth, img.naturalHeight]"),
                       what="the figure to load")
     assert size[0] > 100 and size[1] > 100  # a drawn figure, not a broken image
