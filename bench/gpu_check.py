@@ -10,6 +10,9 @@ Checks (each line has "check" and "ok"; a line with "skipped" says why a check d
   within 1e-3 and greedily token for token; the others must stay finite);
 - chat / engine: greedy model.chat() and the engine's reply on the device equal to the CPU's;
 - attention: the plan (expanded K/V, explicit causal mask, grouped decode) per call shape on this device;
+- quant: one int4 / int8 linear of each 6B input width per dtype: whether torch's fused weight-only product
+  ran ("fused") or the layer de-quantized, its error against q * scale, milliseconds per 1-row call either
+  way, and for CUDA int4 whether torch's packing equals ours (then the stored copy is dropped: "in_place");
 - speed: a random checkpoint of the 6B shape (--shape) loaded on the device per mode: load seconds, peak
   memory, prefill seconds for 512 and 4096 tokens, decode tokens/s at batch 1 and 8;
 - split: with two or more GPUs, the layers split over two against one GPU (greedy ids equal).
@@ -131,6 +134,55 @@ def attention_checks(device: torch.device) -> list[dict]:
     return out
 
 
+def timed_ms(device: torch.device, fn, repeat: int) -> float:
+    fn()
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    sync(device)
+    return round((time.perf_counter() - t) * 1000 / repeat, 3)
+
+
+@torch.inference_mode()
+def quant_checks(device: torch.device, dry: bool) -> list[dict]:
+    """On a CPU (the dry run) the CUDA branches run with their stand-ins (model/quantization.py)."""
+    from model.quantization import QuantizedLinear, dequantize_weight
+
+    out = []
+    path = "cuda" if device.type == "cpu" else device.type
+    widths = [(256, 128), (384, 96)] if dry else [(4096, 4608), (13696, 4096)]  # (in, out): K % 256, K % 128
+    for bits in (4, 8):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            for k, n in widths:
+                layer = QuantizedLinear.from_linear(torch.nn.Linear(k, n, dtype=dtype, device=device), bits)
+                stored = layer.weight.clone()
+                x = torch.randn(1, k, dtype=dtype, device=device)
+                ref = x.double() @ dequantize_weight(layer.weight, layer.weight_scale, bits, torch.float64).T
+                ref += layer.bias.double()
+                try:
+                    y = layer._device_fused(x, path)
+                except Exception as e:  # noqa: BLE001 - reported, not a crash
+                    out.append(emit(check="quant", bits=bits, dtype=str(dtype), k=k, ok=False, error=repr(e)))
+                    continue
+                fields = {"check": "quant", "bits": bits, "dtype": str(dtype).removeprefix("torch."), "k": k, "n": n,
+                          "fused": y is not None, "in_place": layer._tinygemm}
+                ok = torch.equal(layer.stored_weight(), stored)
+                if y is not None:
+                    err = float((y.double() - ref).abs().max() / ref.abs().max())
+                    fields["rel_err"] = round(err, 5)
+                    ok = ok and err < (2e-2 if dtype != torch.float32 else 1e-4)
+                    fields["fused_ms"] = timed_ms(device, lambda: layer._device_fused(x, path), 3 if dry else 50)
+
+                def dequantized():
+                    w = dequantize_weight(layer.stored_weight(), layer.weight_scale, bits, dtype)
+                    return torch.nn.functional.linear(x, w, layer.bias)
+                fields["dequantize_ms"] = timed_ms(device, dequantized, 3 if dry else 50)
+                out.append(emit(**fields, ok=ok))
+                del layer
+    return out
+
+
 @torch.inference_mode()
 def speed_checks(device: torch.device, shape: str, prefills: list[int], decode_tokens: int, modes: list[str],
                  work_dir: str) -> list[dict]:
@@ -194,7 +246,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda", help="cuda, cuda:1, mps or cpu (cpu: the dry run)")
     ap.add_argument("--shape", default=None, help="speed check shape (default: 6b; small for the dry run)")
     ap.add_argument("--modes", default="bfloat16,int8,int4", help="speed check modes")
-    ap.add_argument("--skip", default="", help="comma-separated checks to skip: golden, attention, speed, split")
+    ap.add_argument("--skip", default="", help="comma-separated checks to skip: golden, attention, quant, speed, split")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     dry = device.type == "cpu"
@@ -207,6 +259,8 @@ def main(argv=None) -> int:
             results += golden_checks(str(device), tokens=8 if dry else 24)
         if "attention" not in skip:
             results += attention_checks(device)
+        if "quant" not in skip:
+            results += quant_checks(device, dry)
         shape = args.shape or ("tiny" if dry else "6b")
         if "speed" not in skip:
             results += speed_checks(device, shape, [32, 64] if dry else [512, 4096], 4 if dry else 64,

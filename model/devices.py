@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from functools import lru_cache
 
 import torch
 
@@ -36,3 +37,16 @@ def code_path(device: torch.device) -> str:
     if forced == "mps":
         return "mps"
     raise ValueError(f"{FORCE_ENV}={forced!r}: expected cuda (or 1), mps or 0")
+
+
+@lru_cache(maxsize=None)
+def _capability_at_least_sm80(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (8, 0)
+
+
+def cuda_sm80(device: torch.device) -> bool:
+    """Whether `device` is an Ampere or newer CUDA GPU (bf16 tensor cores); a CPU or meta tensor on a forced
+    CUDA path counts as one."""
+    if device.type != "cuda":
+        return True
+    return _capability_at_least_sm80(device.index if device.index is not None else torch.cuda.current_device())

@@ -18,9 +18,24 @@ Kernels, chosen per call by device, dtype and the number of tokens:
   zero 0 give q * scale exactly. bf16 inputs for up to INT4PACK_MAX_ROWS rows, float32 inputs for up to
   INT4PACK_MAX_ROWS_F32 (torch's float32 variant is far slower); other dtypes, shapes the op refuses (out %
   16, in % 32) and a torch without the op de-quantize + GEMM.
-- CUDA and MPS: de-quantize with torch, then the vendor GEMM. (cpm_kernels ships no weight-only int4 / int8
-  kernel of its own: the original's extraction kernels are a CUDA binary embedded in its source that it
-  loads through cpm_kernels' module loader.)
+- CUDA and MPS, up to DEVICE_FUSED_MAX_ROWS rows (decoding, batches of sequences): torch's fused weight-only
+  products, which read the packed weights once per call. int8: `_weight_int8pack_mm` on the stored layout.
+  int4: `_weight_int4pack_mm` (bf16 inputs on sm80+ CUDA GPUs; float32 / fp16 / bf16 on MPS) on the weight
+  repacked once per layer by `_convert_weight_to_int4pack` from u = q + 8 (the stored bytes XOR 0x88), with
+  the row's scale repeated per group and zero 0: (u - 8) * scale + 0 = q * scale, the stored value exactly.
+  On CUDA the repacked form replaces the stored one (no second copy on a 6 GB card) once it is checked to be
+  the layout `tinygemm_pack` writes, so that `tinygemm_unpack` can give the stored bytes back for saving, for
+  moving the model and for de-quantizing; anywhere else (MPS packs its own way) it is kept beside the stored
+  weight. A torch that lacks an op (int8 on CUDA before torch 2.9) or refuses a call falls back, logged once.
+- CUDA and MPS, longer inputs (prompts), fp16 on CUDA, pre-Ampere GPUs and shapes the ops refuse: the weight
+  is de-quantized in a few torch ops (`dequantize_weight`) and multiplied by the vendor GEMM. (cpm_kernels
+  ships no weight-only int4 / int8 kernel of its own: the original's extraction kernels are a CUDA binary
+  embedded in its source that it loads through cpm_kernels' module loader.)
+
+CHATGLM_FORCE_GPU_PATHS=cuda / mps (model/devices.py) runs CPU tensors through the CUDA / MPS branches: torch's
+CPU product of the same values (`_weight_int4pack_mm_for_cpu`) stands in for the CUDA / MPS int4 op, and
+`tinygemm_pack` for the CUDA packing, so the golden tests cover the selection, the repacking, the scales and
+the round trip to the stored layout without a GPU.
 """
 
 from __future__ import annotations
@@ -32,6 +47,7 @@ from torch import nn
 import logging
 
 from . import kernels
+from .devices import code_path, cuda_sm80
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +55,17 @@ INT4PACK_MAX_ROWS = 256  # bf16 rows up to which torch's int4 packed product bea
 INT4PACK_MAX_ROWS_F32 = 4  # float32: torch's kernel costs ~1/5 of a de-quantize per row
 _INT4PACK_INNER_K_TILES = 2
 INT4PACK_CHUNK_ROWS = 1024  # a multiple of 64, the row block of the CPU packing (N % 64 may be a tail)
+DEVICE_FUSED_MAX_ROWS = 64  # CUDA / MPS: fused products up to this many rows, de-quantize + GEMM above
 _logged: set[str] = set()
+_refused: set[tuple] = set()  # (device type, bits, dtype) whose fused product this torch refused
+
+
+def _param_key(param: torch.Tensor) -> tuple:
+    """What identifies a parameter's current values for the caches below: its storage and version counter."""
+    try:
+        return param.data_ptr(), param.device, param._version
+    except RuntimeError:  # made under torch.inference_mode(): such tensors carry no version counter
+        return param.data_ptr(), param.device, None
 
 
 def _log_once(message: str) -> None:
@@ -96,9 +122,77 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((high, low), dim=-1).flatten(-2).to(torch.int8)
 
 
+def unsigned_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """The stored int4 bytes [out, in/2] as uint8 holding u = q + 8 in each nibble (even column high), the
+    input torch's int4 packing ops take: flipping each nibble's top bit maps -8..7 to 0..15."""
+    return q.contiguous().view(torch.uint8) ^ 0x88
+
+
 def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
-    values = unpack_int4(q) if bits == 4 else q
-    return values.to(dtype) * scale.to(dtype)[:, None]
+    """q * scale as a [out, in] tensor in dtype, rounded once (as torch's fused products compute each weight).
+    In a few ops with no wider temporaries than uint8: it runs per call on the paths without a fused product
+    (a 27392x4096 int4 matrix used to take 11 ops and 1.3 GB of int16 temporaries)."""
+    if bits == 8:
+        return q.to(dtype).mul_(scale.to(dtype)[:, None])
+    u = unsigned_nibbles(q)
+    w = torch.empty(q.shape[0], q.shape[1], 2, dtype=dtype, device=q.device)
+    w[..., 0] = u >> 4
+    w[..., 1] = u & 0x0F
+    return w.view(q.shape[0], -1).sub_(8).mul_(scale.to(dtype)[:, None])
+
+
+def int4_inner_k_tiles(in_features: int) -> int | None:
+    """The inner k-tiles (8, 4 or 2: 16 columns each) of torch's device int4 packing that divide in_features."""
+    return next((t for t in (8, 4, 2) if in_features % (16 * t) == 0), None)
+
+
+def tinygemm_pack(u: torch.Tensor, inner_k_tiles: int) -> torch.Tensor:
+    """uint8 [N, K/2] nibbles (even column high) -> int32 [N/8, K/(16 t), 32, t/2]: the layout
+    `_convert_weight_to_int4pack` writes on CUDA for the tensor-core kernel (torch's int4mm.cu). Lane l of a
+    warp holds row 8 n + l // 4; its int32 for a pair of 16-column k-tiles holds the bytes at columns
+    c, c+4 of the first tile and c, c+4 of the second (c = l % 4, in bytes), their high nibbles in the low
+    16 bits and their low nibbles in the high 16, in that order. Works in bytes (little-endian int32), so
+    its temporaries are a few times the packed size, not 8 int32 per byte."""
+    n, half = u.shape
+    outer, pairs = 2 * half // (16 * inner_k_tiles), inner_k_tiles // 2
+    b = u.view(n // 8, 8, outer, pairs, 2, 2, 4)  # (n tile, lane // 4, k super-tile, pair, tile, +0/+4, lane % 4)
+    nibbles = torch.stack((b >> 4, b & 0x0F), dim=-1)  # high first
+    nibbles = nibbles.permute(0, 2, 1, 6, 3, 7, 4, 5).reshape(n // 8, outer, 32, pairs, 4, 2)
+    packed = nibbles[..., 0] | (nibbles[..., 1] << 4)  # nibble 2i in the low half of byte i
+    return packed.contiguous().view(torch.int32).view(n // 8, outer, 32, pairs)
+
+
+def tinygemm_unpack(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of tinygemm_pack: int32 [N/8, K/(16 t), 32, t/2] -> uint8 [N, K/2]."""
+    tiles, outer, _, pairs = packed.shape
+    b = packed.contiguous().view(torch.uint8).view(tiles, outer, 32, pairs, 4)
+    nibbles = torch.stack((b & 0x0F, b >> 4), dim=-1)  # (..., pairs, byte, low/high) = nibble 0..7
+    nibbles = nibbles.view(tiles, outer, 8, 4, pairs, 2, 2, 2).permute(0, 2, 1, 4, 6, 7, 3, 5)
+    return ((nibbles[..., 0] << 4) | nibbles[..., 1]).reshape(tiles * 8, outer * pairs * 16)
+
+
+def int4_device_ops(device: torch.device):
+    """(packing, product) of the CUDA / MPS int4 path for tensors on `device`: torch's ops on a GPU; for CPU
+    and meta tensors on a forced GPU path, stand-ins (torch has no CPU kernel of the device packing, and its
+    meta kernel of the device product fails on plain meta tensors): tinygemm_pack, and torch's CPU product of
+    the same values."""
+    if device.type in ("cpu", "meta"):
+        return tinygemm_pack, _emulated_int4pack_mm
+    return torch.ops.aten._convert_weight_to_int4pack, torch.ops.aten._weight_int4pack_mm
+
+
+def int8_device_product(device: torch.device):
+    """torch's int8 weight-only product (it has CPU and meta kernels too, so no stand-in is needed)."""
+    return torch.ops.aten._weight_int8pack_mm
+
+
+def _emulated_int4pack_mm(x: torch.Tensor, packed: torch.Tensor, group: int, scales_and_zeros: torch.Tensor):
+    """CPU tensors on a forced GPU path: the CUDA / MPS int4 product, computed by torch's CPU kernel on the
+    same values (read back from the tinygemm layout) with the same scales and zeros."""
+    u = tinygemm_unpack(packed).to(torch.int32)
+    values = torch.stack((u >> 4, u & 0x0F), dim=-1).flatten(-2)
+    cpu = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, _INT4PACK_INNER_K_TILES)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, cpu, group, scales_and_zeros)
 
 
 class QuantizedLinear(nn.Module):
@@ -139,21 +233,59 @@ class QuantizedLinear(nn.Module):
         param = getattr(self, name)
         if param is None:
             return None
-        try:
-            version = param._version
-        except RuntimeError:  # made under torch.inference_mode(): such tensors carry no version counter
-            version = None
-        key = (param.data_ptr(), version)
+        key = _param_key(param)
         cached = self.__dict__.get("_f32_cache", {}).get(name)
         if cached is None or cached[0] != key:
             cached = (key, param.detach().float().contiguous())
             self.__dict__.setdefault("_f32_cache", {})[name] = cached
         return cached[1]
 
+    # ---- the stored layout and the CUDA repacked form ----
+    # `weight` holds the stored layout, except on CUDA after the first fused int4 call, when it holds the
+    # tinygemm layout instead (self._tinygemm is True). Everything that reads or writes the stored layout
+    # (saving, loading, moving or casting the module, the CPU paths) puts it back first.
+
+    _tinygemm = False
+
+    def stored_weight(self) -> torch.Tensor:
+        """The weight in the checkpoint layout, whatever form the module holds it in."""
+        if self._tinygemm:
+            return (tinygemm_unpack(self.weight.detach()) ^ 0x88).view(torch.int8)
+        return self.weight
+
+    def _restore_stored_layout(self) -> None:
+        if self._tinygemm:
+            with torch.inference_mode(False), torch.no_grad():
+                self.weight.data = self.stored_weight()
+            self._tinygemm = False
+            self.__dict__.pop("_device_cache", None)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._restore_stored_layout()
+        return super()._apply(fn, *args, **kwargs)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._tinygemm:
+            destination[prefix + "weight"] = self.stored_weight()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._restore_stored_layout()
+        self.__dict__.pop("_device_cache", None)
+        return super()._load_from_state_dict(*args, **kwargs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[:-1]
         rows = x.reshape(-1, self.in_features)
-        if x.device.type == "cpu" and kernels.available() and self.weight.is_contiguous():
+        path = code_path(x.device)
+        if path in ("cuda", "mps"):
+            y = self._device_fused(rows, path)
+            if y is not None:
+                return y.reshape(*shape, self.out_features)
+            weight = dequantize_weight(self.stored_weight(), self.weight_scale, self.bits, x.dtype)
+            return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+        self._restore_stored_layout()  # a forced GPU path has been left (tests)
+        if x.device.type == "cpu" and path == "cpu" and kernels.available() and self.weight.is_contiguous():
             if rows.shape[0] <= kernels.decode_rows():
                 y = self._gemv_native(rows)
             else:
@@ -170,6 +302,78 @@ class QuantizedLinear(nn.Module):
             return y.reshape(*shape, self.out_features)
         weight = dequantize_weight(self.weight, self.weight_scale, self.bits, x.dtype)
         return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+
+    def _device_fused(self, rows: torch.Tensor, path: str) -> torch.Tensor | None:
+        """y from torch's fused weight-only product on CUDA / MPS (see the module docstring), or None where
+        none applies: then the caller de-quantizes."""
+        dtype = rows.dtype
+        if rows.shape[0] > DEVICE_FUSED_MAX_ROWS or (path, self.bits, dtype) in _refused:
+            return None
+        if self.bits == 8:
+            if dtype not in (torch.float32, torch.float16, torch.bfloat16) or (
+                    path == "mps" and (self.out_features % 32 or self.in_features % 32)):
+                return None
+
+            fused = int8_device_product(rows.device)
+
+            def product():
+                return fused(rows.contiguous(), self.weight, self.weight_scale.to(dtype))
+        else:
+            allowed = (torch.bfloat16,) if path == "cuda" else (torch.float32, torch.float16, torch.bfloat16)
+            group = int4pack_group_size(self.in_features)
+            if (dtype not in allowed or self.out_features % 8 or group is None
+                    or int4_inner_k_tiles(self.in_features) is None
+                    or (path == "cuda" and not cuda_sm80(rows.device))):
+                return None
+
+            fused = int4_device_ops(rows.device)[1]
+
+            def product():
+                packed, scales = self._device_int4pack(rows, path, group)
+                return fused(rows.contiguous(), packed, group, scales)
+        try:
+            y = product()
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, NotImplementedError) as e:
+            if fused is _emulated_int4pack_mm:
+                raise  # a stand-in refusing is a bug of ours, not a limit of the device
+            _refused.add((path, self.bits, dtype))
+            log.warning("int%d on %s: torch's fused product refused %s inputs (%s); de-quantizing per call "
+                        "instead", self.bits, path, str(dtype).removeprefix("torch."), str(e).splitlines()[0])
+            return None
+        if self.bias is not None:
+            y = y + self.bias.to(dtype)
+        return y
+
+    def _device_int4pack(self, rows: torch.Tensor, path: str, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the weight in the device's int4 packed layout, scales_and_zeros [K/group, N, 2] in the input dtype),
+        made on first use and kept; on CUDA the packed form takes the stored one's place (module docstring)."""
+        cache = self.__dict__.setdefault("_device_cache", {})
+        if self._tinygemm:
+            packed = self.weight
+        else:
+            key = (_param_key(self.weight), path)
+            if cache.get("key") != key:
+                cache.clear()
+                with torch.inference_mode(False), torch.no_grad():  # a normal tensor: it may become the parameter
+                    u = unsigned_nibbles(self.weight.detach())
+                    tiles = int4_inner_k_tiles(self.in_features)
+                    pack = int4_device_ops(rows.device)[0]
+                    packed = pack(u, tiles)
+                    same_layout = pack is tinygemm_pack or (  # checked once per layer on a GPU
+                        packed.device.type == "cuda" and torch.equal(packed, tinygemm_pack(u, tiles)))
+                    del u
+                    if path == "cuda" and same_layout:
+                        self.weight.data = packed
+                if path == "cuda" and same_layout:
+                    self._tinygemm = True
+                    _log_once(f"int4 on {path}: torch's _weight_int4pack_mm on weights repacked in place")
+                else:
+                    cache["key"], cache["packed"] = key, packed
+                    _log_once(f"int4 on {path}: torch's _weight_int4pack_mm on a repacked copy of each weight")
+            packed = self.weight if self._tinygemm else cache["packed"]
+        return packed, self._scales_and_zeros(cache, rows.dtype, group)
 
     def _int4pack_fits(self, rows: torch.Tensor) -> bool:
         limit = {torch.bfloat16: INT4PACK_MAX_ROWS, torch.float32: INT4PACK_MAX_ROWS_F32}.get(rows.dtype, 0)
@@ -188,14 +392,8 @@ class QuantizedLinear(nn.Module):
     def _int4pack(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(torch's int4 packed weight, scales_and_zeros in dtype, group size), made once per layer and kept
         (remade when weight / weight_scale change). The repacked weight is as large as the stored one."""
-        def key(param):
-            try:
-                return param.data_ptr(), param._version
-            except RuntimeError:  # made under torch.inference_mode(): no version counter
-                return param.data_ptr(), None
-
         cache = self.__dict__.setdefault("_int4pack_cache", {})
-        wkey = key(self.weight)
+        wkey = _param_key(self.weight)
         if cache.get("key") != wkey:
             cache.clear()
             cache["key"] = wkey
@@ -203,13 +401,18 @@ class QuantizedLinear(nn.Module):
             _log_once("int4 on CPU without the native kernels: torch's _weight_int4pack_mm_for_cpu (weights "
                       "repacked once per layer)")
         group = int4pack_group_size(self.in_features)
-        skey = (dtype, key(self.weight_scale))
-        if cache.get("scales_key") != skey:
+        return cache["packed"], self._scales_and_zeros(cache, dtype, group), group
+
+    def _scales_and_zeros(self, cache: dict, dtype: torch.dtype, group: int) -> torch.Tensor:
+        """[K/group, N, 2] in dtype for torch's int4 products: the row's scale in every group, zero 0 (kept in
+        cache until weight_scale changes)."""
+        key = (dtype, _param_key(self.weight_scale))
+        if cache.get("scales_key") != key:
             scale = self.weight_scale.detach().to(dtype)
             sz = torch.stack((scale, torch.zeros_like(scale)), dim=-1)
-            cache["scales_key"] = skey
+            cache["scales_key"] = key
             cache["scales"] = sz.expand(self.in_features // group, self.out_features, 2).contiguous()
-        return cache["packed"], cache["scales"], group
+        return cache["scales"]
 
     def _int4pack_mm(self, rows: torch.Tensor) -> torch.Tensor:
         packed, scales, group = self._int4pack(rows.dtype)

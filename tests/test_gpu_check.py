@@ -17,7 +17,12 @@ def test_the_dry_run_passes_every_check_and_prints_one_json_line_each():
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     kinds = {line["check"] for line in lines}
-    assert {"device", "golden", "chat", "engine", "attention", "speed", "split", "summary"} <= kinds
+    assert {"device", "golden", "chat", "engine", "attention", "quant", "speed", "split", "summary"} <= kinds
+    quant = [line for line in lines if line["check"] == "quant"]  # the CUDA branches with their CPU stand-ins
+    assert [(q["bits"], q["dtype"]) for q in quant if q["fused"]] == [
+        (4, "bfloat16"), (4, "bfloat16"), (8, "bfloat16"), (8, "bfloat16"), (8, "float16"), (8, "float16"),
+        (8, "float32"), (8, "float32")]
+    assert all(q["in_place"] == (q["bits"] == 4 and q["dtype"] == "bfloat16") for q in quant)
     assert all(line["ok"] for line in lines)
     golden = [line for line in lines if line["check"] == "golden" and line["mode"] == "float32"]
     assert len(golden) >= 6 and all(line["max_abs_diff"] < 1e-3 for line in golden)

@@ -9,9 +9,10 @@ from conftest import FLOAT_MODELS, PTUNING_MODELS, QUANTIZED_MODELS, golden_case
 MODELS = FLOAT_MODELS + QUANTIZED_MODELS + PTUNING_MODELS
 
 ATOL = 1e-4
-# CHATGLM_FORCE_GPU_PATHS: the float models also through the attention branches of CUDA (K/V expanded for the
-# memory-efficient kernel) and MPS (K/V expanded, explicit causal mask), at the same tolerance
-PATHS = {name: ["cpu", "cuda", "mps"] if name in FLOAT_MODELS + PTUNING_MODELS else ["cpu"] for name in MODELS}
+# CHATGLM_FORCE_GPU_PATHS: every model also through the branches of CUDA (K/V expanded for the memory-efficient
+# kernel; float32 int4 / int8 de-quantized per call) and MPS (K/V expanded, explicit causal mask; the fused int4 /
+# int8 products, here their CPU stand-ins), at the same tolerance
+PATHS = {name: ["cpu", "cuda", "mps"] for name in MODELS}
 
 
 def cases(name):
