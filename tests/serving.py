@@ -20,11 +20,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float = 120.0, path: str = "/health") -> None:
+def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float = 120.0, path: str = "/health",
+                 output=None) -> None:
+    """Poll url+path until it answers 200; if proc exits first, raise with its output (output(), else its
+    stdout read here)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{proc.stdout.read()}")
+            log = output() if output is not None else proc.stdout.read()
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log}")
         try:
             if httpx.get(f"{url}{path}", timeout=2).status_code == 200:
                 return
@@ -35,7 +39,8 @@ def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float 
 
 
 class ServerProcess:
-    """`python SCRIPT --model DIR --port P [args]` from the repository root; .url once healthy."""
+    """`python SCRIPT --model DIR --port P [args]` from the repository root; .url once healthy. Its output is
+    read as it comes (a server that fills the pipe would block on its next log line); .output() after stop()."""
 
     def __init__(self, script: str, model_dir: str, *args: str, ready_path: str = "/health", streamlit=False):
         self.port = free_port()
@@ -50,8 +55,11 @@ class ServerProcess:
             argv = [sys.executable, script, "--port", str(self.port), *model_args]
         self.proc = subprocess.Popen(argv,
                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self._lines: list[str] = []
+        self._reader = threading.Thread(target=lambda: self._lines.extend(self.proc.stdout), daemon=True)
+        self._reader.start()
         try:
-            wait_healthy(self.url, self.proc, path=ready_path)
+            wait_healthy(self.url, self.proc, path=ready_path, output=self.output)
         except Exception:
             self.stop()
             raise
@@ -64,6 +72,12 @@ class ServerProcess:
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def output(self) -> str:
+        """Everything the server printed; complete once it has exited."""
+        if self.proc.poll() is not None:
+            self._reader.join(10)
+        return "".join(self._lines)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -200,7 +200,7 @@ def test_an_error_shows_once_and_gives_the_message_back(v3_dir, browser):
         send(page, "hello")
         page.get_by_text("raise Maximum length").first.wait_for()
         assert page.get_by_label("Maximum length").first.is_visible()  # the control the error names
-    log = server.proc.stdout.read()
+    log = server.output()
     assert log.count("Traceback") == 1, log  # the engine error, once; the too long conversation none
     assert "share=True" not in log and "--share" in log
 

@@ -219,7 +219,7 @@ def test_python_start_listens_locally_without_stats_or_deploy_button(v3_dir, bro
             with pytest.raises(httpx.HTTPError):
                 httpx.get(f"http://{other}:{server.port}{HEALTH}", timeout=5)
         server.stop()
-        log = server.proc.stdout.read()
+        log = server.output()
     assert f"http://127.0.0.1:{server.port}" in log and "Network URL" not in log, log
 
 
@@ -237,7 +237,7 @@ def test_a_bad_flag_is_reported_in_the_page_and_the_terminal(v3_dir, browser):
         page = open_page(browser, server.url, ready="stAlert")
         assert "unrecognized arguments: --bogus" in page.get_by_test_id("stAlert").inner_text()
         server.stop()
-        assert "unrecognized arguments: --bogus" in server.proc.stdout.read()
+        assert "unrecognized arguments: --bogus" in server.output()
     started = subprocess.run([sys.executable, "web_demo2.py", "--port", str(free_port()), "--bogus"], cwd=ROOT,
                              capture_output=True, text=True, timeout=60)
     assert started.returncode == 2 and "unrecognized arguments: --bogus" in started.stderr
