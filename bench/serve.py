@@ -19,14 +19,16 @@ earlier; the usage it reports is what is counted). Printed per client count:
 prints the server's resident memory (VmRSS) after each round: memory that grows with the request count shows
 as growth between the two rounds.
 
-Every request pays its prompt's prefill (compute-bound, done one request at a time), so short --tokens make
-the prefills dominate and understate what batching the decode steps gives.
+Every request pays its prompt's prefill (compute-bound; prompts that wait together are read in one batched
+pass, see --prefill-batch-tokens), so short --tokens make the prefills dominate and understate what batching the
+decode steps gives.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import shutil
@@ -35,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,13 +84,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(url: str, server: subprocess.Popen, timeout: float) -> None:
+def read_output(server: subprocess.Popen) -> collections.deque:
+    """The server's last 200 lines, read as they come: an unread pipe fills up and blocks the server."""
+    lines: collections.deque = collections.deque(maxlen=200)
+    threading.Thread(target=lambda: lines.extend(server.stdout), daemon=True).start()
+    return lines
+
+
+def wait_healthy(url: str, server: subprocess.Popen, timeout: float, output: collections.deque) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise RuntimeError(f"the server exited with {server.returncode}:\n{server.stdout.read()}")
+            time.sleep(0.5)  # the reader's last lines
+            raise RuntimeError(f"the server exited with {server.returncode}:\n{''.join(output)}")
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 return
@@ -198,8 +209,9 @@ def main(argv=None) -> int:
                                "--max-queue", str(4 * max(levels))],
                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    output = read_output(server)
     try:
-        wait_healthy(url, server, timeout=600)
+        wait_healthy(url, server, 600, output)
         print(f"openai_api.py on {args.shape} (checkpoint {dtype}, --dtype {args.run_dtype}), {os.cpu_count()} CPUs, "
               f"oneDNN linear {os.environ.get('CHATGLM_ONEDNN_LINEAR', '1')}, --max-batch "
               f"{args.max_batch or max(levels)}, {args.tokens} tokens per request")
