@@ -1,6 +1,9 @@
-"""Preallocated per-layer key/value cache that grows geometrically instead of per token."""
+"""Preallocated per-layer key/value cache that grows geometrically instead of per token, and the engine's store
+of finished sequences' keys and values for prompts that start the same way."""
 
 from __future__ import annotations
+
+import collections
 
 import torch
 
@@ -238,3 +241,77 @@ class RowCache:
 
     def advance(self, tokens: int) -> None:
         self.batch.lengths[self.row] += tokens
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading ids a and b share."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+class PrefixStore:
+    """Keys and values of finished sequences (prompt and reply), kept so that a later prompt that starts with the
+    same ids (the next turn of a conversation re-sends it whole; Regenerate sends the same prompt again; clients
+    share a system prompt or tool list) reads only what follows. At most `budget` token positions in all, least
+    recently used first out. An entry's positions 0..prefix-1 hold a P-Tuning prefix, as every row does."""
+
+    def __init__(self, budget: int, prefix: int = 0):
+        self.budget, self.prefix = budget, prefix
+        self._entries: collections.OrderedDict[int, tuple[list[int], list[torch.Tensor], list[torch.Tensor]]] = \
+            collections.OrderedDict()
+        self._next_key = 0
+        self.tokens = 0  # positions held, for the budget
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def remember(self, ids: list[int], cache: BatchCache, row: int) -> None:
+        """Copy row `row` of a batch cache, whose positions after the prefix hold `ids`."""
+        n = len(ids)
+        if n > self.budget or n == 0:
+            return
+        for key, (stored, _, _) in list(self._entries.items()):  # superseded: the new one starts with it
+            if len(stored) <= n and ids[: len(stored)] == stored:
+                self._drop(key)
+        while self.tokens + n > self.budget:
+            self._drop(next(iter(self._entries)))
+        end = self.prefix + n
+        keys = [k[row, :, :end].clone() for k in cache.keys]
+        values = [v[row, :, :end].clone() for v in cache.values]
+        self._entries[self._next_key] = (list(ids), keys, values)
+        self._next_key += 1
+        self.tokens += n
+
+    def _drop(self, key: int) -> None:
+        ids, _, _ = self._entries.pop(key)
+        self.tokens -= len(ids)
+
+    def match(self, ids: list[int]) -> tuple[int | None, int]:
+        """(entry, n): the entry sharing the most leading ids with `ids` and how many, at most len(ids) - 1 (the
+        last prompt token is always read: its logits choose the first new token); (None, 0) if none shares any."""
+        best, best_n = None, 0
+        for key, (stored, _, _) in self._entries.items():
+            n = min(common_prefix(stored, ids), len(ids) - 1)
+            if n > best_n:
+                best, best_n = key, n
+        return best, best_n
+
+    def restore(self, key: int, n: int, cache: KVCache) -> None:
+        """Fill a batch-1 cache with the entry's prefix and first n tokens (its length becomes prefix + n)."""
+        _, keys, values = self._entries[key]
+        self._entries.move_to_end(key)
+        end = self.prefix + n
+        cache.reserve(end - cache.length)
+        for dest, src in ((cache.keys, keys), (cache.values, values)):
+            for i, s in enumerate(src):
+                dest[i][0, :, :end] = s[:, :end].to(dest[i].device)
+        cache.length = end

@@ -21,13 +21,16 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .cache import BatchCache, KVCache
+from .cache import BatchCache, KVCache, PrefixStore
 from .formats import format_for
 from .generation import (SamplingParams, SequenceSampler, choose_rows, next_position_ids, prefix_length,
                          prompt_position_ids, reply_budget, seed_prefix)
 from .tokenizer import StreamDecoder
 
 logger = logging.getLogger(__name__)
+
+
+PREFIX_MIN_REUSE = 32  # stored tokens worth taking a prompt out of a batched prefill pass for
 
 
 class EngineBusy(RuntimeError):
@@ -61,6 +64,8 @@ class EngineStats:
     requests_total: int = 0
     tokens_generated: int = 0
     prompt_tokens: int = 0
+    prefix_hits: int = 0  # prompts that started where a finished sequence had been (see PrefixStore)
+    prefix_tokens_reused: int = 0  # prompt tokens those did not read again
     ttft_seconds: list[float] = field(default_factory=list)  # recent times to first token
 
 
@@ -125,6 +130,7 @@ class _Sequence:
         self.sampler = SequenceSampler(request.params, self.ids)
         self.decoder = StreamDecoder(engine.tokenizer)
         self.count = 0
+        self.generated: list[int] = []  # sampled ids, in order
         self.next_id: int | None = None  # the sampled id to feed at the next step
         self.position: torch.Tensor | None = None  # position ids of the last token fed
         self.stage: KVCache | None = None  # its own cache while a long prompt is read chunk by chunk
@@ -146,11 +152,17 @@ class Engine:
     first rows' first tokens. 256 keeps 8 chat turns of ~30 tokens in one pass (there, in bf16 and int4, the
     slowest client's first token came sooner than with passes of 128, the mean about the same) and pairs up
     100-token prompts; a device with more compute per byte read may gain from a larger value.
+
+    A finished sequence's keys and values (prompt and reply) are kept, up to prefix_cache_tokens positions in
+    all (least recently used out; 0 or None: none kept): a prompt that starts with at least PREFIX_MIN_REUSE of
+    the same ids (the next turn of a conversation, which front ends re-send whole; Regenerate; a system prompt
+    shared by clients) is read from where they differ on, as a staged prompt. Not for ChatGLM-6B, whose prompt
+    attends to itself both ways (its format does not chunk prompts).
     """
 
     def __init__(self, model, tokenizer, *, model_name: str | None = None, max_queue: int = 32,
                  max_batch: int = 8, prefill_chunk: int | None = 128, cache_capacity: int | None = None,
-                 prefill_batch_tokens: int | None = 256):
+                 prefill_batch_tokens: int | None = 256, prefix_cache_tokens: int | None = 8192):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         if max_queue < 1:
@@ -159,6 +171,8 @@ class Engine:
             raise ValueError("prefill_chunk must be at least 1 (or None: read prompts whole)")
         if prefill_batch_tokens is not None and prefill_batch_tokens < 1:
             raise ValueError("prefill_batch_tokens must be at least 1 (or None: read each prompt alone)")
+        if prefix_cache_tokens is not None and prefix_cache_tokens < 0:
+            raise ValueError("prefix_cache_tokens must be 0 or more (0 or None: keep no finished sequences)")
         self.prefill_batch_tokens = prefill_batch_tokens
         self.model = model
         self.tokenizer = tokenizer
@@ -182,6 +196,8 @@ class Engine:
         # time, in a cache of their own that joins the batch when complete; the others wait in _pending.
         # (A prompt that attends to itself both ways, as ChatGLM-6B's, is always read whole; None: never chunk.)
         self.prefill_chunk = prefill_chunk if self.format.chunked_prefill else None
+        self.prefixes = (PrefixStore(prefix_cache_tokens, self.prefix)
+                         if prefix_cache_tokens and self.format.chunked_prefill else None)
         self._staged: _Sequence | None = None
         self._pending: collections.deque[RequestHandle] = collections.deque()
         self._queue: queue.Queue[RequestHandle | None] = queue.Queue()
@@ -261,12 +277,23 @@ class Engine:
     def _long(self, handle: RequestHandle) -> bool:
         return self.prefill_chunk is not None and len(handle.request.input_ids) > self.prefill_chunk
 
+    def _reuse(self, handle: RequestHandle) -> tuple[int | None, int]:
+        """(stored entry, tokens) of the prompt that can be taken from the prefix store, or (None, 0)."""
+        if self.prefixes is None:
+            return None, 0
+        key, n = self.prefixes.match(handle.request.input_ids)
+        return (key, n) if n >= PREFIX_MIN_REUSE else (None, 0)
+
+    def _staged_prompt(self, handle: RequestHandle) -> bool:
+        """Read in chunks into a cache of its own: a long prompt, or one continuing a stored sequence."""
+        return self._long(handle) or self._reuse(handle)[0] is not None
+
     def _admit(self) -> bool:
         """Start waiting requests in free rows (blocking while nothing runs); False once closed. The short
         prompts taken in this step are read together (see _read_prompts)."""
-        if self._staged is None and self._pending and self._slots_free():
-            self._start(self._pending.popleft(), [])
         ready: list[RequestHandle] = []  # short prompts to read in this step, each holding a slot
+        if self._staged is None and self._pending and self._slots_free():
+            self._start(self._pending.popleft(), ready)  # staged, or short by now (its stored entry evicted)
         while self._in_progress() + len(ready) < self.max_batch:
             idle = not self._running and self._staged is None and not self._pending and not ready
             try:
@@ -278,7 +305,7 @@ class Engine:
                     waiting.done = True
                     waiting._put(Event(finish="cancelled", error="the engine was shut down"))
                 return False
-            if self._long(handle) and self._staged is not None:
+            if self._staged is not None and self._staged_prompt(handle):
                 self._pending.append(handle)  # still counted as queued
                 continue
             self._start(handle, ready)
@@ -292,15 +319,21 @@ class Engine:
         if handle.cancelled:
             handle.done = True
             handle._put(Event(finish="cancelled"))
-        elif self._long(handle):
+        elif self._staged_prompt(handle):
             seq = _Sequence(handle, self, self.model.device)
             seq.stage = seed_prefix(self.model, KVCache.for_model(self.model.config, 1, self.model.dtype,
                                                                   self.model.device,
                                                                   capacity=self.prefix + len(seq.prompt)))
+            key, reused = self._reuse(handle)
+            if key is not None:
+                self.prefixes.restore(key, reused, seq.stage)
             self._staged = seq
             with self._lock:
                 self.stats.running += 1
                 self.stats.prompt_tokens += len(seq.prompt)
+                if key is not None:
+                    self.stats.prefix_hits += 1
+                    self.stats.prefix_tokens_reused += reused
         else:
             ready.append(handle)
 
@@ -408,8 +441,8 @@ class Engine:
         if seq.handle.cancelled:
             self._end_staged(Event(finish="cancelled"))
             return
-        start = seq.stage.length - self.prefix  # prompt tokens read so far
-        end = min(start + self.prefill_chunk, len(seq.prompt))
+        start = seq.stage.length - self.prefix  # prompt tokens read so far (or taken from the prefix store)
+        end = min(start + (self.prefill_chunk or len(seq.prompt)), len(seq.prompt))
         try:
             ids = seq.ids[:, start:end]
             positions = prompt_position_ids(model, ids, start)
@@ -462,6 +495,7 @@ class Engine:
         """Handle one generated id: stream its text, or end the sequence (stop id, budget, cancel)."""
         handle = seq.handle
         seq.count += 1
+        seq.generated.append(token_id)
         if handle.first_token_at is None:
             handle.first_token_at = time.monotonic()
             self._record_ttft(handle.first_token_at - handle.submitted)
@@ -486,8 +520,12 @@ class Engine:
                                 completion_tokens=seq.count))
 
     def _finish(self, seq: _Sequence, event: Event) -> None:
-        """Send the last event and free the sequence's row (the last row moves into it)."""
+        """Send the last event and free the sequence's row (the last row moves into it), keeping its keys and
+        values in the prefix store unless it failed."""
         row = self._running.index(seq)
+        if self.prefixes is not None and event.finish != "error":
+            fed = self.cache.lengths[row] - self.prefix  # the prompt and every sampled id but the last
+            self.prefixes.remember((seq.prompt + seq.generated)[:fed], self.cache, row)
         self.cache.remove_row(row)
         last = self._running.pop()
         if last is not seq:

@@ -136,6 +136,9 @@ def build_parser(description: str, *, server: bool = False, web: bool = False, e
         ap.add_argument("--prefill-batch-tokens", type=int_range(0), default=256, metavar="TOKENS",
                         help="read short prompts that arrive together in one pass of up to this many tokens "
                              "(padding included); 0: one pass per prompt")
+        ap.add_argument("--prefix-cache-tokens", type=int_range(0), default=8192, metavar="TOKENS",
+                        help="keep finished replies' keys and values, up to this many tokens in all, so that the "
+                             "next turn of a conversation reads only its new part; 0: keep none")
         ap.add_argument("--cache-capacity", type=int_range(2), default=None, metavar="TOKENS",
                         help="preallocate the batch KV cache for this many tokens per row, fixed in shape (for "
                              "CUDA graphs / torch.compile); prompt + reply must fit it (default: grow as needed)")
@@ -231,6 +234,7 @@ def service_from_args(args):
                                max_batch=getattr(args, "max_batch", 1),
                                prefill_chunk=getattr(args, "prefill_chunk", 128),
                                prefill_batch_tokens=getattr(args, "prefill_batch_tokens", 256) or None,
+                               prefix_cache_tokens=getattr(args, "prefix_cache_tokens", 8192),
                                max_queue=getattr(args, "max_queue", 32),
                                cache_capacity=getattr(args, "cache_capacity", None)))
 

@@ -112,7 +112,7 @@ class ScriptedModel:
     Each request's prefill takes the next scripted reply (a list of ids); the prompts seen are kept in .prompts.
     It lets server tests drive replies a random model would never write (tool calls, exact text). The script is
     one stream of replies, so an engine driving it must decode one request at a time (max_batch=1) and read
-    each prompt in one pass (prefill_chunk=None).
+    each prompt whole in one pass (prefill_chunk=None, prefix_cache_tokens=0).
     """
 
     def __init__(self, model, vocab_size: int, replies: list[list[int]]):

@@ -201,6 +201,7 @@ BAD_FLAGS = [
     (server_args, ["--max-batch", "0"], ">= 1"),
     (server_args, ["--prefill-chunk", "0"], ">= 1"),
     (server_args, ["--prefill-batch-tokens", "-1"], ">= 0"),
+    (server_args, ["--prefix-cache-tokens", "-1"], ">= 0"),
     (server_args, ["--max-queue", "0"], ">= 1"),
     (server_args, ["--max-request-bytes", "-5"], ">= 1"),
     (server_args, ["--num-gpus", "0"], ">= 1"),

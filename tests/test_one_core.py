@@ -120,15 +120,27 @@ def test_the_servers_cache_capacity_flag_gives_a_fixed_cache():
         service.close()
 
 
-@pytest.mark.parametrize("value, expected", [("0", None), ("64", 64), (None, 256)])
-def test_the_servers_prefill_batch_tokens_flag_reaches_the_engine(value, expected):
+def prefix_store_budget(engine):
+    return None if engine.prefixes is None else engine.prefixes.budget
+
+
+@pytest.mark.parametrize("flag, read, value, expected", [
+    ("--prefill-batch-tokens", lambda engine: engine.prefill_batch_tokens, "0", None),
+    ("--prefill-batch-tokens", lambda engine: engine.prefill_batch_tokens, "64", 64),
+    ("--prefill-batch-tokens", lambda engine: engine.prefill_batch_tokens, None, 256),
+    ("--prefix-cache-tokens", prefix_store_budget, "0", None),
+    ("--prefix-cache-tokens", prefix_store_budget, "100", 100),
+    ("--prefix-cache-tokens", prefix_store_budget, None, 8192),
+])
+@pytest.mark.parametrize("group", ["server", "engine"])
+def test_engine_flags_reach_the_engine(flag, read, value, expected, group):
     from conftest import model_dir
     from model.flags import build_parser, service_from_args
 
     argv = ["--model", model_dir("chatglm2-tiny"), "--device", "cpu"]
-    args = build_parser("t", server=True).parse_args(argv + (["--prefill-batch-tokens", value] if value else []))
+    args = build_parser("t", **{group: True}).parse_args(argv + ([flag, value] if value else []))
     service = service_from_args(args)
     try:
-        assert service.engine.prefill_batch_tokens == expected
+        assert read(service.engine) == expected
     finally:
         service.close()

@@ -210,7 +210,7 @@ def scripted(v3_dir):
         reply(call, "<|observation|>"),
     ])
     engine = Engine(scripted_model, tokenizer, model_name="scripted", max_batch=1,  # the script is one stream,
-                    prefill_chunk=None)  # with one forward pass per prompt
+                    prefill_chunk=None, prefix_cache_tokens=0)  # with one forward pass per whole prompt
     from server.openai_app import create_app
 
     server = ThreadServer(create_app(engine))
