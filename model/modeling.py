@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -175,20 +174,12 @@ def planned_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
                                           enable_gqa=k.shape[1] != q.shape[1])
 
 
-_scratch = threading.local()
-
-
 def _as_float32(t: torch.Tensor, slot: str) -> torch.Tensor:
-    """t in float32, widened into a buffer this thread reuses: a fresh 8 MB tensor per layer and step (8192
-    cached tokens of the 6B shape) costs more in page faults than the widening itself (5.7 ms against 0.3 ms
-    measured). The buffer grows to the largest cache this thread has read and is kept."""
+    """t in float32, widened into a buffer this thread reuses (kernels.scratch: no fresh pages per layer and
+    step). The buffer grows to the largest cache this thread has read and is kept."""
     if t.dtype == torch.float32:
         return t
-    buf = getattr(_scratch, slot, None)
-    if buf is None or buf.numel() < t.numel() or (buf.is_inference() and not torch.is_inference_mode_enabled()):
-        buf = torch.empty(t.numel(), dtype=torch.float32)
-        setattr(_scratch, slot, buf)
-    return buf[: t.numel()].view(t.shape).copy_(t)
+    return kernels.scratch(slot, t.numel(), torch.float32).view(t.shape).copy_(t)
 
 
 class SelfAttention(nn.Module):
