@@ -1,5 +1,5 @@
 /* Matrix-vector kernels for decoding on x86 CPUs with AVX-512: weight-only int8 / int4 in the checkpoint
- * layout, and bf16. Built on first use by model/kernels.py (gcc -O3 -march=native -fopenmp) and called
+ * layout, and bf16; and attention of one new token over a bf16 KV cache (decode_attention_bf16, at the end). Built on first use by model/kernels.py (gcc -O3 -march=native -fopenmp) and called
  * through ctypes; every function works on plain row-major buffers.
  *
  * Layouts (all row-major, one row per output feature n):
@@ -570,15 +570,15 @@ int dequantize(const uint8_t *w, int bits, int N, int K, const float *scale, uin
  * into a larger preallocated cache), query head h reading group h / (nh / g). Scores q.k * scale, the mask
  * (allowed: bytes, 0 = masked; or bias: an additive float32 mask; strides mb for the batch and ms for
  * positions, 0 to broadcast), softmax and the weighted sum of values, all in float32; out [B][nh][d] bf16
- * (round to nearest even, as torch). Keys and values are widened to float32 16 rows at a time in registers
- * and a small buffer, never as a whole: the cache is read once, at its stored 2 bytes a value.
+ * (round to nearest even, as torch). The cache is read once, at its stored 2 bytes a value: by AMX tiles
+ * where the CPU has them, else widened to float32 16 rows at a time into a small buffer, never as a whole.
  *
  * Tasks: (batch, group, ATT_CHUNK positions) with an online softmax over ATT_SPAN positions at a time (running
  * maximum and sum per head, accumulators rescaled when the maximum grows); the chunks of a (batch, group) are
  * combined at the end, so one sequence with 2 groups still keeps every core busy. Masked positions (mask
- * False, or an additive -inf) are never read: their rows are zeros in the buffer and their weight is 0, so
- * whatever a masked slot holds (NaN, inf) cannot reach the result. A query that may attend to nothing gets
- * NaN, as torch's softmax gives it. */
+ * False, or an additive -inf) get the score -inf whatever their key, and their value rows are never read
+ * (zeros in the buffers, weight 0), so whatever a masked slot holds (NaN, inf) cannot reach the result. A
+ * query that may attend to nothing gets NaN, as torch's softmax gives it. */
 #define ATT_CHUNK 512  /* positions per task (multiple of ATT_SPAN): fixed, so that the order of the sums, and
                         * with it a sequence's result, depends on neither the batch nor the thread count */
 #define ATT_BLOCK 16  /* positions per block: one reduction tree of scores, one widened block of rows */
@@ -688,15 +688,155 @@ static void att_scores(const uint16_t *q, int hg, int d, const uint16_t *k, int6
     }
 }
 
+/* With AMX (16 heads or fewer a group, d a multiple of 32): the same sums as tile products. The vector loops
+ * above are bound by their float32 multiply-adds, not by reading the cache: measured on one (shared) core of
+ * a Sapphire Rapids Xeon, 8192 positions of the 6B shape took 1.56 ms with tiles against 2.55 ms without
+ * (512 positions: 0.092 against 0.159 ms). Products of bf16 values are exact and summed in float32 (tiles
+ * flush bf16 denormals to zero, below 1e-38). Scores: tile A = 16 cached key rows as stored (bf16 pairs along d), B = the group's queries packed in
+ * pairs, C[position][head] in float32. Values: the weights split into bf16 hi + lo (p - hi rounded again:
+ * 2^-17 relative, as float32 as makes no difference to a bf16 result) times the value rows packed in pairs of
+ * positions, C[head][16 columns of d] accumulated onto the float32 sums. Tiles: 0 C, 1 keys, 2 queries for
+ * scores; 3, 4 weights hi / lo, 5 values, 6, 7 two C tiles (32 columns of d) for values. */
+#ifdef HAVE_AMX
+typedef struct {
+    uint32_t *qpack;   /* [d/32][16][hg]: the queries' bf16 pairs, as tile B */
+    uint16_t *stage;   /* [ATT_BLOCK][d]: the last rows of the cache, zeros past its end */
+    float *ct;         /* [16][16]: one score tile */
+    uint16_t *hi, *lo; /* [hg][ATT_SPAN]: the weights split in two bf16 */
+    uint16_t *vpack;   /* [ATT_SPAN/32][d/16][16][32]: value rows in pairs of positions, as tile B */
+} att_tiles;
+
+static void att_configure(int hg) {
+    tile_config c __attribute__((aligned(64)));
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    const int rows[8] = {16, 16, 16, hg, hg, 16, hg, hg}, colsb[8] = {4 * hg, 64, 4 * hg, 64, 64, 64, 64, 64};
+    for (int t = 0; t < 8; t++) { c.rows[t] = (uint8_t)rows[t]; c.colsb[t] = (uint16_t)colsb[t]; }
+    _tile_loadconfig(&c);
+}
+
+static void att_pack_queries(const uint16_t *q, int hg, int d, uint32_t *qpack) {
+    for (int c = 0; c < d / 32; c++)
+        for (int r = 0; r < 16; r++)
+            for (int h = 0; h < hg; h++) {
+                uint32_t pair;
+                memcpy(&pair, q + (long)h * d + 32 * c + 2 * r, 4);
+                qpack[((long)c * 16 + r) * hg + h] = pair;
+            }
+}
+
+/* r[i][j] <- r[j][i] */
+static inline void transpose16(__m512 *r) {
+    __m512 t[16], u[16];
+    for (int i = 0; i < 8; i++) {  /* per 128 bits: t[2i] = r2i[0] r2i+1[0] r2i[1] r2i+1[1], t[2i+1] the same of [2], [3] */
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int a = 0; a < 4; a++) {  /* u[4a + c], 128 bits L: column 4L + c of rows 4a..4a+3 */
+        __m512d t0 = _mm512_castps_pd(t[4 * a]), t1 = _mm512_castps_pd(t[4 * a + 1]);
+        __m512d t2 = _mm512_castps_pd(t[4 * a + 2]), t3 = _mm512_castps_pd(t[4 * a + 3]);
+        u[4 * a] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2));
+        u[4 * a + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
+        u[4 * a + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
+        u[4 * a + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
+    }
+    for (int c = 0; c < 4; c++) {  /* column 4L + c: 128 bits L of u[c], u[4 + c], u[8 + c], u[12 + c] */
+        __m512 x0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x44), x1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xee);
+        __m512 y0 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x44), y1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xee);
+        r[c] = _mm512_shuffle_f32x4(x0, y0, 0x88);
+        r[4 + c] = _mm512_shuffle_f32x4(x0, y0, 0xdd);
+        r[8 + c] = _mm512_shuffle_f32x4(x1, y1, 0x88);
+        r[12 + c] = _mm512_shuffle_f32x4(x1, y1, 0xdd);
+    }
+}
+
+/* scores [hg][ATT_SPAN] (row stride ATT_SPAN) for positions s.. s+n-1 of keys k (rows ks apart, S of them) */
+static void att_scores_amx(int hg, int d, const uint16_t *k, int64_t ks, long S, long s, int n, float scale,
+                           float *scores, att_tiles *t) {
+    for (int blk = 0; blk < n; blk += ATT_BLOCK) {
+        const uint16_t *rows = k + (s + blk) * ks;
+        long stride = 2 * ks;
+        if (s + blk + ATT_BLOCK > S) {  /* a tile reads 16 rows: past the cache's end, zeros */
+            for (long i = 0; i < ATT_BLOCK; i++)
+                if (s + blk + i < S) memcpy(t->stage + i * d, rows + i * ks, 2 * (size_t)d);
+                else memset(t->stage + i * d, 0, 2 * (size_t)d);
+            rows = t->stage, stride = 2L * d;
+        }
+        _tile_zero(0);
+        for (int c = 0; c < d / 32; c++) {
+            _tile_loadd(1, rows + 32 * c, stride);
+            _tile_loadd(2, t->qpack + (long)c * 16 * hg, 4 * hg);
+            _tile_dpbf16ps(0, 1, 2);
+        }
+        _tile_stored(0, t->ct, 64);
+        __m512 r[16];
+        for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(t->ct + 16 * i);
+        transpose16(r);  /* [head][position] */
+        for (int h = 0; h < hg; h++) _mm512_storeu_ps(scores + (long)h * ATT_SPAN + blk, _mm512_mul_ps(r[h], _mm512_set1_ps(scale)));
+    }
+}
+
+/* acc [hg][d] += weights [hg][ATT_SPAN] (zeros from n on) x value rows s..s+n-1 (masked ones as zeros) */
+static void att_values_amx(const float *weights, int hg, int d, const uint16_t *v, int64_t vs, long s, int n,
+                           att_mask m, float *acc, att_tiles *t) {
+    const int blocks = (n + 31) / 32, tiles = d / 16;
+    for (long i = 0; i < (long)hg * ATT_SPAN; i += 16) {
+        __m512 w = _mm512_loadu_ps(weights + i);
+        __m256bh hi = _mm512_cvtneps_pbh(w);
+        __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)hi), 16));
+        _mm256_storeu_si256((__m256i *)(t->hi + i), (__m256i)hi);
+        _mm256_storeu_si256((__m256i *)(t->lo + i), (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(w, back)));
+    }
+    const __m512i even = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                          39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i odd = _mm512_add_epi16(even, _mm512_set1_epi16(16));
+    for (int b = 0; b < blocks; b++)
+        for (int r = 0; r < 16; r++) {  /* positions 2r, 2r+1 of the block interleaved per column of d */
+            const int i0 = 32 * b + 2 * r, i1 = i0 + 1;
+            const uint16_t *r0 = i0 < n && !att_masked(m, s + i0) ? v + (s + i0) * vs : NULL;
+            const uint16_t *r1 = i1 < n && !att_masked(m, s + i1) ? v + (s + i1) * vs : NULL;
+            for (int c = 0; c < d; c += 32) {
+                __m512i a = r0 ? _mm512_loadu_si512((const void *)(r0 + c)) : _mm512_setzero_si512();
+                __m512i z = r1 ? _mm512_loadu_si512((const void *)(r1 + c)) : _mm512_setzero_si512();
+                uint16_t *dst = t->vpack + (((long)b * tiles + c / 16) * 16 + r) * 32;
+                _mm512_storeu_si512((void *)dst, _mm512_permutex2var_epi16(a, even, z));
+                _mm512_storeu_si512((void *)(dst + 16 * 32), _mm512_permutex2var_epi16(a, odd, z));
+            }
+        }
+    for (int c = 0; c < tiles; c += 2) {
+        _tile_loadd(6, acc + 16 * c, 4L * d);
+        _tile_loadd(7, acc + 16 * c + 16, 4L * d);
+        for (int b = 0; b < blocks; b++) {
+            _tile_loadd(3, t->hi + 32 * b, 2 * ATT_SPAN);
+            _tile_loadd(4, t->lo + 32 * b, 2 * ATT_SPAN);
+            _tile_loadd(5, t->vpack + ((long)b * tiles + c) * 16 * 32, 64);
+            _tile_dpbf16ps(6, 3, 5);
+            _tile_dpbf16ps(6, 4, 5);
+            _tile_loadd(5, t->vpack + ((long)b * tiles + c + 1) * 16 * 32, 64);
+            _tile_dpbf16ps(7, 3, 5);
+            _tile_dpbf16ps(7, 4, 5);
+        }
+        _tile_stored(6, acc + 16 * c, 4L * d);
+        _tile_stored(7, acc + 16 * c + 16, 4L * d);
+    }
+}
+#else
+typedef struct { int unused; } att_tiles;
+#endif
+
 /* One task: heads q[hg][d] (bf16) over positions s0..s1-1 of one (batch, group). acc [hg][d], mx [hg],
  * sum [hg] get its partial softmax: the running maximum, sum of e^(score - max) and sum of weighted values. */
 static void att_span(const uint16_t *q, int hg, int d, const uint16_t *k, int64_t ks, const uint16_t *v, int64_t vs,
-                     long s0, long s1, att_mask m, float scale, float *acc, float *mx, float *sum, float *scores,
-                     float *rows) {
+                     long S, long s0, long s1, att_mask m, float scale, float *acc, float *mx, float *sum,
+                     float *scores, float *rows, att_tiles *tiles) {
     for (long i = 0; i < (long)hg * d; i++) acc[i] = 0.f;
     for (int h = 0; h < hg; h++) { mx[h] = -__builtin_inff(); sum[h] = 0.f; }
     for (long s = s0; s < s1; s += ATT_SPAN) {
         const int n = s1 - s < ATT_SPAN ? (int)(s1 - s) : ATT_SPAN;
+#ifdef HAVE_AMX
+        if (tiles) att_scores_amx(hg, d, k, ks, S, s, n, scale, scores, tiles);
+        else
+#endif
         for (int blk = 0; blk < n; blk += ATT_BLOCK) att_scores(q, hg, d, k, ks, s + blk, n - blk, m, scale,
                                                                scores + blk, rows);
         for (int i = 0; i < n; i++) {  /* the mask, after the scale as torch adds it */
@@ -732,6 +872,12 @@ static void att_span(const uint16_t *q, int hg, int d, const uint16_t *k, int64_
             }
             sum[h] += _mm512_reduce_add_ps(vsum);
         }
+#ifdef HAVE_AMX
+        if (tiles) {
+            att_values_amx(scores, hg, d, v, vs, s, n, m, acc, tiles);
+            continue;
+        }
+#endif
         for (int blk = 0; blk < n; blk += ATT_BLOCK) {  /* acc += weights x values */
             widen_rows(rows, v, vs, s + blk, n - blk, d, m);
             for (int h = 0; h < hg; h += 2) {
@@ -761,25 +907,58 @@ int decode_attention_bf16(const uint16_t *q, int B, int nh, int g, int S, int d,
     float *part = (float *)malloc(sizeof(float) * (size_t)(pairs * chunks * per_task));
     if (!part) return NO_MEMORY;
     int failed = 0;
+#ifdef HAVE_AMX
+    const int amx = hg <= 16 && d % 32 == 0 && amx_usable();
+#else
+    const int amx = 0;
+#endif
+    /* per thread: scores [hg][ATT_SPAN] and rows [ATT_BLOCK][d] floats; with AMX qpack [d/32][16][hg] (as
+     * many floats), stage [ATT_BLOCK][d], hi and lo [hg][ATT_SPAN], vpack [ATT_SPAN][d] bf16, ct [16][16] */
+    const size_t floats = (size_t)hg * ATT_SPAN + (size_t)ATT_BLOCK * d,
+                 tile_bytes = amx ? 4 * ((size_t)d / 2 * hg + 256) + 2 * ((size_t)ATT_BLOCK * d + 2 * (size_t)hg * ATT_SPAN + (size_t)ATT_SPAN * d) : 0;
 #pragma omp parallel
     {
-        /* per thread: scores [hg][ATT_SPAN], rows [ATT_BLOCK][d] */
-        float *scores = (float *)malloc(sizeof(float) * ((size_t)hg * ATT_SPAN + (size_t)ATT_BLOCK * d));
+        float *scores = (float *)malloc(sizeof(float) * floats + tile_bytes);
         if (!scores) {
 #pragma omp atomic write
             failed = 1;
         }
         float *rows = scores + (long)hg * ATT_SPAN;
+        att_tiles *tiles = NULL;
+#ifdef HAVE_AMX
+        att_tiles work;
+        long widened = -1;  /* the (batch, group) whose queries qpack holds */
+        if (amx && scores) {
+            work.qpack = (uint32_t *)(rows + (long)ATT_BLOCK * d);
+            work.ct = (float *)(work.qpack + (long)d / 2 * hg);
+            work.stage = (uint16_t *)(work.ct + 256);
+            work.hi = work.stage + (long)ATT_BLOCK * d;
+            work.lo = work.hi + (long)hg * ATT_SPAN;
+            work.vpack = work.lo + (long)hg * ATT_SPAN;
+            tiles = &work;
+            att_configure(hg);
+        }
+#endif
 #pragma omp for schedule(dynamic)
         for (long t = 0; t < pairs * chunks; t++) {
             if (!scores) continue;
             const long pair = t / chunks, c = t % chunks, b = pair / g, grp = pair % g;
             const long s0 = c * span, s1 = s0 + span < S ? s0 + span : S;
+            const uint16_t *qg = q + (b * nh + grp * hg) * (long)d;
             float *acc = part + t * per_task;
             att_mask m = {allowed ? allowed + b * mb : NULL, bias ? bias + b * mb : NULL, ms};
-            att_span(q + (b * nh + grp * hg) * (long)d, hg, d, k + b * kb + grp * kg, ks, v + b * vb + grp * vg, vs, s0, s1, m, scale, acc,
-                     acc + (long)hg * d, acc + (long)hg * d + hg, scores, rows);
+#ifdef HAVE_AMX
+            if (tiles && widened != pair) {
+                att_pack_queries(qg, hg, d, work.qpack);
+                widened = pair;
+            }
+#endif
+            att_span(qg, hg, d, k + b * kb + grp * kg, ks, v + b * vb + grp * vg, vs, S, s0, s1, m, scale, acc,
+                     acc + (long)hg * d, acc + (long)hg * d + hg, scores, rows, tiles);
         }
+#ifdef HAVE_AMX
+        if (tiles) _tile_release();
+#endif
         free(scores);
     }
     if (failed) { free(part); return NO_MEMORY; }
