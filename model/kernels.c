@@ -588,7 +588,8 @@ static inline __m512 widen16_bf16(const uint16_t *p) {  /* exact */
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 
-/* e^x for x <= 0 (scores less their running maximum), about 1 ulp (Cephes' expf); 0 below -150, NaN stays NaN */
+/* e^x for x <= 0 (scores less their running maximum): Cephes' expf, within 1.3 ulp (checked over -104..0);
+ * 0 below -150, NaN stays NaN */
 static inline __m512 exp16(__m512 x) {
     x = _mm512_max_ps(_mm512_set1_ps(-150.f), x);  /* max returns its second operand for a NaN */
     __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
@@ -829,6 +830,7 @@ typedef struct { int unused; } att_tiles;
 static void att_span(const uint16_t *q, int hg, int d, const uint16_t *k, int64_t ks, const uint16_t *v, int64_t vs,
                      long S, long s0, long s1, att_mask m, float scale, float *acc, float *mx, float *sum,
                      float *scores, float *rows, att_tiles *tiles) {
+    (void)S, (void)tiles;  /* the tile path's */
     for (long i = 0; i < (long)hg * d; i++) acc[i] = 0.f;
     for (int h = 0; h < hg; h++) { mx[h] = -__builtin_inff(); sum[h] = 0.f; }
     for (long s = s0; s < s1; s += ATT_SPAN) {
