@@ -127,12 +127,19 @@ def test_any_cache_layout():
 
 @native
 def test_a_sequence_gets_the_same_bits_alone_or_in_a_batch():
+    """Fixed chunks of positions: a row's sums do not depend on the batch, nor on masked positions past its end."""
     B, nh, g, S, d = 6, 32, 2, 1300, 128
     q, k, v = _inputs(B, nh, g, S, d)
     mask = _masks(B, S)["bool"]
     out = kernels.decode_attention(q, k, v, mask)
     for b in range(B):
         alone = kernels.decode_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], mask[b:b + 1])
+        assert torch.equal(alone, out[b:b + 1])
+    # the batched engine's steps: each row at its own length, the keys past it masked (BatchCache.step_mask)
+    lengths = torch.tensor([1, 17, 512, 513, 1024, S])
+    out = kernels.decode_attention(q, k, v, (torch.arange(S) < lengths[:, None])[:, None, None, :])
+    for b, n in enumerate(lengths.tolist()):
+        alone = kernels.decode_attention(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], None)
         assert torch.equal(alone, out[b:b + 1])
 
 
