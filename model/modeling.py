@@ -99,7 +99,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     512 cached tokens took 4.5 ms there and 0.33 ms here, at 8192 tokens 50 ms and 6.9 ms.
 
     bf16 on a CPU with the AVX-512 kernels: kernels.decode_attention, the same float32 arithmetic on the cache
-    as stored (widening it to float32 first wrote and read twice its bytes every layer and step).
+    as stored (widening it to float32 first wrote and read twice its bytes every layer and step). Measured on a
+    2-core Sapphire Rapids Xeon (bench/decode_attention.py), one layer of the 6B shape at 8192 cached tokens:
+    1.18 ms against 2.66 ms (512 tokens: 0.11 against 0.28 ms); the mid model decodes at 94% of its
+    short-context rate on top of 8192 cached tokens, against 86%.
     """
     if q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.device.type == "cpu":
         out = kernels.decode_attention(q, k, v, mask)
