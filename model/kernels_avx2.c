@@ -26,7 +26,7 @@
 
 #define NO_MEMORY (-2)
 
-int chatglm_kernels_abi(void) { return 7; }
+int chatglm_kernels_abi(void) { return 8; }
 /* Rows of x up to which the matrix-vector kernels beat de-quantize + GEMM (read by model/kernels.py). */
 int decode_rows(void) { return 16; }
 
