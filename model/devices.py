@@ -40,7 +40,8 @@ def code_path(device: torch.device) -> str:
 
 
 @lru_cache(maxsize=None)
-def _capability_at_least_sm80(index: int) -> bool:
+def sm80_or_newer(index: int) -> bool:
+    """Whether CUDA GPU number `index` is Ampere or newer."""
     return torch.cuda.get_device_capability(index) >= (8, 0)
 
 
@@ -49,4 +50,4 @@ def cuda_sm80(device: torch.device) -> bool:
     CUDA path counts as one."""
     if device.type != "cuda":
         return True
-    return _capability_at_least_sm80(device.index if device.index is not None else torch.cuda.current_device())
+    return sm80_or_newer(device.index if device.index is not None else torch.cuda.current_device())

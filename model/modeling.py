@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +12,7 @@ from . import kernels
 from .cache import KVCache
 from .config import ChatGLMConfig
 from .hub import UnsupportedConfigError
-from .devices import TORCH_VERSION, code_path
+from .devices import TORCH_VERSION, code_path, sm80_or_newer
 
 
 class Linear(nn.Linear):
@@ -162,16 +161,11 @@ def attention_plan(device_type: str, *, grouped: bool, decode: bool, masked: boo
     return AttentionPlan(grouped_decode=False, expand_kv=grouped, explicit_causal=device_type == "mps")
 
 
-@lru_cache(maxsize=None)
-def _sm80(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) >= (8, 0)
-
-
 def flash_arch(device: torch.device) -> bool:
     """Whether the flash SDPA kernel can run on `device`: an sm80+ CUDA GPU with flash enabled."""
     if device.type != "cuda" or not torch.backends.cuda.flash_sdp_enabled():
         return False
-    return _sm80(device.index if device.index is not None else torch.cuda.current_device())
+    return sm80_or_newer(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def planned_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
