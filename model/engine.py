@@ -313,18 +313,19 @@ class Engine:
         return True
 
     def _start(self, handle: RequestHandle, ready: list[RequestHandle]) -> None:
-        """Take a request off the queue: a short prompt goes to `ready`, a long one is staged for chunks."""
+        """Take a request off the queue: a short prompt goes to `ready`; a long one, or one continuing a stored
+        sequence, is staged for chunks."""
         with self._lock:
             self.stats.queued -= 1
+        key, reused = (None, 0) if handle.cancelled else self._reuse(handle)
         if handle.cancelled:
             handle.done = True
             handle._put(Event(finish="cancelled"))
-        elif self._staged_prompt(handle):
+        elif key is not None or self._long(handle):
             seq = _Sequence(handle, self, self.model.device)
             seq.stage = seed_prefix(self.model, KVCache.for_model(self.model.config, 1, self.model.dtype,
                                                                   self.model.device,
                                                                   capacity=self.prefix + len(seq.prompt)))
-            key, reused = self._reuse(handle)
             if key is not None:
                 self.prefixes.restore(key, reused, seq.stage)
             self._staged = seq

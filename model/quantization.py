@@ -215,12 +215,15 @@ def int8_device_product(device: torch.device):
     return torch.ops.aten._weight_int8pack_mm
 
 
+def stored_from_tinygemm(packed: torch.Tensor) -> torch.Tensor:
+    """The checkpoint layout (int8 [N, K/2]) of a weight in the tinygemm layout."""
+    return (tinygemm_unpack(packed) ^ 0x88).view(torch.int8)
+
+
 def _emulated_int4pack_mm(x: torch.Tensor, packed: torch.Tensor, group: int, scales_and_zeros: torch.Tensor):
     """CPU tensors on a forced GPU path: the CUDA / MPS int4 product, computed by torch's CPU kernel on the
     same values (read back from the tinygemm layout) with the same scales and zeros."""
-    u = tinygemm_unpack(packed).to(torch.int32)
-    values = torch.stack((u >> 4, u & 0x0F), dim=-1).flatten(-2)
-    cpu = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, _INT4PACK_INNER_K_TILES)
+    cpu = _int4pack_weight(stored_from_tinygemm(packed))
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x, cpu, group, scales_and_zeros)
 
 
@@ -278,9 +281,7 @@ class QuantizedLinear(nn.Module):
 
     def stored_weight(self) -> torch.Tensor:
         """The weight in the checkpoint layout, whatever form the module holds it in."""
-        if self._tinygemm:
-            return (tinygemm_unpack(self.weight.detach()) ^ 0x88).view(torch.int8)
-        return self.weight
+        return stored_from_tinygemm(self.weight.detach()) if self._tinygemm else self.weight
 
     def _restore_stored_layout(self) -> None:
         if self._tinygemm:
@@ -309,10 +310,7 @@ class QuantizedLinear(nn.Module):
         path = code_path(x.device)
         if path in ("cuda", "mps"):
             y = self._device_fused(rows, path)
-            if y is not None:
-                return y.reshape(*shape, self.out_features)
-            weight = dequantize_weight(self.stored_weight(), self.weight_scale, self.bits, x.dtype)
-            return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+            return self._dequantized_linear(x) if y is None else y.reshape(*shape, self.out_features)
         self._restore_stored_layout()  # a forced GPU path has been left (tests)
         if x.device.type == "cpu" and path == "cpu" and kernels.available() and self.weight.is_contiguous():
             if rows.shape[0] <= kernels.decode_rows():
@@ -331,7 +329,11 @@ class QuantizedLinear(nn.Module):
             return y.reshape(*shape, self.out_features)
         if x.device.type == "cpu":
             return self._dequantized_gemm(rows).to(x.dtype).reshape(*shape, self.out_features)
-        weight = dequantize_weight(self.weight, self.weight_scale, self.bits, x.dtype)
+        return self._dequantized_linear(x)
+
+    def _dequantized_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """The whole weight de-quantized in x's dtype, then the device's GEMM (GPUs, meta)."""
+        weight = dequantize_weight(self.stored_weight(), self.weight_scale, self.bits, x.dtype)
         return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
 
     def _dequantized_gemm(self, rows: torch.Tensor) -> torch.Tensor:
@@ -395,29 +397,24 @@ class QuantizedLinear(nn.Module):
         """(the weight in the device's int4 packed layout, scales_and_zeros [K/group, N, 2] in the input dtype),
         made on first use and kept; on CUDA the packed form takes the stored one's place (module docstring)."""
         cache = self.__dict__.setdefault("_device_cache", {})
-        if self._tinygemm:
-            packed = self.weight
-        else:
-            key = (_param_key(self.weight), path)
-            if cache.get("key") != key:
-                cache.clear()
-                with torch.inference_mode(False), torch.no_grad():  # a normal tensor: it may become the parameter
-                    u = unsigned_nibbles(self.weight.detach())
-                    tiles = int4_inner_k_tiles(self.in_features)
-                    pack = int4_device_ops(rows.device)[0]
-                    packed = pack(u, tiles)
-                    same_layout = pack is tinygemm_pack or (  # checked once per layer on a GPU
-                        packed.device.type == "cuda" and torch.equal(packed, tinygemm_pack(u, tiles)))
-                    del u
-                    if path == "cuda" and same_layout:
-                        self.weight.data = packed
-                if path == "cuda" and same_layout:
-                    self._tinygemm = True
-                    _log_once(f"int4 on {path}: torch's _weight_int4pack_mm on weights repacked in place")
-                else:
-                    cache["key"], cache["packed"] = key, packed
-                    _log_once(f"int4 on {path}: torch's _weight_int4pack_mm on a repacked copy of each weight")
-            packed = self.weight if self._tinygemm else cache["packed"]
+        key = (_param_key(self.weight), path)
+        if not self._tinygemm and cache.get("key") != key:
+            cache.clear()
+            with torch.inference_mode(False), torch.no_grad():  # a normal tensor: it may become the parameter
+                u = unsigned_nibbles(self.weight.detach())
+                tiles = int4_inner_k_tiles(self.in_features)
+                pack = int4_device_ops(rows.device)[0]
+                packed = pack(u, tiles)
+                in_place = path == "cuda" and (pack is tinygemm_pack or (  # checked once per layer on a GPU
+                    packed.device.type == "cuda" and torch.equal(packed, tinygemm_pack(u, tiles))))
+                if in_place:
+                    self.weight.data = packed
+            self._tinygemm = in_place
+            if not in_place:
+                cache["key"], cache["packed"] = key, packed
+            _log_once(f"int4 on {path}: torch's _weight_int4pack_mm on "
+                      + ("weights repacked in place" if in_place else "a repacked copy of each weight"))
+        packed = self.weight if self._tinygemm else cache["packed"]
         return packed, self._scales_and_zeros(cache, rows.dtype, group)
 
     def _int4pack_fits(self, rows: torch.Tensor) -> bool:
