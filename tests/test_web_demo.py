@@ -44,6 +44,8 @@ def open_page(browser, url):
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.goto(url, timeout=60_000)
     page.locator("#user-input textarea").wait_for()
+    # Gradio can render the input box before the chat: the watcher needs the chat element itself.
+    page.locator("#chatbot").wait_for(state="attached")
     page.evaluate(WATCH_CHAT)
     return page
 
