@@ -31,6 +31,7 @@ import asyncio
 import collections
 import json
 import os
+import shlex
 import shutil
 import socket
 import statistics
@@ -189,6 +190,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dir", default=None, help="where to write the checkpoint (kept; reused if present)")
     ap.add_argument("--json", default=None, help="also write the rows here")
     ap.add_argument("--soak", type=int, default=0, help="then N mixed requests twice, printing the server's RSS")
+    ap.add_argument("--server-args", default="", help="more flags for openai_api.py (e.g. \"--gather-ms 0\")")
     args = ap.parse_args(argv)
     levels = [int(c) for c in args.clients.split(",")]
     if 1 not in levels:
@@ -206,7 +208,7 @@ def main(argv=None) -> int:
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, os.path.join(ROOT, "openai_api.py"), "--model", directory,
                                "--port", str(port), "--device", "cpu", "--dtype", args.run_dtype, "--max-batch", str(args.max_batch or max(levels)),
-                               "--max-queue", str(4 * max(levels))],
+                               "--max-queue", str(4 * max(levels)), *shlex.split(args.server_args)],
                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env=dict(os.environ, HF_HUB_OFFLINE="1"))
     output = read_output(server)
@@ -214,7 +216,8 @@ def main(argv=None) -> int:
         wait_healthy(url, server, 600, output)
         print(f"openai_api.py on {args.shape} (checkpoint {dtype}, --dtype {args.run_dtype}), {os.cpu_count()} CPUs, "
               f"oneDNN linear {os.environ.get('CHATGLM_ONEDNN_LINEAR', '1')}, --max-batch "
-              f"{args.max_batch or max(levels)}, {args.tokens} tokens per request")
+              f"{args.max_batch or max(levels)}, {args.tokens} tokens per request"
+              + (f", server flags: {args.server_args}" if args.server_args else ""))
         print(f"{'clients':>7} {'aggregate/s':>12} {'ttft p50':>9} {'ttft p95':>9} {'per-client':>11} {'tokens':>7} "
               f"{'identical':>9}")
         rows = asyncio.run(drive(url, levels, args.tokens, args.prompts))
