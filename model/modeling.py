@@ -28,7 +28,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != self.weight.dtype:
-            return super().forward(x)
+            return self._torch_linear(x)
         if x.dtype == torch.bfloat16 and self.weight.is_contiguous():
             rows = x.reshape(-1, self.in_features)
             bias = None if self.bias is None else self.bias.float()
@@ -40,7 +40,7 @@ class Linear(nn.Linear):
                 if bias is not None:
                     y = y + bias
             else:
-                return super().forward(x)
+                return self._torch_linear(x)
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         if x.dtype == torch.float32:
             y = kernels.linear_f32(x, self.weight, self.bias)
@@ -48,7 +48,15 @@ class Linear(nn.Linear):
                 y = kernels.onednn_linear(x, self.weight, self.bias)
             if y is not None:
                 return y
-        return super().forward(x)
+        return self._torch_linear(x)
+
+    def _torch_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """F.linear over x's rows as a 2-D view. torch's matmul of a [1, 1, K] slice of a longer sequence (the
+        last token's hidden state, as the output layer gets it) with a weight that needs no gradient and no
+        bias multiplies a copy of the weight expanded to a batch: on a CPU 2.2 s instead of 45 ms for the
+        65024x4096 bf16 output layer of a 6B model, on a GPU a transient copy of it."""
+        return F.linear(x.reshape(-1, self.in_features), self.weight, self.bias).reshape(*x.shape[:-1],
+                                                                                         self.out_features)
 
 
 class RMSNorm(nn.Module):

@@ -635,6 +635,30 @@ def test_f32_kernel_gives_each_row_the_same_bits_alone_or_in_a_batch():
         assert torch.equal(kernels.linear_f32(x[i:i + 1], w, bias)[0], batch[i])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("native", [True, False])
+def test_the_last_tokens_slice_is_multiplied_without_copying_the_weight(monkeypatch, dtype, native):
+    """The output layer gets hidden[:, -1:], a [1, 1, K] view of the whole prompt's states. torch's matmul
+    of such a view (batch stride T * K) copied the weight into a batched product on every call: 2.2 s for the
+    65024x4096 bf16 output layer of a 6B model, once per prompt, on CPUs without the native kernels (and on a
+    GPU a transient copy of it). Linear multiplies its 2-D view instead: no bmm, no weight-sized copy, the
+    same numbers; also on torch's own path (as on a GPU: here in float16, which has no CPU route of ours)."""
+    if not native:
+        monkeypatch.setattr(kernels, "library", lambda: None)  # as CHATGLM_NATIVE_KERNELS=0
+    # as the loaded output layer: no bias, no gradient (torch folds the view when either is there)
+    layer = Linear(64, 96, bias=False, dtype=dtype).requires_grad_(False)
+    hidden = torch.randn(1, 30, 64, dtype=dtype)
+    last = hidden[:, -1:]
+    with torch.inference_mode(), torch.profiler.profile() as profile:  # sees inside aten::linear
+        y = layer(last)
+    assert y.shape == (1, 1, 96)
+    ops = {event.name for event in profile.events()}
+    assert not ops & {"aten::bmm", "aten::clone"}, ops  # the batched product over a copy of the weight
+    with torch.inference_mode():
+        expected = torch.nn.functional.linear(last.reshape(1, 64).float(), layer.weight.float())
+    torch.testing.assert_close(y.reshape(1, 96).float(), expected, atol=2e-2, rtol=2e-2)
+
+
 def test_float32_linear_paths_agree_with_torch():
     """Linear's float32 CPU routes (AVX2 kernel for few rows, oneDNN, or plain F.linear) give F.linear's result."""
     layer = Linear(96, 40)
