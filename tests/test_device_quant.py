@@ -57,6 +57,28 @@ def test_dequantize_weight_is_q_times_scale_rounded_once(bits, dtype):
     assert torch.equal(dequantize_weight(q, scale, bits, dtype), values.to(dtype) * scale.to(dtype)[:, None])
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dequantize_into_blocks_gives_every_byte_its_value(bits, dtype):
+    """The CPU's blocked route (int16 pairs of signed nibbles) against the whole-matrix one and the values
+    themselves: every byte 0..255 in every row, rows in blocks that do not divide the matrix, scales of both
+    signs, an offset view of q (a layer's rows n0:n1) and a result buffer larger than needed."""
+    torch.manual_seed(bits)
+    n, width = 37, 256
+    stored = torch.arange(256, dtype=torch.int16).roll(5).repeat(n, 1).to(torch.uint8).view(torch.int8)
+    stored = torch.cat([torch.zeros(3, width, dtype=torch.int8), stored])
+    q = stored  # int8 weights, or int4 bytes of two nibbles each
+    scale = (torch.randn(q.shape[0]) * 0.1).to(dtype)
+    values = unpack_int4(q) if bits == 4 else q
+    expected = values.to(dtype) * scale[:, None]
+    whole = quantization.dequantize_into(q, scale, bits, torch.empty_like(expected), block_rows=None)
+    assert torch.equal(whole, expected)
+    buffer = torch.full((q.shape[0] - 3 + 5, expected.shape[1]), float("nan"), dtype=dtype)
+    blocked = quantization.dequantize_into(q[3:], scale[3:], bits, buffer[:-5], block_rows=7)
+    assert torch.equal(blocked, expected[3:])
+    assert buffer[-5:].isnan().all()  # nothing past the rows asked for
+
+
 class Allocations(TorchDispatchMode):
     """Records (op, dtype, numel) of every tensor the ops under it return in new storage (not views, not
     in-place results)."""
