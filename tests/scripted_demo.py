@@ -85,6 +85,7 @@ class ScriptedEngine:
                 time.sleep(NUMBERED_PIECE_S if numbered else PIECE_S)
             handle._put(Event(text=piece, completion_tokens=count))
         if handle.cancelled:
+            print(f"scripted reply cancelled after {count} pieces", flush=True)  # tests read the server's output
             handle._put(Event(finish="cancelled"))
         elif error:
             handle._put(Event(finish="error", error=error))

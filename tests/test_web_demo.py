@@ -2,6 +2,7 @@
 streamed reply, Stop, Regenerate, Clear, one history per session, script in messages, errors, login, uploads."""
 
 import re
+import time
 
 import httpx
 import pytest
@@ -103,6 +104,20 @@ def test_chat_streams_regenerates_and_clears(web, browser):
 
     page.locator("#clear").click()
     wait_until(page, lambda: not bot_texts(page) and not user_texts(page), what="the history to clear")
+
+
+def test_closing_the_tab_stops_its_reply(web, browser):
+    """Nobody reads a reply whose page was closed: the demo stops it (freeing its row of the batch) rather
+    than let it run to the length limit."""
+    page = open_page(browser, web.url)
+    send(page, f"{LONG}, then close the tab")
+    wait_until(page, lambda: len(last_bot(page) or "") > 40, what="the reply to start")
+    before = web.output().count("scripted reply cancelled")
+    page.close()
+    deadline = time.monotonic() + 20
+    while web.output().count("scripted reply cancelled") == before:
+        assert time.monotonic() < deadline, "the closed tab's reply was still being written 20 s later"
+        time.sleep(0.2)
 
 
 def test_stop_ends_a_long_reply(web, browser):
