@@ -106,6 +106,22 @@ def test_stop_keeps_what_was_written_and_ends_the_reply(st_demo, browser):
     assert bubble_texts(page)[1] == kept
 
 
+def test_closing_the_tab_stops_its_reply(st_demo, browser):
+    """Nobody reads a reply whose page was closed: the demo stops it (freeing its row of the batch) rather
+    than let it run to the length limit."""
+    import time
+
+    page = open_page(browser, st_demo.url)
+    send(page, f"{LONG}, then close the tab")
+    wait_until(page, lambda: streaming_length(page) > 40, what="the reply to start")
+    before = st_demo.output().count("scripted reply cancelled")
+    page.close()
+    deadline = time.monotonic() + 20
+    while st_demo.output().count("scripted reply cancelled") == before:
+        assert time.monotonic() < deadline, "the closed tab's reply was still being written 20 s later"
+        time.sleep(0.2)
+
+
 @pytest.mark.parametrize("who", ["user", "model"])
 def test_script_in_a_message_or_reply_never_runs(st_demo, browser, who):
     """HTML in the user's message or the model's reply, while it streams and in its bubble, runs nothing."""
