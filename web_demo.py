@@ -60,6 +60,14 @@ def create_demo(service):
         if reply is not None:
             reply.cancel()
 
+    def forget_session(request: gr.Request):
+        """The tab was closed or reloaded: end its reply, if one is still being written (nobody will read
+        it), and drop what was kept for the session, so a long-running demo does not keep an entry per visitor."""
+        stopped_at.pop(request.session_hash, None)
+        reply = active.pop(request.session_hash, None)
+        if reply is not None:
+            reply.cancel()
+
     def overtaken(clicked_at: float | None, request: gr.Request) -> bool:
         """Whether a Stop / Clear was clicked after the click that asked for this reply."""
         return clicked_at is not None and clicked_at <= stopped_at.get(request.session_hash, float("-inf"))
@@ -159,6 +167,7 @@ def create_demo(service):
         # update cannot bring the history back.
         clear_btn.click(cancel_reply, [clicked_at], None, cancels=replies, queue=False, js=now).then(
             lambda: [], None, chatbot)
+        demo.unload(forget_session)
     demo.queue(default_concurrency_limit=service.max_queue)
     return demo
 

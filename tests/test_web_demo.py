@@ -281,3 +281,31 @@ def test_a_reply_asked_for_before_stop_or_clear_never_starts_after_them(v3_dir):
     assert chat[-1] == {"role": "assistant", "content": "hello"} and len(submitted) == 1
     *_, (chat, _) = fns["regenerate"](history, "", 8192, 0.8, 0.8, 2000.6, session)  # asked after the Clear
     assert chat[-1] == {"role": "assistant", "content": "hello"} and len(submitted) == 2
+
+
+def test_a_closed_tab_leaves_nothing_behind(v3_dir):
+    """When a tab closes, the demo forgets its session: the time of its last Stop / Clear is dropped (one entry
+    per visitor would pile up in a long-running demo) and a reply still being written for it is ended."""
+    from types import SimpleNamespace
+
+    import web_demo
+    from model import load_model
+    from model.service import LocalService
+    from scripted_demo import ScriptedEngine
+
+    engine = ScriptedEngine(load_model(v3_dir, device="cpu", dtype="float32")[1])
+    handles = []
+    submit = engine.submit
+    engine.submit = lambda request, loop=None: handles.append(submit(request, loop)) or handles[-1]
+    demo = web_demo.create_demo(LocalService(engine))
+    fns = {f.name: f.fn for f in demo.fns.values() if f.name in ("bot", "cancel_reply", "forget_session")}
+    session = SimpleNamespace(session_hash="s1")
+    fns["cancel_reply"](2000.5, session)
+    assert list(fns["bot"]([{"role": "user", "content": "hi"}], "", 8192, 0.8, 0.8, 1999.0, session)) == []
+    fns["forget_session"](session)  # the Clear's time is gone with the session
+    assert list(fns["bot"]([{"role": "user", "content": say("again")}], "", 8192, 0.8, 0.8, 1999.0, session))
+    stream = fns["bot"]([{"role": "user", "content": LONG}], "", 8192, 0.8, 0.8, 3000.0, session)
+    next(stream)  # the long reply is being written ...
+    fns["forget_session"](session)  # ... when the tab closes
+    assert handles[-1].cancelled
+    assert list(stream) == []  # and the page gets nothing more
