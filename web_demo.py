@@ -64,9 +64,7 @@ def create_demo(service):
         """The tab was closed or reloaded: end its reply, if one is still being written (nobody will read
         it), and drop what was kept for the session, so a long-running demo does not keep an entry per visitor."""
         stopped_at.pop(request.session_hash, None)
-        reply = active.pop(request.session_hash, None)
-        if reply is not None:
-            reply.cancel()
+        cancel_reply(None, request)
 
     def overtaken(clicked_at: float | None, request: gr.Request) -> bool:
         """Whether a Stop / Clear was clicked after the click that asked for this reply."""

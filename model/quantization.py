@@ -138,7 +138,7 @@ def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, bits: int, dtype: to
     return dequantize_into(q, scale.to(dtype), bits, out, block_rows=None)
 
 
-DEQUANTIZE_BLOCK_ROWS = 512  # CPU: rows de-quantized at a time, so the byte temporaries stay in the cache
+DEQUANTIZE_BLOCK_ROWS = 512  # CPU: rows de-quantized at a time, so the temporaries stay in the cache
 
 
 def dequantize_into(q: torch.Tensor, scale: torch.Tensor, bits: int, out: torch.Tensor,
@@ -168,8 +168,8 @@ def dequantize_into(q: torch.Tensor, scale: torch.Tensor, bits: int, out: torch.
         if bits == 8:
             torch.mul(block, s, out=dest)
         elif block_rows is not None:
-            pair, low = temporary("dequantize_pair", r1 - r0, torch.int16), temporary("dequantize_low", r1 - r0,
-                                                                                        torch.int16)
+            pair = temporary("dequantize_pair", r1 - r0, torch.int16)
+            low = temporary("dequantize_low", r1 - r0, torch.int16)
             pair.copy_(block)  # the stored byte, sign-extended
             torch.bitwise_left_shift(pair, 12, out=low).bitwise_right_shift_(4)  # low nibble, signed, high byte
             pair.bitwise_right_shift_(4).bitwise_and_(0xFF).bitwise_or_(low)  # high nibble, signed, low byte

@@ -25,8 +25,23 @@ PIECE_S = 0.06  # between streamed pieces: slow enough that both pages show the 
 NUMBERED_PIECE_S = 0.15  # the short numbered reply: above web_demo2's 0.1 s redraw interval, so it shows growing
 
 
+CANCELLED = "scripted reply cancelled"  # what the engine prints when a reply is cancelled
+
+
 def say(text: str) -> str:
     return f"{SAY}{text}{END}"
+
+
+def closing_cancels(page, server, timeout_s: float = 20.0) -> bool:
+    """Close the browser page; whether the server's scripted engine then cancels a reply within timeout_s."""
+    before = server.output().count(CANCELLED)
+    page.close()
+    deadline = time.monotonic() + timeout_s
+    while server.output().count(CANCELLED) == before:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 class ScriptedEngine:
@@ -85,7 +100,7 @@ class ScriptedEngine:
                 time.sleep(NUMBERED_PIECE_S if numbered else PIECE_S)
             handle._put(Event(text=piece, completion_tokens=count))
         if handle.cancelled:
-            print(f"scripted reply cancelled after {count} pieces", flush=True)  # tests read the server's output
+            print(f"{CANCELLED} after {count} pieces", flush=True)  # tests read the server's output
             handle._put(Event(finish="cancelled"))
         elif error:
             handle._put(Event(finish="error", error=error))

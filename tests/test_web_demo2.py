@@ -11,7 +11,7 @@ import pytest
 
 from browser import DANGER, PAYLOAD_TEXT, WATCH_DANGER, click_links, screenshot, wait_until
 from conftest import ROOT
-from scripted_demo import LONG, say
+from scripted_demo import LONG, closing_cancels, say
 from serving import ServerProcess, free_port
 
 pytestmark = pytest.mark.browser
@@ -109,17 +109,10 @@ def test_stop_keeps_what_was_written_and_ends_the_reply(st_demo, browser):
 def test_closing_the_tab_stops_its_reply(st_demo, browser):
     """Nobody reads a reply whose page was closed: the demo stops it (freeing its row of the batch) rather
     than let it run to the length limit."""
-    import time
-
     page = open_page(browser, st_demo.url)
     send(page, f"{LONG}, then close the tab")
     wait_until(page, lambda: streaming_length(page) > 40, what="the reply to start")
-    before = st_demo.output().count("scripted reply cancelled")
-    page.close()
-    deadline = time.monotonic() + 20
-    while st_demo.output().count("scripted reply cancelled") == before:
-        assert time.monotonic() < deadline, "the closed tab's reply was still being written 20 s later"
-        time.sleep(0.2)
+    assert closing_cancels(page, st_demo), "the closed tab's reply was still being written 20 s later"
 
 
 @pytest.mark.parametrize("who", ["user", "model"])
