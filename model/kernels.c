@@ -340,8 +340,12 @@ static int amx_usable(void) { return 0; }
 #define amx_bf16(...) 0L
 #endif
 
-/* Rows of x up to which the matrix-vector kernels beat de-quantize + GEMM (read by model/kernels.py). */
-int decode_rows(void) { return amx_usable() ? 16 : ROWS; }
+/* Rows of x up to which the matrix-vector kernels beat de-quantize + GEMM (read by model/kernels.py). With AMX
+ * they cost about what one row costs. Without it (AVX512-VNNI / -BF16 tiles, one row of x at a time over
+ * weights in cache) each further row adds its arithmetic, yet 16 rows still take a fraction of the GEMM
+ * route, which first writes the layer out de-quantized (2-core Xeon without AMX, 27392x4096 at 8 / 16 rows:
+ * int4 10 / 18 against 38 / 47 ms, int8 12 / 21 against 39 / 50, bf16 20 / 34 against 26 / 37). */
+int decode_rows(void) { return 16; }
 
 /* ---------------------------------------------------------------- int8 / int4 with integer dot products
  * For bf16 models: x is quantized per row to 16 (int8 weights) or 15 (int4) bits, far finer than bf16's

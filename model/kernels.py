@@ -35,10 +35,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# Inputs of up to this many rows (tokens) use the matrix-vector kernels; longer ones use a GEMM, which wins once
-# the weights are reused across many rows. Each build says how many rows it is good for (decode_rows() in C):
-# kernels.c 16 where it can use AMX tiles (16 weight rows x 16 rows of x per instruction), else this many;
-# kernels_avx2.c multiplies each weight tile with several rows at once.
+# Inputs of up to decode_rows() rows (tokens) use the matrix-vector kernels; longer ones use a GEMM, which wins
+# once the weights are reused across many rows. Each build says how many rows it is good for (decode_rows() in
+# C: 16 in both, measured against the GEMM route). torch's own int8 kernel (no native kernels) takes up to this
+# many.
 DECODE_TOKENS = 4
 
 SOURCE = Path(__file__).with_name("kernels.c")
@@ -383,21 +383,37 @@ def dequantize(weight: torch.Tensor, bits: int, scale: torch.Tensor, in_features
 
 # ---- prompts: GEMMs over a weight made block by block ---------------------------------------------------
 GEMM_BLOCK_BYTES = 64 << 20  # the largest block of the float weight one GEMM multiplies (reused buffer)
-_native_bf16_gemm: bool | None = None
+_native_bf16: bool | None = None
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX): bf16 is then its 'auto' dtype. Without
+    it torch's bf16 GEMM is several times slower than float32 (measured on an AVX2 EPYC: 1.46 s against 0.30 s
+    for 128 rows of a 27392x4096 weight)."""
+    global _native_bf16
+    if _native_bf16 is None:
+        try:
+            _native_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except Exception:
+            _native_bf16 = False
+    return _native_bf16
+
+
+def _amx() -> bool:
+    """AMX tiles usable by this process (torch asks the OS for them), else what the CPU's flags say."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):
+        return "amx_bf16" in _cpu_flags()
 
 
 def native_bf16_gemm() -> bool:
-    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 / AMX). Without it torch's bf16 GEMM
-    is several times slower than float32 (measured on an AVX2 EPYC: 1.46 s against 0.30 s for 128 rows of a
-    27392x4096 weight), so bf16 prompts are multiplied in float32: the same bf16 products, summed in float32
-    as a bf16 GEMM does."""
-    global _native_bf16_gemm
-    if _native_bf16_gemm is None:
-        try:
-            _native_bf16_gemm = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except Exception:
-            _native_bf16_gemm = False
-    return _native_bf16_gemm
+    """Whether torch's bf16 GEMM beats float32 GEMMs here: with AMX tiles (about 2 TFLOP/s on two Xeon cores).
+    With AVX512-BF16 alone its GEMM was slower than float32's (2-core Xeon without AMX, 27392x4096 weight,
+    512 rows: 705 against 534 ms, 4096x13696: 348 against 216 ms, float32 over the weight widened block by
+    block), and without native bf16 several times slower. Where it does not win, bf16 prompts are multiplied
+    in float32: the same bf16 products, summed in float32 as a bf16 GEMM does."""
+    return native_bf16() and _amx()
 
 
 def gemm_dtype(dtype: torch.dtype) -> torch.dtype:

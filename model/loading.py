@@ -93,7 +93,7 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
             return torch.bfloat16 if cuda_native_bf16(device) else torch.float16
         if device.type == "mps":
             return torch.float16
-        return torch.bfloat16 if kernels.native_bf16_gemm() else torch.float32
+        return torch.bfloat16 if kernels.native_bf16() else torch.float32
     name = str(dtype).removeprefix("torch.")
     if name not in DTYPE_NAMES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(DTYPE_NAMES)}")
