@@ -361,9 +361,11 @@ static float quantize_row(const float *x, int K, int32_t *xq, int qmax) {
 }
 
 /* int8: x_u = x_q + 32768 = 256 * hi + lo with hi, lo unsigned bytes; dot(w, x_q) = 256 dot(w, hi) +
- * dot(w, lo) - 32768 sum(w), the last from a third vpdpbusd against ones. */
+ * dot(w, lo) - 32768 sum(w). sum(w) comes from a third vpdpbusd against ones for the first row of x and is
+ * kept in wsum for the others (it is a third of the work per row of x). */
 static void q8v_tile(const uint8_t *xh, const uint8_t *xl, const int32_t *xq, int K, const int8_t *w, long n0,
-                     int rows, float sx, const float *scale, const float *bias, float *y) {
+                     int rows, float sx, const float *scale, const float *bias, float *y, int first,
+                     int64_t *wsum) {
     __m512i ah[ROWS], al[ROWS], as[ROWS];
     const __m512i ones = _mm512_set1_epi8(1);
     for (int r = 0; r < ROWS; r++) ah[r] = al[r] = as[r] = _mm512_setzero_si512();
@@ -376,14 +378,14 @@ static void q8v_tile(const uint8_t *xh, const uint8_t *xl, const int32_t *xq, in
                 __m512i wv = _mm512_loadu_si512((const void *)(w + (n0 + r) * (long)K + k));
                 ah[r] = _mm512_dpbusd_epi32(ah[r], hv, wv);
                 al[r] = _mm512_dpbusd_epi32(al[r], lv, wv);
-                as[r] = _mm512_dpbusd_epi32(as[r], ones, wv);
+                if (first) as[r] = _mm512_dpbusd_epi32(as[r], ones, wv);
             }
         }
     }
     for (int r = 0; r < rows; r++) {
         const int8_t *wr = w + (n0 + r) * (long)K;
-        int64_t dot = 256 * (int64_t)_mm512_reduce_add_epi32(ah[r]) + _mm512_reduce_add_epi32(al[r]) -
-                      32768 * (int64_t)_mm512_reduce_add_epi32(as[r]);
+        if (first) wsum[r] = _mm512_reduce_add_epi32(as[r]);
+        int64_t dot = 256 * (int64_t)_mm512_reduce_add_epi32(ah[r]) + _mm512_reduce_add_epi32(al[r]) - 32768 * wsum[r];
         for (int kk = k; kk < K; kk++) dot += (int64_t)wr[kk] * xq[kk];
         finish_row(y, n0 + r, (float)dot * sx, scale, bias);
     }
@@ -405,8 +407,9 @@ int gemv_q8v(const float *x, int M, int K, const int8_t *w, int N, const float *
 #pragma omp parallel for schedule(static)
     for (long n0 = done; n0 < N; n0 += ROWS) {
         int rows = N - n0 < ROWS ? (int)(N - n0) : ROWS;
+        int64_t wsum[ROWS] = {0};
         for (long m = 0; m < M; m++)
-            q8v_tile(xh + m * K, xl + m * K, xq + m * K, K, w, n0, rows, sx[m], scale, bias, y + m * N);
+            q8v_tile(xh + m * K, xl + m * K, xq + m * K, K, w, n0, rows, sx[m], scale, bias, y + m * N, m == 0, wsum);
     }
     free(xq); free(xh); free(xl); free(sx);
     return 0;
