@@ -19,6 +19,7 @@ the C functions index raw pointers with the sizes they are given.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -399,6 +400,7 @@ def native_bf16() -> bool:
     return _native_bf16
 
 
+@functools.cache
 def _amx() -> bool:
     """AMX tiles usable by this process (torch asks the OS for them), else what the CPU's flags say."""
     try:

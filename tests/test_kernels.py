@@ -256,7 +256,7 @@ def test_bf16_prompts_take_torchs_bf16_gemm_only_with_amx(monkeypatch, bf16, amx
     bf16 stays the CPU's 'auto' dtype wherever bf16 is native (decoding reads half the bytes)."""
     from model.loading import pick_dtype
     monkeypatch.setattr(kernels, "_native_bf16", bf16)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(kernels, "_amx", lambda: amx)
     assert kernels.native_bf16_gemm() == (bf16 and amx)
     assert kernels.gemm_dtype(torch.bfloat16) == (torch.bfloat16 if bf16 and amx else torch.float32)
     assert pick_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if bf16 else torch.float32)
