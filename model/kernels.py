@@ -384,20 +384,15 @@ def dequantize(weight: torch.Tensor, bits: int, scale: torch.Tensor, in_features
 
 # ---- prompts: GEMMs over a weight made block by block ---------------------------------------------------
 GEMM_BLOCK_BYTES = 64 << 20  # the largest block of the float weight one GEMM multiplies (reused buffer)
-_native_bf16: bool | None = None
-
-
+@functools.cache
 def native_bf16() -> bool:
     """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX): bf16 is then its 'auto' dtype. Without
     it torch's bf16 GEMM is several times slower than float32 (measured on an AVX2 EPYC: 1.46 s against 0.30 s
     for 128 rows of a 27392x4096 weight)."""
-    global _native_bf16
-    if _native_bf16 is None:
-        try:
-            _native_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except Exception:
-            _native_bf16 = False
-    return _native_bf16
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:
+        return False
 
 
 @functools.cache

@@ -249,22 +249,28 @@ def _rel(y, exact):
     return ((y.double() - exact).abs().max() / exact.abs().max()).item()
 
 
+def _bf16_linear(k, n, seed):
+    """A bf16 Linear with bias and random values."""
+    g = torch.Generator().manual_seed(seed)
+    linear = Linear(k, n, bias=True, dtype=torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(n, k, generator=g)), linear.bias.copy_(torch.randn(n, generator=g))
+    return linear, g
+
+
 @pytest.mark.parametrize("bf16, amx", [(True, True), (True, False), (False, False)])
 def test_bf16_prompts_take_torchs_bf16_gemm_only_with_amx(monkeypatch, bf16, amx):
     """torch's bf16 GEMM wins only with AMX tiles: with AVX512-BF16 alone it was slower than float32 GEMMs over
     the weight widened block by block (2-core Xeon: 705 against 534 ms for 512 rows of a 27392x4096 weight).
     bf16 stays the CPU's 'auto' dtype wherever bf16 is native (decoding reads half the bytes)."""
     from model.loading import pick_dtype
-    monkeypatch.setattr(kernels, "_native_bf16", bf16)
+    monkeypatch.setattr(kernels, "native_bf16", lambda: bf16)
     monkeypatch.setattr(kernels, "_amx", lambda: amx)
     assert kernels.native_bf16_gemm() == (bf16 and amx)
     assert kernels.gemm_dtype(torch.bfloat16) == (torch.bfloat16 if bf16 and amx else torch.float32)
     assert pick_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if bf16 else torch.float32)
     monkeypatch.setattr(kernels, "decode_rows", lambda: 4)  # 20 rows: a prompt
-    g = torch.Generator().manual_seed(3)
-    linear = Linear(64, 48, bias=True, dtype=torch.bfloat16)
-    with torch.no_grad():
-        linear.weight.copy_(torch.randn(48, 64, generator=g)), linear.bias.copy_(torch.randn(48, generator=g))
+    linear, g = _bf16_linear(64, 48, seed=3)
     works, blocked = [], kernels.blocked_gemm
     monkeypatch.setattr(kernels, "blocked_gemm", lambda *a: works.append(a[3]) or blocked(*a))
     x = torch.randn(20, 64, generator=g).bfloat16()
@@ -381,10 +387,7 @@ def test_a_decoding_batch_of_16_takes_the_gemv_kernels(mode, monkeypatch):
     if mode == "bf16" and not kernels.has_bf16():
         pytest.skip("no native bf16 kernel")
     assert kernels.decode_rows() == 16
-    g = torch.Generator().manual_seed(9)
-    linear = Linear(96, 40, bias=True, dtype=torch.bfloat16)
-    with torch.no_grad():
-        linear.weight.copy_(torch.randn(40, 96, generator=g)), linear.bias.copy_(torch.randn(40, generator=g))
+    linear, g = _bf16_linear(96, 40, seed=9)
     layer = linear if mode == "bf16" else QuantizedLinear.from_linear(linear, {"int8": 8, "int4": 4}[mode])
     name = "gemv_bf16" if mode == "bf16" else "gemv_quantized"
     calls, kernel = [], getattr(kernels, name)
