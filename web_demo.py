@@ -9,7 +9,7 @@ import sys
 import time
 
 from model.flags import build_parser, logins, service_or_exit
-from server.webchat import clean_text, content_text, reply_stream
+from server.webchat import IMAGE_POLICY, clean_text, content_text, reply_stream
 
 logger = logging.getLogger("web_demo")
 
@@ -199,8 +199,9 @@ def launch(demo, host: str, port: int, *, share: bool = False, auth: list[tuple[
                               font_mono=["ui-monospace", "monospace"])  # no web fonts: works offline
     # quiet: gradio's own start lines name its Python API (share=True), not this script's flags.
     # max_file_size: the demo has no file input, so its upload route takes nothing of any size.
+    # head: the page loads no images from other origins, such as one a reply's markdown points to.
     demo.launch(server_name=host, server_port=port, share=share, inbrowser=False, theme=theme, quiet=True,
-                auth=list(auth) or None, max_file_size=1, prevent_thread_lock=True)
+                auth=list(auth) or None, max_file_size=1, prevent_thread_lock=True, head=IMAGE_POLICY)
     print(f"Running on http://{host}:{port}" + (" (login required)" if auth else ""), flush=True)
     if demo.share_url:
         print(f"Public link: {demo.share_url} (anyone with it can chat; see --auth)", flush=True)

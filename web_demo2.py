@@ -97,7 +97,8 @@ def to_html(text: str) -> str:
         return f"{token}{len(formulas) - 1}x"
 
     class Finish(Treeprocessor):
-        """Formulas in place of their tokens; links and images to other than web / mail addresses disarmed."""
+        """Formulas in place of their tokens; links and images to other than web / mail addresses disarmed;
+        images shown as links (server/webchat.py: images_as_links)."""
 
         def run(self, root):
             import xml.etree.ElementTree as ET
@@ -108,6 +109,12 @@ def to_html(text: str) -> str:
                 for attr in ("href", "src"):
                     if attr in parent.attrib and not _safe_url(parent.attrib[attr]):
                         del parent.attrib[attr]
+                if parent.tag == "img":  # a link to the image, which the page would otherwise load from there
+                    src, alt = parent.attrib.pop("src", ""), parent.attrib.pop("alt", "")
+                    parent.attrib.clear()
+                    parent.tag, parent.text = "a", alt or src or "image"
+                    if src:
+                        parent.attrib["href"] = src
                 for i, child in reversed(list(enumerate(parent))):
                     self._expand(parent, child, i + 1, "tail", ET)
                 self._expand(parent, parent, 0, "text", ET)

@@ -28,7 +28,7 @@ from model.flags import build_parser, float_range, service_from_args  # noqa: E4
 from model.service import (CompletionSettings, ConversationError, Finish, LocalService, Message,  # noqa: E402
                            ServiceError)
 from server import streamlit_page as page  # noqa: E402
-from server.webchat import clean_text, reply_stream  # noqa: E402
+from server.webchat import clean_text, images_as_links, reply_stream  # noqa: E402
 
 CODE = "Code Interpreter"
 MODES = ("Chat", "Tool", CODE)
@@ -145,7 +145,8 @@ def interpreter_entries(segments: list[str]) -> list[dict] | None:
 
 # ---- the conversation: entries {"role": user / assistant / tool, "content", "tool_calls"?, "error"?, ...} ----------
 def show(entry: dict) -> None:
-    """One entry as a chat message; markdown is rendered, HTML in it shown as text (no unsafe_allow_html)."""
+    """One entry as a chat message; markdown is rendered (images as links to them), HTML in it shown as text (no
+    unsafe_allow_html)."""
     if entry["role"] == "tool" and entry["name"] == INTERPRETER:
         with st.chat_message("tool", avatar=":material/terminal:"):
             if entry.get("not_run"):
@@ -171,7 +172,7 @@ def show(entry: dict) -> None:
             st.code(entry["code"], language="python")
             return
         if entry["content"]:
-            st.markdown(entry["content"])
+            st.markdown(images_as_links(entry["content"]))
         for call in entry.get("tool_calls", ()):
             st.markdown(f"**Tool call** · `{call['name']}`")
             st.code(call["arguments"], language="json")
@@ -218,7 +219,7 @@ def model_turns(service, conversation: list[dict], settings: CompletionSettings,
                 else:
                     reply["content"] += item.content
                     if time.monotonic() - shown > 0.1:
-                        placeholder.markdown(reply["content"])
+                        placeholder.markdown(images_as_links(reply["content"]))
                         shown = time.monotonic()
         finally:
             completion.cancel()
@@ -373,7 +374,7 @@ def chat_turn(service, conversation, system, max_length, top_p, temperature, own
                 return
             reply["content"] = text
             if time.monotonic() - shown > 0.1:
-                placeholder.markdown(text)
+                placeholder.markdown(images_as_links(text))
                 shown = time.monotonic()
         placeholder.empty()
         show(reply)

@@ -7,6 +7,8 @@ message shapes, the name of a page's length control), which the model package do
 
 from __future__ import annotations
 
+import re
+
 from model.service import CompletionSettings, ConversationError, Finish, Message, ServiceError
 
 
@@ -50,6 +52,25 @@ def clean_text(text: str) -> str:
     from model.tokenizer import replace_lone_surrogates
 
     return replace_lone_surrogates(text)
+
+
+# Markdown's images: a page that shows one loads it from wherever it points, so a reply (or text the model was
+# given to read) could send the browser to any server, with whatever the address carries. The demos show them
+# as links instead; web_demo.py also forbids the page images from other origins (IMAGE_POLICY).
+IMAGE_POLICY = ('<meta http-equiv="Content-Security-Policy" content="img-src \'self\' data: blob:">')
+_CODE_OR_IMAGE = re.compile(r"(`{3,}|~{3,})(?:.*?\n\1|.*\Z)|`+[^`]*?`+|(?<!\\)(\\*)!\[", re.S)
+
+
+def images_as_links(markdown: str) -> str:
+    """markdown with every image (`![alt](address)`, `![alt][ref]`) turned into a link to its address; code
+    (fenced, inline) is left as it is."""
+    def escape(match):  # an image's "!" escaped, unless an odd run of backslashes already escapes it
+        slashes = match.group(2)
+        if slashes is None or len(slashes) % 2:
+            return match.group(0)
+        return slashes + "\\!["
+
+    return _CODE_OR_IMAGE.sub(escape, markdown)
 
 
 def content_text(content) -> str:

@@ -1,7 +1,9 @@
 """web_demo.py (Gradio) in headless Chromium, replying through a scripted engine (tests/scripted_demo.py):
 streamed reply, Stop, Regenerate, Clear, one history per session, script in messages, errors, login, uploads."""
 
+import http.server
 import re
+import threading
 
 import httpx
 import pytest
@@ -184,6 +186,48 @@ def test_script_in_a_message_or_reply_never_runs(web, browser, who):
     assert page.evaluate(DANGER, "#chatbot") == []
     assert page.title() == title != "PWNED"
     assert "Watch:" in user_texts(page)[0] and (who == "user" or "Watch:" in last_bot(page))
+
+
+PIXEL = (b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00\x00\x00\x00,\x00\x00\x00\x00"
+         b"\x01\x00\x01\x00\x00\x02\x02D\x01\x00;")
+
+
+def test_a_reply_cannot_make_the_page_load_an_image_from_elsewhere(web, browser):
+    """An image in a reply's markdown is loaded from wherever it points: a reply (or a text the model was given
+    to read) could carry anything to any server in the address. The page allows images from its own origin
+    only; a server on another local port stands for the other server, and a fetch from the page shows that it
+    was reachable."""
+    hits = []
+
+    class Pixel(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            hits.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/gif")
+            self.end_headers()
+            self.wfile.write(PIXEL)
+
+        def log_message(self, *args):
+            pass
+
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Pixel)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        page = open_page(browser, web.url)
+        address = f"http://127.0.0.1:{other.server_port}"
+        send(page, say(f"look ![pixel]({address}/image?chat=secret) done"))
+        wait_reply(page, "done$")
+        wait_idle(page)
+        image = page.locator("#chatbot .message.bot img")
+        wait_until(page, lambda: image.count() == 1, what="the reply's image element")
+        assert image.get_attribute("src").startswith(address)
+        page.wait_for_timeout(1500)
+        assert hits == [], "the page loaded the reply's image from another server"
+        page.evaluate("url => fetch(url, {mode: 'no-cors'}).catch(() => null)", f"{address}/fetch")
+        wait_until(page, lambda: hits == ["/fetch"], timeout_s=10, what="the other server to be reachable")
+    finally:
+        other.shutdown()
+        other.server_close()
 
 
 def test_surrogate_in_a_message_is_answered(web, browser):
