@@ -98,7 +98,7 @@ def to_html(text: str) -> str:
 
     class Finish(Treeprocessor):
         """Formulas in place of their tokens; links and images to other than web / mail addresses disarmed;
-        images shown as links (server/webchat.py: images_as_links)."""
+        images shown as links to their addresses (the page would load them from there)."""
 
         def run(self, root):
             import xml.etree.ElementTree as ET
@@ -109,7 +109,7 @@ def to_html(text: str) -> str:
                 for attr in ("href", "src"):
                     if attr in parent.attrib and not _safe_url(parent.attrib[attr]):
                         del parent.attrib[attr]
-                if parent.tag == "img":  # a link to the image, which the page would otherwise load from there
+                if parent.tag == "img":
                     src, alt = parent.attrib.pop("src", ""), parent.attrib.pop("alt", "")
                     parent.attrib.clear()
                     parent.tag, parent.text = "a", alt or src or "image"

@@ -473,17 +473,20 @@ static inline __attribute__((always_inline)) void q4v_block(const int8_t *buf, i
     for (int m = 0; m < mb; m++)
         for (int r = 0; r < ROWS; r++) ah[m][r] = acc[(m * ROWS + r) * 2], al[m][r] = acc[(m * ROWS + r) * 2 + 1];
     for (int j = j0; j < j1; j += 64) {
+        __m512i eh[2], el[2], oh[2], ol[2];  /* x's digits: xeh, xel, xoh, xol [K2] each, row after row */
+        for (int m = 0; m < mb; m++) {
+            const int8_t *xm = buf + (long)m * 4 * K2 + j;
+            eh[m] = _mm512_loadu_si512((const void *)xm), el[m] = _mm512_loadu_si512((const void *)(xm + K2));
+            oh[m] = _mm512_loadu_si512((const void *)(xm + 2 * (long)K2));
+            ol[m] = _mm512_loadu_si512((const void *)(xm + 3 * (long)K2));
+        }
         for (int r = 0; r < ROWS; r++) {
             if (prefetch) _mm_prefetch((const char *)(w + (n0 + r + PREFETCH_ROWS) * (long)K2 + j), _MM_HINT_T0);
             __m512i v = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + (n0 + r) * (long)K2 + j)), flip);
             __m512i ue = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib), uo = _mm512_and_si512(v, nib);
-            for (int m = 0; m < mb; m++) {  /* x's digits: xeh, xel, xoh, xol [K2] each, row after row */
-                const int8_t *xm = buf + (long)m * 4 * K2 + j;
-                __m512i eh = _mm512_loadu_si512((const void *)xm), el = _mm512_loadu_si512((const void *)(xm + K2));
-                __m512i oh = _mm512_loadu_si512((const void *)(xm + 2 * (long)K2));
-                __m512i ol = _mm512_loadu_si512((const void *)(xm + 3 * (long)K2));
-                ah[m][r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(ah[m][r], ue, eh), uo, oh);
-                al[m][r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(al[m][r], ue, el), uo, ol);
+            for (int m = 0; m < mb; m++) {
+                ah[m][r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(ah[m][r], ue, eh[m]), uo, oh[m]);
+                al[m][r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(al[m][r], ue, el[m]), uo, ol[m]);
             }
         }
     }

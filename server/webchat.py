@@ -57,7 +57,7 @@ def clean_text(text: str) -> str:
 # Markdown's images: a page that shows one loads it from wherever it points, so a reply (or text the model was
 # given to read) could send the browser to any server, with whatever the address carries. The demos show them
 # as links instead; web_demo.py also forbids the page images from other origins (IMAGE_POLICY).
-IMAGE_POLICY = ('<meta http-equiv="Content-Security-Policy" content="img-src \'self\' data: blob:">')
+IMAGE_POLICY = '<meta http-equiv="Content-Security-Policy" content="img-src \'self\' data: blob:">'
 _CODE_OR_IMAGE = re.compile(r"(`{3,}|~{3,})(?:.*?\n\1|.*\Z)|`+[^`]*?`+|(?<!\\)(\\*)!\[", re.S)
 
 
