@@ -42,7 +42,7 @@
 #define NO_BF16 (-1)
 #define NO_MEMORY (-2)
 
-int chatglm_kernels_abi(void) { return 8; }
+int chatglm_kernels_abi(void) { return 9; }
 
 static inline float nibble_value(unsigned v) { return (float)((int)(v & 15u) - (int)((v & 8u) << 1)); }
 
@@ -646,6 +646,8 @@ int gemv_bf16(const uint16_t *x, int M, int K, const uint16_t *w, int N, const f
     return NO_BF16;  /* no AVX512-BF16 on this CPU: the caller uses torch */
 }
 #endif
+
+#include "kernels_glue.h"  /* RMSNorm, rotary, SiLU * b, bf16 in / out linears */
 
 /* ---------------------------------------------------------------- de-quantization for multi-token inputs */
 

@@ -4,6 +4,10 @@ Decoding reads every weight once per token, so its speed is the speed at which t
 stream the weights. torch's stock CPU kernels for these shapes are compute-bound well below the memory
 bandwidth; our kernels read int8, packed int4 and bf16 weights in their stored layout at close to it.
 
+Beside them, both builds carry the steps between the matrix products of a bf16 forward pass
+(model/kernels_glue.h: RMSNorm, rotary, SiLU * b, bf16 in / out linears), each one call instead of several torch
+ops: decoding one token of the 6B shape ran ~2,000 small ops, 47 of a 235 ms int4 step on a 2-core Xeon.
+
 Two builds of the same functions: model/kernels.c for x86-64 CPUs with AVX-512 (bf16 products need
 AVX512-BF16, integer products AVX512-VNNI), model/kernels_avx2.c for those with only AVX2 and FMA (most
 laptops and many servers). Each is built with the system C compiler (`cc`, -march=native, OpenMP) into a
@@ -44,8 +48,9 @@ DECODE_TOKENS = 4
 
 SOURCE = Path(__file__).with_name("kernels.c")
 AVX2_SOURCE = Path(__file__).with_name("kernels_avx2.c")
+GLUE_HEADER = Path(__file__).with_name("kernels_glue.h")  # included by both
 AVX512 = {"avx512f", "avx512bw", "avx512vl"}
-ABI = 8
+ABI = 9
 COMPILE_TIMEOUT = 300.0  # seconds; a build takes a few, a hung compiler must not hang model loading
 # Return codes of the C functions (kernels.c, kernels_avx2.c)
 NO_BF16, NO_MEMORY = -1, -2
@@ -170,7 +175,7 @@ def _compile(source_path: Path, required_flags: set[str], what: str) -> ctypes.C
     if not required_flags <= flags:
         raise _Unsupported(f"the CPU has no {what}")
     compiler = _compiler()
-    source = source_path.read_bytes()
+    source = source_path.read_bytes() + GLUE_HEADER.read_bytes()  # a change to either rebuilds
     key = hashlib.sha256(source + shlex.join(compiler).encode() + " ".join(sorted(flags)).encode()).hexdigest()[:16]
     name = f"{source_path.stem}_{key}.so"
     target = _cache_dir() / name
@@ -208,6 +213,9 @@ def _build() -> ctypes.CDLL:
     functions.update(gemv_bf16=[p, i, i, p, i, p, p], dequantize=[p, i, i, i, p, p, p])
     if hasattr(lib, "linear_f32"):
         functions["linear_f32"] = [p, i, i, p, i, p, p]
+    functions.update(rmsnorm_bf16=[p, i, i, p, ctypes.c_float, p],
+                     rotary_bf16=[p, i, ctypes.c_int64, i, i, i, p, p], silu_mul_bf16=[p, i, i, p],
+                     linear_bf16io=[i, p, i, i, p, i, p, p, p])
     if hasattr(lib, "decode_attention_bf16"):  # kernels.c only
         q = ctypes.c_int64
         functions["decode_attention_bf16"] = [p, i, i, i, i, i, p, q, q, q, p, q, q, q, p, p, q, q,
@@ -362,6 +370,86 @@ def gemv_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
     _check_bias(bias, n)
     y = torch.empty(m, n, dtype=torch.float32)
     _call("gemv_bf16", x.data_ptr(), m, k, weight.data_ptr(), n, _ptr(bias), y.data_ptr())
+    return y
+
+
+# ---- the steps between the matrix products of a bf16 forward pass (kernels_glue.h): one call each.
+# Their callers (model/modeling.py, model/quantization.py) make the tensors themselves; the checks below are
+# one expression each (on the hot path of every layer and token), with _tensor's message when one fails.
+
+LINEAR_KINDS = {(8, False): 0, (4, False): 1, (8, True): 2, (4, True): 3}  # linear_bf16io's kind; 4 = bf16
+
+
+def _plain(t: torch.Tensor, dtype: torch.dtype, name: str, dims: str, *sizes: int | None) -> None:
+    if not (isinstance(t, torch.Tensor) and t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous()
+            and t.dim() == len(sizes) and all(s is None or s == n for s, n in zip(sizes, t.shape))
+            and max(t.shape, default=0) <= INT_MAX):
+        _tensor(name, t, dtype, dims, *sizes)
+        raise ValueError(f"{name}: not a tensor the native kernels take")  # _tensor found nothing (NaN sizes)
+
+
+def glue_available() -> bool:
+    """Whether the bf16 glue kernels (RMSNorm, rotary, SiLU * b, bf16 in / out linears) can run."""
+    return library() is not None
+
+
+def rmsnorm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of each row of x [..., n] bf16 with weight [n] bf16: a new bf16 tensor shaped as x."""
+    n = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 1 else None
+    _plain(weight, torch.bfloat16, "weight", "[n]", n)
+    _plain(x, torch.bfloat16, "x", "[..., n]", *x.shape[:-1], n)
+    rows = x.numel() // n if n else 0
+    out = torch.empty_like(x)
+    _call("rmsnorm_bf16", x.data_ptr(), rows, n, weight.data_ptr(), eps, out.data_ptr())
+    return out
+
+
+def rotary_bf16_(x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """In place: the interleaved rotary on the first 2 * pairs values of the first `heads` heads (head_dim
+    values each) of every row of x [rows, width] bf16, with cos, sin [rows, pairs] bf16 (one row each)."""
+    _plain(x, torch.bfloat16, "x", "[rows, width]", None, None)
+    rows, width = x.shape
+    pairs = cos.shape[-1] if isinstance(cos, torch.Tensor) and cos.dim() == 2 else None
+    _plain(cos, torch.bfloat16, "cos", "[rows, pairs]", rows, pairs)
+    _plain(sin, torch.bfloat16, "sin", "[rows, pairs]", rows, pairs)
+    if heads * head_dim > width or 2 * pairs > head_dim:
+        raise ValueError(f"{heads} heads of {head_dim} with {pairs} rotary pairs do not fit rows of {width}")
+    _call("rotary_bf16", x.data_ptr(), rows, width, heads, head_dim, pairs, cos.data_ptr(), sin.data_ptr())
+
+
+def silu_mul_bf16(ab: torch.Tensor) -> torch.Tensor:
+    """F.silu(a) * b of the two halves a, b of each row of ab [..., 2n] bf16: bf16 [..., n]."""
+    _plain(ab, torch.bfloat16, "ab", "[..., 2n]", *ab.shape)
+    if ab.dim() == 0 or ab.shape[-1] % 2:
+        raise ValueError(f"ab must have an even last dimension, got {list(ab.shape)}")
+    n = ab.shape[-1] // 2
+    out = torch.empty(*ab.shape[:-1], n, dtype=torch.bfloat16)
+    _call("silu_mul_bf16", ab.data_ptr(), ab.numel() // (2 * n) if n else 0, n, out.data_ptr())
+    return out
+
+
+def linear_bf16io(x: torch.Tensor, weight: torch.Tensor, kind: int, scale: torch.Tensor | None,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] bf16 -> [M, N] bf16 through the matrix-vector kernel of `kind` (LINEAR_KINDS, or 4: a bf16
+    weight [N, K]): the float32 kernel's result rounded as .to(torch.bfloat16) would, without the float32
+    copies of x and y as tensors. scale (quantized kinds) and bias float32 [N]."""
+    _plain(x, torch.bfloat16, "x", "[M, K]", None, None)
+    m, k = x.shape
+    if kind == 4:
+        _plain(weight, torch.bfloat16, "weight", "[N, K]", None, k)
+        n = weight.shape[0]
+    else:
+        bits = 8 if kind in (0, 2) else 4
+        if not (weight.dtype == torch.int8 and weight.device.type == "cpu" and weight.is_contiguous()
+                and weight.dim() == 2 and weight.shape[1] == (k if bits == 8 else k // 2) and (bits == 8 or k % 2 == 0)
+                and isinstance(scale, torch.Tensor) and scale.dtype == torch.float32 and scale.device.type == "cpu"
+                and scale.is_contiguous() and scale.shape == weight.shape[:1]):
+            _check_quantized(weight, bits, k, scale)
+        n = weight.shape[0]
+    if bias is not None:
+        _plain(bias, torch.float32, "bias", "[N]", n)
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    _call("linear_bf16io", kind, x.data_ptr(), m, k, weight.data_ptr(), n, _ptr(scale), _ptr(bias), y.data_ptr())
     return y
 
 

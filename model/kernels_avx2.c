@@ -26,7 +26,7 @@
 
 #define NO_MEMORY (-2)
 
-int chatglm_kernels_abi(void) { return 8; }
+int chatglm_kernels_abi(void) { return 9; }
 /* Rows of x up to which the matrix-vector kernels beat de-quantize + GEMM (read by model/kernels.py). */
 int decode_rows(void) { return 16; }
 
@@ -362,6 +362,8 @@ static inline __m256 q8_values(const uint8_t *q, int bits, int k) { /* 8 weights
     const __m256i shifts = _mm256_setr_epi32(24, 28, 16, 20, 8, 12, 0, 4);
     return _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_sllv_epi32(_mm256_set1_epi32(word), shifts), 28));
 }
+
+#include "kernels_glue.h"  /* RMSNorm, rotary, SiLU * b, bf16 in / out linears */
 
 int dequantize(const uint8_t *w, int bits, int N, int K, const float *scale, uint16_t *out_bf16, float *out_f32) {
     long stride = bits == 8 ? K : K / 2;

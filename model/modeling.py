@@ -33,8 +33,9 @@ class Linear(nn.Linear):
             rows = x.reshape(-1, self.in_features)
             bias = None if self.bias is None else self.bias.float()
             if rows.shape[0] <= kernels.decode_rows() and kernels.has_bf16():
-                y = kernels.gemv_bf16(rows.contiguous(), self.weight, bias)
-            elif kernels.gemm_dtype(x.dtype) == torch.float32:
+                y = kernels.linear_bf16io(rows.contiguous(), self.weight, 4, None, bias)
+                return y.reshape(*x.shape[:-1], self.out_features)
+            if kernels.gemm_dtype(x.dtype) == torch.float32:
                 y = kernels.blocked_gemm(rows, self.out_features,
                                          lambda n0, n1, buffer: buffer.copy_(self.weight[n0:n1]), torch.float32)
                 if bias is not None:
@@ -59,6 +60,15 @@ class Linear(nn.Linear):
                                                                                          self.out_features)
 
 
+def glue(x: torch.Tensor) -> bool:
+    """Whether the steps between the matrix products run as the native bf16 glue kernels (kernels_glue.h: one
+    C call instead of 3-13 torch ops each): bf16 on a CPU without autograd. Their results equal the torch
+    code beside each call, but for RMSNorm's sum of squares, summed in another order (a last-bit difference
+    in about 1 of 25,000 values), and SiLU's exp."""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled() and \
+        kernels.glue_available()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float, dtype=None, device=None):
         super().__init__()
@@ -66,6 +76,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if glue(x) and self.weight.dtype == torch.bfloat16:
+            return kernels.rmsnorm_bf16(x.contiguous(), self.weight, self.eps)
         variance = x.float().pow(2).mean(-1, keepdim=True)  # statistics in fp32 whatever the dtype
         return (self.weight * (x * torch.rsqrt(variance + self.eps))).to(x.dtype)
 
@@ -215,14 +227,22 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None):
         B, T, _ = x.shape
-        q, k, v = self.query_key_value(x).split(
+        qkv = self.query_key_value(x)
+        rotated = glue(qkv) and qkv.is_contiguous()
+        if rotated:  # q's and k's heads lead each row: rotated in place, one call
+            pairs = cos.shape[-1]
+            kernels.rotary_bf16_(qkv.view(B * T, -1), self.num_heads + self.num_kv_heads, self.head_dim,
+                                 cos.expand(B, 1, T, pairs).reshape(B * T, pairs),
+                                 sin.expand(B, 1, T, pairs).reshape(B * T, pairs))
+        q, k, v = qkv.split(
             [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim],
             dim=-1)
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, d)
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, g, T, d)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
+        if not rotated:
+            q = apply_rotary(q, cos, sin)
+            k = apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_number, k, v)
         plan = attention_plan(code_path(q.device), grouped=self.num_kv_heads != self.num_heads, decode=T == 1,
@@ -244,7 +264,10 @@ class MLP(nn.Module):
                                        dtype=dtype, device=device)
 
     def forward(self, x):
-        a, b = self.dense_h_to_4h(x).chunk(2, dim=-1)
+        ab = self.dense_h_to_4h(x)
+        if glue(ab):
+            return self.dense_4h_to_h(kernels.silu_mul_bf16(ab.contiguous()))
+        a, b = ab.chunk(2, dim=-1)
         return self.dense_4h_to_h(F.silu(a) * b)
 
 

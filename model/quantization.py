@@ -328,6 +328,11 @@ class QuantizedLinear(nn.Module):
         self._restore_stored_layout()  # a forced GPU path has been left (tests)
         if x.device.type == "cpu" and path == "cpu" and kernels.available() and self.weight.is_contiguous():
             if rows.shape[0] <= kernels.decode_rows():
+                if rows.dtype == torch.bfloat16:  # bf16 in and out in C: no float32 copies as tensors
+                    y = kernels.linear_bf16io(rows.contiguous(), self.weight,
+                                              kernels.LINEAR_KINDS[self.bits, kernels.has_integer_kernels()],
+                                              self._f32("weight_scale"), self._f32("bias"))
+                    return y.reshape(*shape, self.out_features)
                 y = self._gemv_native(rows)
             else:
                 y = self._blocked_gemm(rows)

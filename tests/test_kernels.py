@@ -46,7 +46,7 @@ def test_avx2_build_on_an_avx512_cpu(tmp_path):
     env = dict(os.environ, CHATGLM_NATIVE_KERNELS="avx2", CHATGLM_KERNEL_CACHE=str(tmp_path))
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
                            os.path.join(ROOT, "tests", "test_decode_attention.py"), "-k",
-                           "gemv or dequantize or every_path or bf16_linear or f32_kernel or decode_attention"],
+                           "gemv or dequantize or every_path or bf16_linear or f32_kernel or decode_attention or glue"],
                           cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:]
     assert " passed" in done.stdout
@@ -389,9 +389,8 @@ def test_a_decoding_batch_of_16_takes_the_gemv_kernels(mode, monkeypatch):
     assert kernels.decode_rows() == 16
     linear, g = _bf16_linear(96, 40, seed=9)
     layer = linear if mode == "bf16" else QuantizedLinear.from_linear(linear, {"int8": 8, "int4": 4}[mode])
-    name = "gemv_bf16" if mode == "bf16" else "gemv_quantized"
-    calls, kernel = [], getattr(kernels, name)
-    monkeypatch.setattr(kernels, name, lambda x, *a, **k: calls.append(x.shape[0]) or kernel(x, *a, **k))
+    calls, kernel = [], kernels.linear_bf16io
+    monkeypatch.setattr(kernels, "linear_bf16io", lambda x, *a, **k: calls.append(x.shape[0]) or kernel(x, *a, **k))
     monkeypatch.setattr(kernels, "blocked_gemm", lambda *a, **k: pytest.fail("the GEMM route for a decoding batch"))
     x = torch.randn(16, 1, 96, generator=g).bfloat16()
     with torch.inference_mode():
@@ -729,3 +728,134 @@ def test_float32_linear_paths_agree_with_torch():
         torch.testing.assert_close(kernels.onednn_linear(x, layer.weight.detach(), layer.bias.detach()),
                                    torch.nn.functional.linear(x, layer.weight.detach(), layer.bias.detach()),
                                    atol=1e-4, rtol=1e-5)
+
+
+# ---- the bf16 glue between the matrix products (kernels_glue.h) -----------------------------------------
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int16)
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bf16 bits, -0.0 and 0.0 apart, NaN equal to NaN (torch's own NaN bits vary with its code path)."""
+    nan = a.isnan()
+    return torch.equal(nan, b.isnan()) and torch.equal(_bits(a[~nan]), _bits(b[~nan]))
+
+
+@native
+@pytest.mark.parametrize("rows", [1, 3, 9])  # 9: split over the threads
+def test_glue_rotary_equals_apply_rotary(rows):
+    from model.modeling import apply_rotary
+
+    g = torch.Generator().manual_seed(11)
+    heads, groups, d, pairs = 6, 2, 16, 4  # q heads, k heads (rotated), v heads (not)
+    qkv = (torch.randn(rows, (heads + 2 * groups) * d, generator=g) * 3).bfloat16()
+    qkv[0, :3] = torch.tensor([float("inf"), float("nan"), -0.0])
+    cos, sin = (torch.randn(rows, pairs, generator=g).bfloat16() for _ in range(2))
+    ours = qkv.clone()
+    kernels.rotary_bf16_(ours, heads + groups, d, cos, sin)
+    per_head = qkv.view(rows, heads + 2 * groups, d).transpose(0, 1)[None]  # (1, heads, T, d)
+    want = apply_rotary(per_head, cos[None, None], sin[None, None])[0].transpose(0, 1).reshape(rows, -1)
+    rotated = (heads + groups) * d
+    assert _same_bits(ours[:, :rotated], want[:, :rotated])
+    assert torch.equal(_bits(ours[:, rotated:]), _bits(qkv[:, rotated:]))  # the values are left alone
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.rotary_bf16_(ours, heads + 2 * groups + 1, d, cos, sin)
+
+
+@native
+@pytest.mark.parametrize("rows", [1, 2, 8])
+def test_glue_silu_times_b_equals_torch(rows):
+    g = torch.Generator().manual_seed(12)
+    n = 1000
+    ab = torch.randn(rows, 2 * n, generator=g) * torch.tensor([1.0, 8.0, 40.0]).repeat_interleave(n * 2 // 3 + 1)[:2 * n]
+    special = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 87.0, -87.5, 88.8, -88.8, 100.0, -100.0, float("inf"),
+                            float("-inf"), 3.0, -3.0])
+    ab[0, :len(special)] = special
+    ab[0, n:n + len(special)] = special.flip(0)
+    ab = ab.bfloat16()
+    a, b = ab.chunk(2, dim=-1)
+    want = torch.nn.functional.silu(a) * b
+    ours = kernels.silu_mul_bf16(ab)
+    assert ours.shape == (rows, n) and ours.dtype == torch.bfloat16
+    assert _same_bits(ours, want)  # the exp differs from torch's in float32 bits only
+
+
+@native
+def test_glue_rmsnorm_is_torchs_up_to_the_order_of_its_sum():
+    from model.modeling import RMSNorm
+
+    g = torch.Generator().manual_seed(13)
+    norm = RMSNorm(4096 + 7, 1e-5, torch.bfloat16)  # a tail past the 16-wide partial sums
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(4096 + 7, generator=g))
+    x = (torch.randn(2, 20, 4096 + 7, generator=g) * torch.logspace(-3, 3, 20)[:, None]).bfloat16()
+    ours = kernels.rmsnorm_bf16(x, norm.weight, 1e-5)
+    with torch.enable_grad():  # torch's ops (the glue is for inference only)
+        want = norm(x).detach()
+    assert ours.shape == x.shape and ours.dtype == torch.bfloat16
+    ulps = (_bits(ours).int() - _bits(want).int()).abs()  # same sign: adjacent bf16 values differ by 1
+    assert ulps.max() <= 1 and (ulps > 0).float().mean() < 1e-3
+    for i in (0, 7, 19):  # a row alone: the same bits as in the batch (9+ rows run on several threads)
+        assert torch.equal(kernels.rmsnorm_bf16(x[1, i:i + 1], norm.weight, 1e-5), ours[1, i:i + 1])
+
+
+@native
+@pytest.mark.parametrize("kind", ["int8", "int4", "int8 integer", "int4 integer", "bf16"])
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_glue_bf16_in_and_out_linear_is_the_float_kernel_rounded(kind, m):
+    g = torch.Generator().manual_seed(14)
+    n, k = 37, 200
+    w = torch.randn(n, k, generator=g)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    x[0, 0] = float("nan") if m == 3 else x[0, 0]  # NaN in, NaN out (torch's 0x7fc0)
+    bias = torch.randn(n, generator=g)
+    if kind == "bf16":
+        if not kernels.has_bf16():
+            pytest.skip("no native bf16 kernel")
+        weight, scale = w.bfloat16(), None
+        want = kernels.gemv_bf16(x, weight, bias)
+        code = 4
+    else:
+        bits, integer = (8 if kind.startswith("int8") else 4), kind.endswith("integer")
+        if integer and not kernels.has_integer_kernels():
+            pytest.skip("no integer products on this CPU")
+        weight, scale = quantize_weight(w, bits)
+        scale = scale.float()
+        want = kernels.gemv_quantized(x.float(), weight, bits, scale, bias, integer)
+        code = kernels.LINEAR_KINDS[bits, integer]
+    ours = kernels.linear_bf16io(x, weight, code, scale, bias)
+    assert ours.dtype == torch.bfloat16 and ours.shape == (m, n)
+    assert _same_bits(ours, want.to(torch.bfloat16))
+    with pytest.raises(ValueError, match="weight must have shape"):
+        kernels.linear_bf16io(x[:, :-2].contiguous(), weight, code, scale, bias)
+
+
+@native
+def test_glue_keeps_a_bf16_model_close_to_torchs_ops(monkeypatch):
+    """A bf16 model with the glue against the same model with torch's ops for norms, rotary and SiLU * b (close,
+    not equal: RMSNorm sums in another order), reading a prompt whole and token by token on top of its cache."""
+    from conftest import loaded
+
+    model, tokenizer = loaded("chatglm3-tiny", "bfloat16")
+    ids = torch.tensor([tokenizer.encode("Tell me a story about the weather in 北京 today, please.")])
+
+    def run():
+        with torch.inference_mode():
+            whole = model(ids, use_cache=False).logits.float()
+            out = model(ids[:, :5])
+            cache, pieces = out.past_key_values, [out.logits]
+            for t in range(5, ids.shape[1]):
+                pieces.append(model(ids[:, t:t + 1], past_key_values=cache).logits)
+        return whole, torch.cat(pieces, dim=1).float()
+
+    calls = []
+    rmsnorm = kernels.rmsnorm_bf16
+    monkeypatch.setattr(kernels, "rmsnorm_bf16", lambda *a: calls.append(1) or rmsnorm(*a))
+    whole, stepped = run()
+    assert calls, "the glue did not run"
+    monkeypatch.setattr(kernels, "glue_available", lambda: False)
+    whole_torch, stepped_torch = run()
+    scale = whole_torch.abs().max().item()
+    torch.testing.assert_close(whole, whole_torch, atol=0.01 * scale, rtol=0)
+    torch.testing.assert_close(stepped, stepped_torch, atol=0.01 * scale, rtol=0)
