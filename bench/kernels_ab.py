@@ -31,9 +31,12 @@ from model.quantization import quantize_weight  # noqa: E402
 SHAPES = {"qkv": (4096, 4608), "dense": (4096, 4096), "h_to_4h": (4096, 27392), "4h_to_h": (13696, 4096)}
 
 
-def build(source: str, out: Path) -> ctypes.CDLL:
-    src = out.with_suffix(".c")
-    src.write_text(source)
+def build(files: dict[str, str], out: Path) -> ctypes.CDLL:
+    """Build kernels.c (and the headers it includes, from the same revision) in out's own directory."""
+    out.parent.mkdir()
+    for name, text in files.items():
+        (out.parent / name).write_text(text)
+    src = out.parent / "kernels.c"
     cc = os.environ.get("CC", "cc")
     subprocess.run([cc, "-fopenmp", "-O3", "-march=native", "-shared", "-fPIC", "-o", str(out), str(src)], check=True)
     lib = ctypes.CDLL(str(out))
@@ -76,11 +79,18 @@ def main():
     args = ap.parse_args()
     if not kernels.AVX512 <= kernels._cpu_flags():
         sys.exit("model/kernels.c is the AVX-512 build: this CPU has no AVX-512")
-    base_source = subprocess.run(["git", "show", f"{args.base}:model/kernels.c"], cwd=ROOT, check=True,
-                                 capture_output=True, text=True).stdout
+    base, new = {}, {}
+    for name in ("kernels.c", "kernels_glue.h"):  # the header is absent before it was added
+        shown = subprocess.run(["git", "show", f"{args.base}:model/{name}"], cwd=ROOT, capture_output=True, text=True)
+        if shown.returncode == 0:
+            base[name] = shown.stdout
+        elif name == "kernels.c":
+            sys.exit(f"git show {args.base}:model/kernels.c failed: {shown.stderr.strip()}")
+        if (ROOT / "model" / name).exists():
+            new[name] = (ROOT / "model" / name).read_text()
     with tempfile.TemporaryDirectory() as tmp:
-        libs = {"base": build(base_source, Path(tmp) / "base.so"),
-                "new": build((ROOT / "model" / "kernels.c").read_text(), Path(tmp) / "new.so")}
+        libs = {"base": build(base, Path(tmp) / "base" / "kernels.so"),
+                "new": build(new, Path(tmp) / "new" / "kernels.so")}
         if not all(lib.has_vnni() for lib in libs.values()) and args.modes != "bf16":
             sys.exit("no AVX512-VNNI on this CPU: only --modes bf16 runs here")
         print(f"ms per call, median of {args.rounds} rounds, {args.base} -> working tree; "
