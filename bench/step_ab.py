@@ -1,6 +1,6 @@
 """Decoding steps of two versions of the model package on one checkpoint, timed in one process, alternating.
 
-    python bench/step_ab.py --base HEAD~1 --dir CHECKPOINT [--batch 1,8] [--steps 12] [--dtype bfloat16]
+    python bench/step_ab.py --base HEAD~1 --dir CHECKPOINT [--batch 1,8] [--steps 12] [--prefill 512 --runs 3]
 
 Loads model/ as it is in the working tree and as it was at --base (a git revision, exported to a temporary
 directory and imported under another name, its native kernels built apart), both on the same checkpoint (a
@@ -9,7 +9,8 @@ times single decoding steps (model.transformer on one new token per sequence), t
 the order alternating. On a virtual machine whose speed drifts by a third within minutes this shows what
 separate bench/speed.py runs cannot: whole-step changes of a few percent, the glue between the matrix
 products as well as the products. Prints per batch size the median ms per step (and tokens/s per sequence),
-base -> working tree, and the largest difference between the two versions' logits at the last step.
+base -> working tree, and the largest difference between the two versions' logits at the last step; with
+--prefill P, first the median time of reading a P-token prompt (one forward pass into an empty cache).
 """
 
 import argparse
@@ -55,6 +56,8 @@ def main():
     ap.add_argument("--batch", default="1,8")
     ap.add_argument("--steps", type=int, default=12, help="timed steps per version and batch size")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--prefill", type=int, default=0, help="also time reading a prompt of this many tokens")
+    ap.add_argument("--runs", type=int, default=3, help="timed prompt reads per version")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         versions = {"base": import_package("model_base", export(args.base, Path(tmp))),
@@ -66,6 +69,21 @@ def main():
         print(f"ms per decoding step (tokens/s per sequence), median of {args.steps}, {args.base} -> working tree; "
               f"{torch.get_num_threads()} threads", flush=True)
         gen = torch.Generator().manual_seed(0)
+        if args.prefill:
+            prompt = torch.randint(100, vocab - 100, (1, args.prefill), generator=gen)
+            times = {"base": [], "new": []}
+            with torch.inference_mode():
+                for run in range(args.runs + 1):  # the first read of each is not timed
+                    for name in ("base", "new") if run % 2 else ("new", "base"):
+                        cache = sys.modules[f"model_{name}.cache"].KVCache.for_model(
+                            models[name].config, 1, models[name].dtype, "cpu", capacity=args.prefill)
+                        start = time.perf_counter()
+                        models[name].transformer(prompt, torch.arange(args.prefill)[None], None, cache,
+                                                 last_logits_only=True)
+                        if run:
+                            times[name].append(time.perf_counter() - start)
+            base, new = (statistics.median(times[n]) for n in ("base", "new"))
+            print(f"prefill {args.prefill}: {base:.2f} -> {new:.2f} s, {base / new:.3f}x", flush=True)
         for b in (int(x) for x in args.batch.split(",")):
             prompt = torch.randint(100, vocab - 100, (b, 16), generator=gen)
             caches, logits, times = {}, {}, {"base": [], "new": []}
