@@ -343,8 +343,9 @@ static int amx_usable(void) { return 0; }
 /* Rows of x up to which the matrix-vector kernels beat de-quantize + GEMM (read by model/kernels.py). With AMX
  * they cost about what one row costs. Without it (AVX512-VNNI / -BF16 tiles, blocks of 2-4 rows of x over
  * weights in cache) each further row adds its arithmetic, yet 16 rows still take a fraction of the GEMM
- * route, which first writes the layer out de-quantized (2-core Xeon without AMX, 27392x4096 at 8 / 16 rows:
- * int4 10 / 18 against 38 / 47 ms, int8 12 / 21 against 39 / 50, bf16 20 / 34 against 26 / 37). */
+ * route, which first writes the layer out de-quantized (2-core Xeon without AMX, 27392x4096 at 8 / 16 rows,
+ * the two routes alternating: int4 9 / 19 against 54 / 65 ms, int8 12 / 23 against 61 / 70, bf16 18 / 31
+ * against 66 / 75). */
 int decode_rows(void) { return 16; }
 
 /* ---------------------------------------------------------------- int8 / int4 with integer dot products
