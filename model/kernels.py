@@ -388,28 +388,6 @@ def _plain(t: torch.Tensor, dtype: torch.dtype, name: str, dims: str, *sizes: in
         raise ValueError(f"{name}: not a tensor the native kernels take")  # _tensor found nothing (NaN sizes)
 
 
-def param_key(param: torch.Tensor) -> tuple:
-    """What identifies a parameter's current values for caches of forms made from it: its storage and version."""
-    try:
-        return param.data_ptr(), param.device, param._version
-    except RuntimeError:  # made under torch.inference_mode(): such tensors carry no version counter
-        return param.data_ptr(), param.device, None
-
-
-def float32_param(module: torch.nn.Module, name: str) -> torch.Tensor | None:
-    """A float32 contiguous copy of module.<name> (a bias, a scale) for the kernels, kept on the module and
-    remade when the parameter changes (one op less per call and layer than .float())."""
-    param = getattr(module, name)
-    if param is None:
-        return None
-    key = param_key(param)
-    cache = module.__dict__.setdefault("_float32_params", {})
-    cached = cache.get(name)
-    if cached is None or cached[0] != key:
-        cached = cache[name] = (key, param.detach().float().contiguous())
-    return cached[1]
-
-
 def glue_available() -> bool:
     """Whether the bf16 glue kernels (RMSNorm, rotary, SiLU * b, bf16 in / out linears) can run."""
     return library() is not None

@@ -31,7 +31,7 @@ class Linear(nn.Linear):
             return self._torch_linear(x)
         if x.dtype == torch.bfloat16 and self.weight.is_contiguous():
             rows = x.reshape(-1, self.in_features)
-            bias = kernels.float32_param(self, "bias")
+            bias = None if self.bias is None else self.bias.float()
             if rows.shape[0] <= kernels.decode_rows() and kernels.has_bf16():
                 y = kernels.linear_bf16io(rows.contiguous(), self.weight, 4, None, bias)
                 return y.reshape(*x.shape[:-1], self.out_features)

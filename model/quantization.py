@@ -61,7 +61,12 @@ _logged: set[str] = set()
 _refused: set[tuple] = set()  # (device type, bits, dtype) whose fused product this torch refused
 
 
-_param_key = kernels.param_key
+def _param_key(param: torch.Tensor) -> tuple:
+    """What identifies a parameter's current values for the caches below: its storage and version counter."""
+    try:
+        return param.data_ptr(), param.device, param._version
+    except RuntimeError:  # made under torch.inference_mode(): such tensors carry no version counter
+        return param.data_ptr(), param.device, None
 
 
 def _log_once(message: str) -> None:
@@ -271,7 +276,15 @@ class QuantizedLinear(nn.Module):
 
     def _f32(self, name: str) -> torch.Tensor | None:
         """float32 copy of weight_scale / bias for the native kernels, remade when the parameter changes."""
-        return kernels.float32_param(self, name)
+        param = getattr(self, name)
+        if param is None:
+            return None
+        key = _param_key(param)
+        cached = self.__dict__.get("_f32_cache", {}).get(name)
+        if cached is None or cached[0] != key:
+            cached = (key, param.detach().float().contiguous())
+            self.__dict__.setdefault("_f32_cache", {})[name] = cached
+        return cached[1]
 
     # ---- the stored layout and the CUDA repacked form ----
     # `weight` holds the stored layout, except on CUDA after the first fused int4 call, when it holds the
