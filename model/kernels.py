@@ -388,6 +388,12 @@ def _plain(t: torch.Tensor, dtype: torch.dtype, name: str, dims: str, *sizes: in
         raise ValueError(f"{name}: not a tensor the native kernels take")  # _tensor found nothing (NaN sizes)
 
 
+def _rows(rows: int) -> int:
+    if rows > INT_MAX:
+        raise ValueError(f"{rows} rows: more than the native kernels take ({INT_MAX})")
+    return rows
+
+
 def glue_available() -> bool:
     """Whether the bf16 glue kernels (RMSNorm, rotary, SiLU * b, bf16 in / out linears) can run."""
     return library() is not None
@@ -398,7 +404,7 @@ def rmsnorm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
     n = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 1 else None
     _plain(weight, torch.bfloat16, "weight", "[n]", n)
     _plain(x, torch.bfloat16, "x", "[..., n]", *x.shape[:-1], n)
-    rows = x.numel() // n if n else 0
+    rows = _rows(x.numel() // n if n else 0)
     out = torch.empty_like(x)
     _call("rmsnorm_bf16", x.data_ptr(), rows, n, weight.data_ptr(), eps, out.data_ptr())
     return out
@@ -424,7 +430,7 @@ def silu_mul_bf16(ab: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"ab must have an even last dimension, got {list(ab.shape)}")
     n = ab.shape[-1] // 2
     out = torch.empty(*ab.shape[:-1], n, dtype=torch.bfloat16)
-    _call("silu_mul_bf16", ab.data_ptr(), ab.numel() // (2 * n) if n else 0, n, out.data_ptr())
+    _call("silu_mul_bf16", ab.data_ptr(), _rows(ab.numel() // (2 * n) if n else 0), n, out.data_ptr())
     return out
 
 
@@ -433,6 +439,8 @@ def linear_bf16io(x: torch.Tensor, weight: torch.Tensor, kind: int, scale: torch
     """x [M, K] bf16 -> [M, N] bf16 through the matrix-vector kernel of `kind` (LINEAR_KINDS, or 4: a bf16
     weight [N, K]): the float32 kernel's result rounded as .to(torch.bfloat16) would, without the float32
     copies of x and y as tensors. scale (quantized kinds) and bias float32 [N]."""
+    if kind not in (0, 1, 2, 3, 4):
+        raise ValueError(f"kind must be one of {sorted(LINEAR_KINDS.values())} or 4 (bf16), got {kind!r}")
     _plain(x, torch.bfloat16, "x", "[M, K]", None, None)
     m, k = x.shape
     if kind == 4:

@@ -22,6 +22,7 @@ static inline uint16_t glue_round(float f) {  /* float32 -> bf16 as torch: neare
     return (uint16_t)(u >> 16);
 }
 
+#define NO_SUCH_KIND (-3)  /* linear_bf16io: a kind it does not know (model/kernels.py checks first) */
 #define GLUE_PARALLEL_ROWS 8  /* rows from which a step splits its rows over the threads */
 
 /* out[r] = bf16(w * (x[r] * rsqrt(mean(x[r]^2) + eps))), each product in float32, as modeling.RMSNorm. */
@@ -36,7 +37,7 @@ int rmsnorm_bf16(const uint16_t *x, int rows, int n, const uint16_t *w, float ep
         double sum = 0;
         for (int i = 0; i < 16; i++) sum += part[i];
         for (; k < n; k++) { float v = bf16_to_float(xr[k]); sum += v * v; }
-        const float scale = 1.0f / sqrtf((float)(sum / n) + eps);
+        const float scale = 1.0f / sqrtf((float)sum / (float)n + eps);  /* a sum past FLT_MAX: inf, as torch */
         uint16_t *o = out + r * (long)n;
         for (k = 0; k < n; k++) o[k] = glue_round(bf16_to_float(w[k]) * (bf16_to_float(xr[k]) * scale));
     }
@@ -68,25 +69,29 @@ int rotary_bf16(uint16_t *x, int rows, long stride, int heads, int d, int pairs,
 }
 
 /* exp(x) in float32 within about 1 ulp (Cephes' expf polynomial), branch-free so that loops over it vectorize:
- * the C library's expf is a call per value (5x slower here). Past 88.72 it overflows to inf, as expf. */
+ * the C library's expf is a call per value (5x slower here). 2^n goes into the exponent field as an integer
+ * add, so no float multiply ends it that a compiler could fuse with the caller's add (GCC's default
+ * -ffp-contract=fast would, changing bits between compilers). Below -86.6 it stays at exp(-86.6) (about
+ * 2.4e-38; 1 + that is 1, as 1 + exp(x) is there); past 88.72 it is inf, as expf. */
 static inline float glue_exp(float x) {
-    x = x < -87.3f ? -87.3f : x > 88.8f ? 88.8f : x;
-    float n = rintf(x * 1.44269504088896341f);
-    float r = fmaf(n, -0.693359375f, x);
-    r = fmaf(n, 2.12194440e-4f, r);  /* x - n ln 2 in two steps */
+    float c = x < -86.6f ? -86.6f : x > 88.7f ? 88.7f : x;
+    c = c == c ? c : 0.0f;  /* NaN: computed as 0, returned as NaN below (no NaN to int conversion) */
+    float n = rintf(c * 1.44269504088896341f);  /* -125 .. 128 */
+    float r = fmaf(n, -0.693359375f, c);
+    r = fmaf(n, 2.12194440e-4f, r);  /* c - n ln 2 in two steps */
     float p = 1.9875691500e-4f;
     p = fmaf(p, r, 1.3981999507e-3f);
     p = fmaf(p, r, 8.3334519073e-3f);
     p = fmaf(p, r, 4.1665795894e-2f);
     p = fmaf(p, r, 1.6666665459e-1f);
     p = fmaf(p, r, 5.0000001201e-1f);
-    p = fmaf(p, r * r, r) + 1.0f;
-    int32_t n1 = (int32_t)n >> 1, n2 = (int32_t)n - n1;  /* 2^n as 2^n1 2^n2: n up to 128 overflows to inf */
-    int32_t b1 = (n1 + 127) << 23, b2 = (n2 + 127) << 23;
-    float s1, s2;
-    memcpy(&s1, &b1, 4);
-    memcpy(&s2, &b2, 4);
-    return p * s1 * s2;
+    p = fmaf(p, r * r, r) + 1.0f;  /* e^r, r in about -0.35 .. 0.35 */
+    uint32_t bits;
+    memcpy(&bits, &p, 4);
+    bits += (uint32_t)(int32_t)n << 23;  /* p 2^n stays a normal float over the clamped range */
+    float e;
+    memcpy(&e, &bits, 4);
+    return x > 88.7228f ? INFINITY : x == x ? e : x;
 }
 
 /* out[r][j] = bf16(bf16(silu(a)) * b) with a = ab[r][j], b = ab[r][n + j]: F.silu(a) * b of the two halves of
@@ -122,7 +127,8 @@ int linear_bf16io(int kind, const uint16_t *x, int M, int K, const void *w, int 
     case 1: status = gemv_q4(xf, M, K, (const uint8_t *)w, N, scale, bias, yf); break;
     case 2: status = gemv_q8v(xf, M, K, (const int8_t *)w, N, scale, bias, yf); break;
     case 3: status = gemv_q4v(xf, M, K, (const uint8_t *)w, N, scale, bias, yf); break;
-    default: status = gemv_bf16(x, M, K, (const uint16_t *)w, N, bias, yf); break;
+    case 4: status = gemv_bf16(x, M, K, (const uint16_t *)w, N, bias, yf); break;
+    default: status = NO_SUCH_KIND; break;
     }
     if (status == 0)
         for (long i = 0; i < (long)M * N; i++) y[i] = glue_round(yf[i]);

@@ -66,7 +66,7 @@ def glue(x: torch.Tensor) -> bool:
     code beside each call, but for RMSNorm's sum of squares, summed in another order (a last-bit difference
     in about 1 of 25,000 values), and SiLU's exp."""
     return x.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled() and \
-        kernels.glue_available()
+        kernels.glue_available() and code_path(x.device) == "cpu"
 
 
 class RMSNorm(nn.Module):
@@ -228,8 +228,8 @@ class SelfAttention(nn.Module):
     def forward(self, x, cos, sin, mask, cache: KVCache | None):
         B, T, _ = x.shape
         qkv = self.query_key_value(x)
-        rotated = glue(qkv) and qkv.is_contiguous()
-        if rotated:  # q's and k's heads lead each row: rotated in place, one call
+        rotated = glue(qkv) and qkv.is_contiguous() and B * T > 0
+        if rotated:  # q's and k's heads lead each row: rotated in place in qkv (a hook keeping it sees that)
             pairs = cos.shape[-1]
             kernels.rotary_bf16_(qkv.view(B * T, -1), self.num_heads + self.num_kv_heads, self.head_dim,
                                  cos.expand(B, 1, T, pairs).reshape(B * T, pairs),

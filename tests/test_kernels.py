@@ -778,7 +778,11 @@ def test_glue_silu_times_b_equals_torch(rows):
     want = torch.nn.functional.silu(a) * b
     ours = kernels.silu_mul_bf16(ab)
     assert ours.shape == (rows, n) and ours.dtype == torch.bfloat16
-    assert _same_bits(ours, want)  # the exp differs from torch's in float32 bits only
+    assert _same_bits(ours, want)
+    every = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)  # each bf16 a
+    for b in (1.0, -3.0):
+        ab = torch.cat([every, torch.full_like(every, b)])[None]
+        assert _same_bits(kernels.silu_mul_bf16(ab)[0], torch.nn.functional.silu(every) * b)
 
 
 @native
@@ -829,33 +833,56 @@ def test_glue_bf16_in_and_out_linear_is_the_float_kernel_rounded(kind, m):
     assert _same_bits(ours, want.to(torch.bfloat16))
     with pytest.raises(ValueError, match="weight must have shape"):
         kernels.linear_bf16io(x[:, :-2].contiguous(), weight, code, scale, bias)
+    with pytest.raises(ValueError, match="kind must be"):
+        kernels.linear_bf16io(x, weight, 5, scale, bias)
 
 
 @native
 def test_glue_keeps_a_bf16_model_close_to_torchs_ops(monkeypatch):
     """A bf16 model with the glue against the same model with torch's ops for norms, rotary and SiLU * b (close,
-    not equal: RMSNorm sums in another order), reading a prompt whole and token by token on top of its cache."""
+    not equal: RMSNorm sums in another order): two sequences at different positions (each row its own rotary
+    angles), read whole and then one token at a time on top of the cache."""
     from conftest import loaded
+    from model.cache import KVCache
 
     model, tokenizer = loaded("chatglm3-tiny", "bfloat16")
-    ids = torch.tensor([tokenizer.encode("Tell me a story about the weather in 北京 today, please.")])
+    ids = torch.tensor([tokenizer.encode("Tell me a story about the weather in 北京 today, please.")] * 2)
+    T = ids.shape[1]
+    positions = torch.stack([torch.arange(T), torch.arange(T) + 7])  # row 1 as if 7 tokens came before
 
     def run():
         with torch.inference_mode():
-            whole = model(ids, use_cache=False).logits.float()
-            out = model(ids[:, :5])
-            cache, pieces = out.past_key_values, [out.logits]
-            for t in range(5, ids.shape[1]):
-                pieces.append(model(ids[:, t:t + 1], past_key_values=cache).logits)
-        return whole, torch.cat(pieces, dim=1).float()
+            cache = KVCache.for_model(model.config, 2, model.dtype, "cpu", capacity=T + 3)
+            out = [model.transformer(ids, positions, None, cache).logits.float()]
+            for step in range(3):
+                out.append(model.transformer(ids[:, step:step + 1], positions[:, -1:] + step + 1, None,
+                                             cache).logits.float())
+        return torch.cat(out, dim=1)
 
     calls = []
-    rmsnorm = kernels.rmsnorm_bf16
-    monkeypatch.setattr(kernels, "rmsnorm_bf16", lambda *a: calls.append(1) or rmsnorm(*a))
-    whole, stepped = run()
-    assert calls, "the glue did not run"
+    for name in ("rmsnorm_bf16", "rotary_bf16_", "silu_mul_bf16"):
+        fn = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
+    ours = run()
+    assert {"rmsnorm_bf16", "rotary_bf16_", "silu_mul_bf16"} <= set(calls), "the glue did not run"
     monkeypatch.setattr(kernels, "glue_available", lambda: False)
-    whole_torch, stepped_torch = run()
-    scale = whole_torch.abs().max().item()
-    torch.testing.assert_close(whole, whole_torch, atol=0.01 * scale, rtol=0)
-    torch.testing.assert_close(stepped, stepped_torch, atol=0.01 * scale, rtol=0)
+    theirs = run()
+    assert not torch.equal(ours[0], ours[1])  # the rows' positions differ, and so do their results
+    torch.testing.assert_close(ours, theirs, atol=0.01 * theirs.abs().max().item(), rtol=0)
+
+
+def test_glue_stays_off_where_torchs_ops_must_run(monkeypatch):
+    """Autograd, other dtypes and devices, and a forced GPU code path (its tests run GPU branches on the CPU)."""
+    from model.devices import FORCE_ENV
+    from model.modeling import glue
+
+    x = torch.ones(2, 4, dtype=torch.bfloat16)
+    monkeypatch.setattr(kernels, "glue_available", lambda: True)
+    with torch.inference_mode():
+        assert glue(x)
+        assert not glue(x.float()) and not glue(torch.ones(2, 4, dtype=torch.bfloat16, device="meta"))
+        monkeypatch.setenv(FORCE_ENV, "cuda")
+        assert not glue(x)
+    monkeypatch.delenv(FORCE_ENV)
+    with torch.enable_grad():
+        assert not glue(x)
