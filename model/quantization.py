@@ -315,7 +315,9 @@ class QuantizedLinear(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._restore_stored_layout()
-        self.__dict__.pop("_device_cache", None)
+        # every form made from the parameters: their keys miss an in-place load into inference tensors
+        for cache in ("_device_cache", "_f32_cache", "_int4pack_cache"):
+            self.__dict__.pop(cache, None)
         return super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

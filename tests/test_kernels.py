@@ -627,6 +627,26 @@ def test_layer_quantized_under_inference_mode_runs():
             torch.testing.assert_close(layer(rows).double(), _reference(layer, rows), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("native", [True, False])
+def test_a_state_dict_loaded_into_inference_tensors_reaches_the_kernels(monkeypatch, bits, native):
+    """Tensors made under inference mode have no version counter, so the caches made from them (float32 scale
+    and bias, torch's int4 packing) cannot see them change in place: loading a state dict must drop them."""
+    if not native:
+        monkeypatch.setattr(kernels, "library", lambda: None)
+    x = torch.randn(3, 96).bfloat16()
+    with torch.inference_mode():
+        layer, other = _layer(bits, dtype=torch.bfloat16), _layer(bits, dtype=torch.bfloat16)
+        for name in ("weight", "weight_scale", "bias"):  # as a model loaded under inference mode holds them
+            getattr(layer, name).data = getattr(layer, name).detach().clone()
+        assert layer.weight_scale.is_inference()
+        other.weight_scale.mul_(3)
+        other.bias.add_(1)
+        layer(x)  # fills the caches
+        layer.load_state_dict(other.state_dict())
+        assert torch.equal(layer(x), other(x))
+
+
 @pytest.mark.parametrize("tokens", [1, 4, 7, 17, 40])  # matrix-vector kernel; GEMM (blocked where no native bf16)
 def test_bf16_linear_matches_torch(tokens, monkeypatch):
     monkeypatch.setattr(kernels, "GEMM_BLOCK_BYTES", 1)  # blocks of 64 output rows: 3 blocks, the last short
