@@ -448,12 +448,11 @@ def linear_bf16io(x: torch.Tensor, weight: torch.Tensor, kind: int, scale: torch
         n = weight.shape[0]
     else:
         bits = 8 if kind in (0, 2) else 4
-        if not (weight.dtype == torch.int8 and weight.device.type == "cpu" and weight.is_contiguous()
-                and weight.dim() == 2 and weight.shape[1] == (k if bits == 8 else k // 2) and (bits == 8 or k % 2 == 0)
-                and isinstance(scale, torch.Tensor) and scale.dtype == torch.float32 and scale.device.type == "cpu"
-                and scale.is_contiguous() and scale.shape == weight.shape[:1]):
-            _check_quantized(weight, bits, k, scale)
+        if bits == 4 and k % 2:
+            _check_quantized(weight, bits, k, scale)  # raises: two columns a byte
+        _plain(weight, torch.int8, "weight", "[N, K]" if bits == 8 else "[N, K/2]", None, k if bits == 8 else k // 2)
         n = weight.shape[0]
+        _plain(scale, torch.float32, "scale", "[N]", n)
     if bias is not None:
         _plain(bias, torch.float32, "bias", "[N]", n)
     y = torch.empty(m, n, dtype=torch.bfloat16)
