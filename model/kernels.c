@@ -353,12 +353,57 @@ int decode_rows(void) { return 16; }
  * 8-bit mantissa, split into two byte "digits", and multiplied with the weight bytes by AVX512-VNNI
  * vpdpbusd (64 multiply-adds per instruction, exact int32 sums). */
 #ifdef __AVX512VNNI__
+/* xq[k] = x[k] / sx rounded to nearest even (as lrintf), sx = max |x| / qmax (1 for a row of zeros), so |xq| <=
+ * qmax. A row holding a NaN or an infinity gets sx = NaN (and xq = 0): its outputs are NaN, as a float matmul
+ * gives them, where its integers would otherwise be garbage. Vectorized: this runs for every row of x of every
+ * layer, and lrintf was a library call per value (about a tenth of a batch-16 step of the 6B shape). */
 static float quantize_row(const float *x, int K, int32_t *xq, int qmax) {
-    float amax = 0.f;
-    for (int k = 0; k < K; k++) { float a = x[k] < 0 ? -x[k] : x[k]; if (a > amax) amax = a; }
-    float sx = amax > 0 ? amax / (float)qmax : 1.f, inv = 1.f / sx;
-    for (int k = 0; k < K; k++) xq[k] = (int32_t)__builtin_lrintf(x[k] * inv);
+    __m512 top = _mm512_setzero_ps();
+    __mmask16 bad = 0;
+    int k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m512 v = _mm512_loadu_ps(x + k);
+        bad |= _mm512_fpclass_ps_mask(v, 0x99);  /* NaN or infinity */
+        top = _mm512_max_ps(top, _mm512_abs_ps(v));
+    }
+    float amax = _mm512_reduce_max_ps(top);
+    for (int kk = k; kk < K; kk++) {
+        float a = x[kk] < 0 ? -x[kk] : x[kk];
+        if (!(a <= 3.40282347e38f)) bad = 1;
+        else if (a > amax) amax = a;
+    }
+    if (bad) {
+        memset(xq, 0, sizeof(int32_t) * (size_t)K);
+        return __builtin_nanf("");
+    }
+    const float sx = amax > 0 ? amax / (float)qmax : 1.f, inv = 1.f / sx;
+    const __m512 vinv = _mm512_set1_ps(inv);
+    for (k = 0; k + 16 <= K; k += 16)
+        _mm512_storeu_si512((void *)(xq + k), _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k), vinv)));
+    for (; k < K; k++) xq[k] = (int32_t)__builtin_lrintf(x[k] * inv);
     return sx;
+}
+
+/* Lane i: the sum of a[i]'s 16 int32 lanes (a transposing tree, as sum16 below; int32 sums wrap as
+ * _mm512_reduce_add_epi32's do, so the result is the same whatever the order) */
+static inline __m512i isum16(const __m512i *a) {
+    __m512i b[8], c[4], e[2];
+    for (int i = 0; i < 8; i++)
+        b[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_epi32(a[2 * i], a[2 * i + 1]));
+    for (int i = 0; i < 4; i++)
+        c[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(b[2 * i], b[2 * i + 1]), _mm512_unpackhi_epi64(b[2 * i], b[2 * i + 1]));
+    for (int i = 0; i < 2; i++)
+        e[i] = _mm512_add_epi32(_mm512_shuffle_i32x4(c[2 * i], c[2 * i + 1], 0x88), _mm512_shuffle_i32x4(c[2 * i], c[2 * i + 1], 0xdd));
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(e[0], e[1], 0x88), _mm512_shuffle_i32x4(e[0], e[1], 0xdd));
+}
+
+/* sums[i] (i < n <= 64) = the lanes of acc[2 i + half] summed: a tile's accumulators, 16 at a time */
+static void tile_sums(const __m512i *acc, int n, int half, int32_t *sums) {
+    for (int i0 = 0; i0 < n; i0 += 16) {
+        __m512i a[16];
+        for (int i = 0; i < 16; i++) a[i] = i0 + i < n ? acc[2 * (i0 + i) + half] : _mm512_setzero_si512();
+        _mm512_storeu_si512((void *)(sums + i0), isum16(a));
+    }
 }
 
 /* Several rows of x (a decoding batch) where the tiles below do the work (no AMX): the rows in groups of up to
@@ -430,12 +475,14 @@ static void q8v_tile(const uint8_t *xh, const uint8_t *xl, const int32_t *xq, co
         }
         if (g == 0)
             for (int r = 0; r < rows; r++) wsum[r] = _mm512_reduce_add_epi32(ws[r]);
+        int32_t sh[16 * ROWS], sl[16 * ROWS];
+        tile_sums(acc, gm * ROWS, 0, sh);
+        tile_sums(acc, gm * ROWS, 1, sl);
         for (int m = 0; m < gm; m++) {
             const int32_t *q = xq + o + (long)m * K;
             for (int r = 0; r < rows; r++) {
                 const int8_t *wr = w + (n0 + r) * (long)K;
-                int64_t dot = 256 * (int64_t)_mm512_reduce_add_epi32(acc[(m * ROWS + r) * 2])
-                              + _mm512_reduce_add_epi32(acc[(m * ROWS + r) * 2 + 1]) - 32768 * wsum[r];
+                int64_t dot = 256 * (int64_t)sh[m * ROWS + r] + sl[m * ROWS + r] - 32768 * wsum[r];
                 for (int kk = covered; kk < K; kk++) dot += (int64_t)wr[kk] * q[kk];
                 finish_row(y + (g + m) * N, n0 + r, (float)dot * sx[g + m], scale, bias);
             }
@@ -450,9 +497,16 @@ int gemv_q8v(const float *x, int M, int K, const int8_t *w, int N, const float *
     uint8_t *xh = (uint8_t *)malloc((size_t)M * (size_t)K), *xl = (uint8_t *)malloc((size_t)M * (size_t)K);
     float *sx = (float *)malloc(sizeof(float) * (size_t)M);
     if (!xq || !xh || !xl || !sx) { free(xq); free(xh); free(xl); free(sx); return NO_MEMORY; }
+    const __m512i bias16 = _mm512_set1_epi32(32768), low = _mm512_set1_epi32(255);
     for (long m = 0; m < M; m++) {
         sx[m] = quantize_row(x + m * K, K, xq + m * K, 32767);
-        for (long k = m * K; k < (m + 1) * K; k++) { int32_t u = xq[k] + 32768; xh[k] = (uint8_t)(u >> 8); xl[k] = (uint8_t)(u & 255); }
+        long k = m * K;
+        for (; k + 16 <= (m + 1) * K; k += 16) {
+            __m512i u = _mm512_add_epi32(_mm512_loadu_si512((const void *)(xq + k)), bias16);
+            _mm_storeu_si128((__m128i *)(xh + k), _mm512_cvtepi32_epi8(_mm512_srli_epi32(u, 8)));
+            _mm_storeu_si128((__m128i *)(xl + k), _mm512_cvtepi32_epi8(_mm512_and_si512(u, low)));
+        }
+        for (; k < (m + 1) * K; k++) { int32_t u = xq[k] + 32768; xh[k] = (uint8_t)(u >> 8); xl[k] = (uint8_t)(u & 255); }
     }
     long done = amx_q8v(xh, xl, xq, sx, M, K, w, N, scale, bias, y);  /* output rows done with AMX */
     if (done < 0) { free(xq); free(xh); free(xl); free(sx); return NO_MEMORY; }
@@ -511,14 +565,17 @@ static void q4v_tile(const int8_t *buf, const int32_t *xq, const int64_t *xqsum,
                 q4v_block(bg + (long)m * 4 * K2, K2, w, n0, j0, j1, acc + m * ROWS * 2, 2, m == 0);
             if (m < gm) q4v_block(bg + (long)m * 4 * K2, K2, w, n0, j0, j1, acc + m * ROWS * 2, 1, m == 0);
         }
+        int32_t sh[16 * ROWS], sl[16 * ROWS];
+        if (covered) {
+            tile_sums(acc, gm * ROWS, 0, sh);
+            tile_sums(acc, gm * ROWS, 1, sl);
+        }
         for (int m = 0; m < gm; m++) {
             const int32_t *q = xq + (g + m) * 2 * K2;
             for (int r = 0; r < rows; r++) {
                 const uint8_t *wr = w + (n0 + r) * (long)K2;
                 int64_t dot = 0;
-                if (covered)
-                    dot = 128 * (int64_t)_mm512_reduce_add_epi32(acc[(m * ROWS + r) * 2])
-                          + _mm512_reduce_add_epi32(acc[(m * ROWS + r) * 2 + 1]) - 8 * xqsum[g + m];
+                if (covered) dot = 128 * (int64_t)sh[m * ROWS + r] + sl[m * ROWS + r] - 8 * xqsum[g + m];
                 for (int jj = covered; jj < K2; jj++)
                     dot += (int64_t)nibble_value(wr[jj] >> 4) * q[2 * jj] + (int64_t)nibble_value(wr[jj]) * q[2 * jj + 1];
                 finish_row(y + (g + m) * N, n0 + r, (float)dot * sx[g + m], scale, bias);
@@ -536,12 +593,30 @@ int gemv_q4v(const float *x, int M, int K, const uint8_t *w, int N, const float 
     float *sx = (float *)malloc(sizeof(float) * (size_t)M);
     int64_t *xqsum = (int64_t *)malloc(sizeof(int64_t) * (size_t)M);
     if (!xq || !buf || !sx || !xqsum) { free(xq); free(buf); free(sx); free(xqsum); return NO_MEMORY; }
+    const __m512i evens = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odds = _mm512_add_epi32(evens, _mm512_set1_epi32(1)), low7 = _mm512_set1_epi32(127);
     for (long m = 0; m < M; m++) {
         int32_t *q = xq + m * K;
         int8_t *xeh = buf + m * 4 * K2, *xel = xeh + K2, *xoh = xeh + 2 * K2, *xol = xeh + 3 * K2;
         sx[m] = quantize_row(x + m * K, K, q, 16383);
         xqsum[m] = 0;
-        for (int j = 0; j < K2; j++) {
+        int j = 0;
+        __m512i total = _mm512_setzero_si512();  /* int64 lanes */
+        for (; j + 16 <= K2; j += 16) {  /* 16 pairs: even columns to e, odd to o */
+            __m512i a = _mm512_loadu_si512((const void *)(q + 2 * j)), b = _mm512_loadu_si512((const void *)(q + 2 * j + 16));
+            __m512i e = _mm512_permutex2var_epi32(a, evens, b), o = _mm512_permutex2var_epi32(a, odds, b);
+            _mm_storeu_si128((__m128i *)(xeh + j), _mm512_cvtepi32_epi8(_mm512_srai_epi32(e, 7)));
+            _mm_storeu_si128((__m128i *)(xel + j), _mm512_cvtepi32_epi8(_mm512_and_si512(e, low7)));
+            _mm_storeu_si128((__m128i *)(xoh + j), _mm512_cvtepi32_epi8(_mm512_srai_epi32(o, 7)));
+            _mm_storeu_si128((__m128i *)(xol + j), _mm512_cvtepi32_epi8(_mm512_and_si512(o, low7)));
+            if (j < covered) {
+                __m512i t = _mm512_add_epi32(e, o);
+                total = _mm512_add_epi64(total, _mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(t)),
+                                                                 _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(t, 1))));
+            }
+        }
+        xqsum[m] = _mm512_reduce_add_epi64(total);
+        for (; j < K2; j++) {
             int32_t e = q[2 * j], o = q[2 * j + 1];
             xeh[j] = (int8_t)(e >> 7); xel[j] = (int8_t)(e & 127);
             xoh[j] = (int8_t)(o >> 7); xol[j] = (int8_t)(o & 127);

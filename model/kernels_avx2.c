@@ -224,11 +224,38 @@ int gemv_q4(const float *x, int M, int K, const uint8_t *w, int N, const float *
 
 int has_vnni(void) { return 1; } /* "has the integer kernels": the name model/kernels.py asks for */
 
+/* xq[k] = x[k] / sx rounded to nearest even (as lrintf), sx = max |x| / qmax (1 for a row of zeros). A row
+ * holding a NaN or an infinity gets sx = NaN (and xq = 0): its outputs are NaN, as a float matmul gives them.
+ * Vectorized (lrintf was a library call per value). */
 static float quantize_row(const float *x, int K, int16_t *xq, int qmax) {
-    float amax = 0.f;
-    for (int k = 0; k < K; k++) { float a = x[k] < 0 ? -x[k] : x[k]; if (a > amax) amax = a; }
-    float sx = amax > 0 ? amax / (float)qmax : 1.f, inv = 1.f / sx;
-    for (int k = 0; k < K; k++) xq[k] = (int16_t)__builtin_lrintf(x[k] * inv);
+    const __m256 sign = _mm256_set1_ps(-0.f), big = _mm256_set1_ps(3.40282347e38f);
+    __m256 top = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+    int k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k));
+        bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, big, _CMP_NLE_UQ));  /* NaN or infinity */
+        top = _mm256_max_ps(top, a);
+    }
+    float lanes[8], amax = 0.f;
+    _mm256_storeu_ps(lanes, top);
+    for (int i = 0; i < 8; i++) amax = lanes[i] > amax ? lanes[i] : amax;
+    int nonfinite = _mm256_movemask_ps(bad);
+    for (int kk = k; kk < K; kk++) {
+        float a = x[kk] < 0 ? -x[kk] : x[kk];
+        if (!(a <= 3.40282347e38f)) nonfinite = 1;
+        else if (a > amax) amax = a;
+    }
+    if (nonfinite) {
+        memset(xq, 0, sizeof(int16_t) * (size_t)K);
+        return __builtin_nanf("");
+    }
+    const float sx = amax > 0 ? amax / (float)qmax : 1.f, inv = 1.f / sx;
+    const __m256 vinv = _mm256_set1_ps(inv);
+    for (k = 0; k + 8 <= K; k += 8) {
+        __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k), vinv));
+        _mm_storeu_si128((__m128i *)(xq + k), _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1)));
+    }
+    for (; k < K; k++) xq[k] = (int16_t)__builtin_lrintf(x[k] * inv);
     return sx;
 }
 

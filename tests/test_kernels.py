@@ -347,6 +347,25 @@ GEMV_KINDS = {  # name: (weight format, integer products, tolerance against the 
     "bf16": (16, False, 1e-6)}
 
 
+def _gemv_case(kind: str, n: int, k: int, m: int, seed: int):
+    """For a GEMV_KINDS kind (skipped where its kernel is absent): random x [m, k] in the kernel's input dtype,
+    run(rows) multiplying rows of x by a random n x k weight in that format (with a bias), and the exact
+    product of x (float64)."""
+    bits, integer, _ = GEMV_KINDS[kind]
+    if integer and not kernels.has_integer_kernels():
+        pytest.skip("no integer-product kernels")
+    if bits == 16 and not kernels.has_bf16():
+        pytest.skip("no native bf16 kernel")
+    g = torch.Generator().manual_seed(seed)
+    w, x, bias = torch.randn(n, k, generator=g), torch.randn(m, k, generator=g), torch.randn(n, generator=g)
+    if bits == 16:
+        w, x = w.bfloat16(), x.bfloat16()
+        return x, lambda rows: kernels.gemv_bf16(rows, w, bias), x.double() @ w.double().T + bias.double()
+    q, scale = quantize_weight(w, bits)
+    exact = x.double() @ dequantize_weight(q, scale, bits, torch.float64).T + bias.double()
+    return x, lambda rows: kernels.gemv_quantized(rows, q, bits, scale, bias, integer), exact
+
+
 @native
 @pytest.mark.parametrize("kind", GEMV_KINDS)
 def test_gemv_every_batch_size_up_to_16(kind):
@@ -354,28 +373,32 @@ def test_gemv_every_batch_size_up_to_16(kind):
     rows of x where the CPU has AMX): every batch size 1-16 must give the exact product within the kernel's
     tolerance, and every row the bits it gets alone. 50 x 1100: whole tiles plus 2 rows, and a tail of K in
     every format (int8 and bf16: 12 columns past 64 / 32-column steps, int4: 76)."""
-    bits, integer, tol = GEMV_KINDS[kind]
-    if integer and not kernels.has_integer_kernels():
-        pytest.skip("no integer-product kernels")
-    if bits == 16 and not kernels.has_bf16():
-        pytest.skip("no native bf16 kernel")
-    g = torch.Generator().manual_seed(8)
-    n, k = 50, 1100
-    w, x, bias = torch.randn(n, k, generator=g), torch.randn(16, k, generator=g), torch.randn(n, generator=g)
-    if bits == 16:
-        w, x = w.bfloat16(), x.bfloat16()
-        exact = x.double() @ w.double().T + bias.double()
-        run = lambda rows: kernels.gemv_bf16(rows, w, bias)  # noqa: E731
-    else:
-        q, scale = quantize_weight(w, bits)
-        exact = x.double() @ dequantize_weight(q, scale, bits, torch.float64).T + bias.double()
-        run = lambda rows: kernels.gemv_quantized(rows, q, bits, scale, bias, integer)  # noqa: E731
+    n, tol = 50, GEMV_KINDS[kind][2]
+    x, run, exact = _gemv_case(kind, n, 1100, 16, seed=8)
     alone = [run(x[i:i + 1].contiguous())[0] for i in range(16)]
     for m in range(1, 17):
         y = run(x[:m].contiguous())
         assert y.shape == (m, n) and _rel(y, exact[:m]) < tol, f"batch of {m}"
         for i in range(m):
             assert torch.equal(y[i], alone[i]), f"row {i} of a batch of {m}"
+
+
+@native
+@pytest.mark.parametrize("kind", GEMV_KINDS)
+def test_gemv_a_row_with_nan_or_inf_gives_no_finite_output_and_leaves_the_others(kind):
+    """A NaN or an infinity in a row of x leaves none of that row's outputs finite, as in a float matmul (the
+    integer kernels, which quantize each row by its largest value and would turn it into garbage integers, give
+    NaN), and the other rows of the batch keep their bits. 1100 columns: bad values in the vector part and in
+    the tail."""
+    x, run, _ = _gemv_case(kind, 37, 1100, 5, seed=9)
+    integer = GEMV_KINDS[kind][1]
+    clean = run(x)
+    bad = x.clone()
+    bad[1, 5], bad[3, 1099], bad[4, 700] = float("nan"), float("inf"), float("-inf")
+    y = run(bad)
+    assert not y[[1, 3, 4]].isfinite().any()
+    assert y[1].isnan().all() and (not integer or y[[3, 4]].isnan().all())
+    assert torch.equal(y[[0, 2]], clean[[0, 2]])
 
 
 @native
