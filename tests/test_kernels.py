@@ -52,6 +52,33 @@ def test_avx2_build_on_an_avx512_cpu(tmp_path):
     assert " passed" in done.stdout
 
 
+@pytest.mark.skipif(not kernels.has_bf16(), reason="no AVX512-BF16")
+@pytest.mark.slow
+def test_bf16_kernels_with_the_other_way_of_forming_products():
+    """The bf16 kernels form their products with vdpbf16ps or with float32 multiply-adds, one per process
+    (by CPU vendor): the kernel tests again with the other one forced (CHATGLM_BF16_PRODUCTS)."""
+    other = "dpbf16" if _cpu_vendor() == "GenuineIntel" else "fma"
+    env = dict(os.environ, CHATGLM_BF16_PRODUCTS=other)
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                           "gemv or bf16_linear or glue"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert " passed" in done.stdout
+    # and the variable does switch: the two sum the same exact products in other orders, so their float32
+    # results differ in the last bits somewhere in a large product
+    code = ("import torch; from model import kernels; g = torch.Generator().manual_seed(4); "
+            "w = torch.randn(64, 4096, generator=g).bfloat16(); x = torch.randn(3, 4096, generator=g).bfloat16(); "
+            "print(kernels.gemv_bf16(x, w, None).double().sum().item().hex())")
+    here = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    there = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                           check=True)
+    assert here.stdout.strip() and there.stdout.strip() and here.stdout != there.stdout
+
+
+def _cpu_vendor() -> str:
+    with open("/proc/cpuinfo") as f:
+        return next((line.split(":")[1].strip() for line in f if line.startswith("vendor_id")), "")
+
+
 @pytest.mark.slow
 def test_unavailable_compiler_falls_back_to_torch(tmp_path):
     code = ("from model import kernels; import sys; "
