@@ -66,6 +66,14 @@ static inline void finish_row(float *y, long n, float acc, const float *scale, c
     y[n] = bias ? v + bias[n] : v;
 }
 
+/* 64 bytes of an int4 weight row as the integer kernels' unsigned operands: u = nibble ^ 8 = n + 8 (0..15),
+ * the high nibbles (even columns) in *ue, the low ones (odd columns) in *uo */
+static inline void q4_unpack(const uint8_t *p, __m512i *ue, __m512i *uo) {
+    const __m512i v = _mm512_xor_si512(_mm512_loadu_si512((const void *)p), _mm512_set1_epi8((char)0x88));
+    *ue = _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0f));
+    *uo = _mm512_and_si512(v, _mm512_set1_epi8(0x0f));
+}
+
 /* ---------------------------------------------------------------- int8 */
 
 static void q8_tile(const float *x, int K, const int8_t *w, long n0, int rows, const float *scale,
@@ -251,7 +259,6 @@ static long amx_q4v(const int8_t *digits, const int32_t *xq, const int64_t *xqsu
         {
             int32_t ch[256], cl[256];
             uint8_t ue[1024] __attribute__((aligned(64))), uo[1024] __attribute__((aligned(64)));
-            const __m512i flip = _mm512_set1_epi8((char)0x88), nib = _mm512_set1_epi8(0x0f);
             configure_tiles(m);
 #pragma omp for schedule(static)
             for (long n0 = 0; n0 < groups; n0 += 16) {
@@ -261,9 +268,10 @@ static long amx_q4v(const int8_t *digits, const int32_t *xq, const int64_t *xqsu
                 for (long j = 0; j < covered; j += 64) {
                     prefetch_rows(a + j, K2);
                     for (int r = 0; r < 16; r++) {
-                        __m512i v = _mm512_xor_si512(_mm512_loadu_si512((const void *)(a + r * K2 + j)), flip);
-                        _mm512_store_si512((void *)(ue + 64 * r), _mm512_and_si512(_mm512_srli_epi16(v, 4), nib));
-                        _mm512_store_si512((void *)(uo + 64 * r), _mm512_and_si512(v, nib));
+                        __m512i e, o;
+                        q4_unpack(a + r * K2 + j, &e, &o);
+                        _mm512_store_si512((void *)(ue + 64 * r), e);
+                        _mm512_store_si512((void *)(uo + 64 * r), o);
                     }
                     _tile_loadd(2, ue, 64);
                     _tile_loadd(3, uo, 64);
@@ -531,7 +539,6 @@ static inline __attribute__((always_inline)) void q4v_block(const int8_t *buf, i
                                                             long n0, int j0, int j1, __m512i *acc, const int mb,
                                                             const int prefetch, const uint8_t *pre) {
     __m512i ah[2][ROWS], al[2][ROWS];
-    const __m512i flip = _mm512_set1_epi8((char)0x88), nib = _mm512_set1_epi8(0x0f);
     for (int m = 0; m < mb; m++)
         for (int r = 0; r < ROWS; r++) ah[m][r] = acc[(m * ROWS + r) * 2], al[m][r] = acc[(m * ROWS + r) * 2 + 1];
     for (int j = j0; j < j1; j += 64) {
@@ -549,8 +556,7 @@ static inline __attribute__((always_inline)) void q4v_block(const int8_t *buf, i
                 uo = _mm512_load_si512((const void *)(pre + (2 * r + 1) * (VNNI_KC / 2) + (j - j0)));
             } else {
                 if (prefetch) _mm_prefetch((const char *)(w + (n0 + r + PREFETCH_ROWS) * (long)K2 + j), _MM_HINT_T0);
-                __m512i v = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + (n0 + r) * (long)K2 + j)), flip);
-                ue = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib), uo = _mm512_and_si512(v, nib);
+                q4_unpack(w + (n0 + r) * (long)K2 + j, &ue, &uo);
             }
             for (int m = 0; m < mb; m++) {
                 ah[m][r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(ah[m][r], ue, eh[m]), uo, oh[m]);
@@ -566,7 +572,6 @@ static void q4v_tile(const int8_t *buf, const int32_t *xq, const int64_t *xqsum,
                      const uint8_t *w, long n0, int rows, const float *scale, const float *bias, float *y, long N) {
     __m512i acc[16 * ROWS * 2];
     uint8_t pre[ROWS * VNNI_KC] __attribute__((aligned(64)));  /* per weight row: ue, uo of a pass */
-    const __m512i flip = _mm512_set1_epi8((char)0x88), nib = _mm512_set1_epi8(0x0f);
     const int covered = rows == ROWS ? K2 / 64 * 64 : 0;
     for (long g = 0; g < M; g += 16) {
         const int gm = M - g < 16 ? (int)(M - g) : 16;
@@ -580,9 +585,10 @@ static void q4v_tile(const int8_t *buf, const int32_t *xq, const int64_t *xqsum,
                 for (int r = 0; r < ROWS; r++)  /* unpack the pass once for all blocks; prefetch the next tile's */
                     for (int j = j0; j < j1; j += 64) {
                         _mm_prefetch((const char *)(w + (n0 + r + PREFETCH_ROWS) * (long)K2 + j), _MM_HINT_T0);
-                        __m512i v = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + (n0 + r) * (long)K2 + j)), flip);
-                        _mm512_store_si512((void *)(pre + (2 * r) * (VNNI_KC / 2) + (j - j0)), _mm512_and_si512(_mm512_srli_epi16(v, 4), nib));
-                        _mm512_store_si512((void *)(pre + (2 * r + 1) * (VNNI_KC / 2) + (j - j0)), _mm512_and_si512(v, nib));
+                        __m512i e, o;
+                        q4_unpack(w + (n0 + r) * (long)K2 + j, &e, &o);
+                        _mm512_store_si512((void *)(pre + (2 * r) * (VNNI_KC / 2) + (j - j0)), e);
+                        _mm512_store_si512((void *)(pre + (2 * r + 1) * (VNNI_KC / 2) + (j - j0)), o);
                     }
                 for (; m + 2 <= gm; m += 2)
                     q4v_block(bg + (long)m * 4 * K2, K2, w, n0, j0, j1, acc + m * ROWS * 2, 2, 0, pre);
