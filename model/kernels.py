@@ -198,7 +198,19 @@ def _compile(source_path: Path, required_flags: set[str], what: str) -> ctypes.C
     return ctypes.CDLL(str(target))
 
 
+BF16_PRODUCTS_ENV = "CHATGLM_BF16_PRODUCTS"  # read by kernels.c: fma or dpbf16 (default: by CPU vendor)
+
+
+def _check_bf16_products() -> None:
+    """Warn about a value of CHATGLM_BF16_PRODUCTS that kernels.c would ignore (it then chooses by vendor)."""
+    value = os.environ.get(BF16_PRODUCTS_ENV, "")
+    if value not in ("", "fma", "dpbf16"):
+        log.warning("%s=%r is neither fma nor dpbf16: ignored, the bf16 kernels choose by CPU vendor",
+                    BF16_PRODUCTS_ENV, value)
+
+
 def _build() -> ctypes.CDLL:
+    _check_bf16_products()
     flags = _cpu_flags()
     # CHATGLM_NATIVE_KERNELS=avx2 picks the AVX2 build on an AVX-512 CPU too (to test or compare it)
     avx512 = AVX512 <= flags and os.environ.get("CHATGLM_NATIVE_KERNELS") != "avx2"

@@ -74,6 +74,15 @@ def test_bf16_kernels_with_the_other_way_of_forming_products():
     assert here.stdout.strip() and there.stdout.strip() and here.stdout != there.stdout
 
 
+@pytest.mark.parametrize("value, warned", [("fma", False), ("dpbf16", False), ("", False), ("FMA", True),
+                                           ("avx", True)])
+def test_an_unknown_bf16_products_value_is_named_in_a_warning(monkeypatch, caplog, value, warned):
+    monkeypatch.setenv("CHATGLM_BF16_PRODUCTS", value)
+    with caplog.at_level(logging.WARNING, logger=kernels.__name__):
+        kernels._check_bf16_products()
+    assert [repr(value) in r.getMessage() for r in caplog.records] == ([True] if warned else [])
+
+
 def _cpu_vendor() -> str:
     with open("/proc/cpuinfo") as f:
         return next((line.split(":")[1].strip() for line in f if line.startswith("vendor_id")), "")
