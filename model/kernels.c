@@ -426,9 +426,9 @@ static void tile_sums(const __m512i *acc, int n, int half, int32_t *sums) {
 /* From this many rows of x in a group the int4 tiles unpack each pass of their weight rows once into a small
  * buffer that every block of rows then reads, instead of each block unpacking them again (4 vector ops per 64
  * bytes, against 8 products for a block of 2 rows). 6B int4 decoding steps (bench/step_ab.py, Xeon without
- * AMX): batch 16 1.14-1.16x, batch 8 1.02-1.07x. */
+ * AMX): batch 16 1.14-1.16x, batch 8 1.02-1.07x, 7 1.11x, 5 and 6 1.01-1.02x; at 3-4 rows it was slower. */
 #ifndef Q4_UNPACK_ROWS
-#define Q4_UNPACK_ROWS 8
+#define Q4_UNPACK_ROWS 5
 #endif
 
 /* int8: x_u = x_q + 32768 = 256 * hi + lo with hi, lo unsigned bytes; dot(w, x_q) = 256 dot(w, hi) +
