@@ -58,7 +58,7 @@ def test_bf16_kernels_with_the_other_way_of_forming_products():
     """The bf16 kernels form their products with vdpbf16ps or with float32 multiply-adds, one per process
     (by CPU vendor): the kernel tests again with the other one forced (CHATGLM_BF16_PRODUCTS)."""
     other = "dpbf16" if _cpu_vendor() == "GenuineIntel" else "fma"
-    env = dict(os.environ, CHATGLM_BF16_PRODUCTS=other)
+    env = dict(os.environ, **{kernels.BF16_PRODUCTS_ENV: other})
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
                            "gemv or bf16_linear or glue"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:]
@@ -77,7 +77,7 @@ def test_bf16_kernels_with_the_other_way_of_forming_products():
 @pytest.mark.parametrize("value, warned", [("fma", False), ("dpbf16", False), ("", False), ("FMA", True),
                                            ("avx", True)])
 def test_an_unknown_bf16_products_value_is_named_in_a_warning(monkeypatch, caplog, value, warned):
-    monkeypatch.setenv("CHATGLM_BF16_PRODUCTS", value)
+    monkeypatch.setenv(kernels.BF16_PRODUCTS_ENV, value)
     with caplog.at_level(logging.WARNING, logger=kernels.__name__):
         kernels._check_bf16_products()
     assert [repr(value) in r.getMessage() for r in caplog.records] == ([True] if warned else [])
