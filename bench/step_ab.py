@@ -1,6 +1,7 @@
 """Decoding steps of two versions of the model package on one checkpoint, timed in one process, alternating.
 
     python bench/step_ab.py --base HEAD~1 --dir CHECKPOINT [--batch 1,8] [--steps 12] [--prefill 512 --runs 3]
+                            [--cached 8192]
 
 Loads model/ as it is in the working tree and as it was at --base (a git revision, exported to a temporary
 directory and imported under another name, its native kernels built apart), both on the same checkpoint (a
@@ -10,7 +11,9 @@ the order alternating. On a virtual machine whose speed drifts by a third within
 separate bench/speed.py runs cannot: whole-step changes of a few percent, the glue between the matrix
 products as well as the products. Prints per batch size the median ms per step (and tokens/s per sequence),
 base -> working tree, and the largest difference between the two versions' logits at the last step; with
---prefill P, first the median time of reading a P-token prompt (one forward pass into an empty cache).
+--prefill P, first the median time of reading a P-token prompt (one forward pass into an empty cache); with
+--cached N, the steps decode on top of N more cached positions after the prompt (random keys and values, the
+same in both versions' caches), as bench/speed.py --decode-at does.
 """
 
 import argparse
@@ -58,6 +61,7 @@ def main():
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--prefill", type=int, default=0, help="also time reading a prompt of this many tokens")
     ap.add_argument("--runs", type=int, default=3, help="timed prompt reads per version")
+    ap.add_argument("--cached", type=int, default=0, help="decode on top of this many more cached positions")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         versions = {"base": import_package("model_base", export(args.base, Path(tmp))),
@@ -90,9 +94,15 @@ def main():
             with torch.inference_mode():
                 for name, model in models.items():
                     caches[name] = sys.modules[f"model_{name}.cache"].KVCache.for_model(
-                        model.config, b, model.dtype, "cpu", capacity=16 + args.steps + 4)
+                        model.config, b, model.dtype, "cpu", capacity=16 + args.cached + args.steps + 4)
                     model.transformer(prompt, torch.arange(16)[None].expand(b, -1), None, caches[name],
                                       last_logits_only=True)
+                if args.cached:  # random keys and values after the prompt, copied into the other cache
+                    base, new = caches["base"], caches["new"]
+                    for mine, theirs in zip(new.keys + new.values, base.keys + base.values):
+                        mine[:, :, 16:16 + args.cached].normal_(generator=gen)
+                        theirs[:, :, 16:16 + args.cached] = mine[:, :, 16:16 + args.cached]
+                    base.length = new.length = 16 + args.cached
                 token = torch.full((b, 1), 100)
                 for step in range(args.steps + 1):  # the first step of each is not timed
                     for name in ("base", "new") if step % 2 else ("new", "base"):
@@ -105,7 +115,8 @@ def main():
                         logits[name] = out.logits.float()
             base, new = (statistics.median(times[n]) for n in ("base", "new"))
             diff = (logits["base"] - logits["new"]).abs().max().item()
-            print(f"batch {b:2d}: {base * 1e3:.1f} ({1 / base:.2f}) -> {new * 1e3:.1f} ({1 / new:.2f}) ms, "
+            at = f" at {16 + args.cached} cached" if args.cached else ""
+            print(f"batch {b:2d}{at}: {base * 1e3:.1f} ({1 / base:.2f}) -> {new * 1e3:.1f} ({1 / new:.2f}) ms, "
                   f"{base / new:.3f}x; logits differ by up to {diff:.3g}", flush=True)
 
 

@@ -1,7 +1,7 @@
 """The native decode attention over a bf16 KV cache (kernels.decode_attention, decode_attention_bf16 in
-model/kernels.c) against a float64 reference, and its place in modeling.decode_attention. The shapes take both
-of the kernel's paths on CPUs with AMX: tiles for up to 16 heads a group and d a multiple of 32, vector loops
-for the rest (every shape on CPUs without AMX)."""
+model/kernels.c) against a float64 reference, and its place in modeling.decode_attention. The shapes take each
+of the kernel's paths: on CPUs with AMX, tiles for up to 16 heads a group and d a multiple of 32; without AMX,
+16 heads in the lanes of a vector where a group has a multiple of 16 heads; per-head vector loops for the rest."""
 
 import pytest
 import torch
@@ -68,6 +68,7 @@ SHAPES = [  # B, nh, g, S, d
     (3, 8, 8, 77, 128), (2, 4, 4, 1030, 16),  # g = nh (no grouping), a small head
     (2, 6, 2, 131, 48), (1, 36, 4, 200, 64), (5, 16, 1, 33, 32),  # d % 32 == 16, 9 heads a group, one group
     (2, 32, 1, 300, 128),  # 32 heads a group: more than an AMX tile's 16 rows, so the vector loops
+    (2, 48, 1, 260, 32),  # 48 heads a group: three vectors of 16 heads without AMX
 ]
 
 
