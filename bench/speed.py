@@ -16,7 +16,10 @@ fresh process that loads its checkpoint through `load_model` and measures:
 - decode: tokens/s of greedy generation after a 16-token prompt, per batch size, from the time between the
   first and the last token of --decode-tokens tokens, median (min-max) of --runs runs;
 - with --decode-at N: tokens/s of one sequence decoding on top of N cached tokens (the cache filled with
-  random keys and values, which cost what real ones do): how attention over a long conversation adds up;
+  random keys and values, which cost what real ones do): how attention over a long conversation adds up.
+  Each run alternates with one on top of 16 cached tokens, and the long rate is also given as a share of
+  that short one (the median of the runs' ratios), which a machine whose speed drifts between runs leaves
+  standing where it moves the rates;
 - with --context N: one sequence's prompt grown to N tokens, read 1024 tokens per forward pass (as the
   engine's chunked prefill does), then 8 tokens decoded; the RSS after each chunk gives the memory per 1K
   tokens of context (least-squares slope), and the decode speed at that length is shown;
@@ -99,22 +102,33 @@ with torch.inference_mode():
             rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
         decode[str(b)] = stats(rates)
     out["decode_tok_s"] = decode
-    decode_at = {}
-    for n in args["decode_at"]:  # one sequence decoding on top of n cached tokens (random keys and values)
-        cache = KVCache.for_model(model.config, 1, model.dtype, "cpu", capacity=n + args["decode_tokens"] + 1)
-        for t in cache.keys + cache.values:
-            t.normal_(generator=gen)
-        cache.length = n
-        rates = []
-        for _ in range(args["runs"]):
-            cache.length, nxt, stamps = n, torch.tensor([[100]]), []
-            for _tok in range(args["decode_tokens"]):
-                logits = model.transformer(nxt, torch.tensor([[cache.length]]), None, cache, last_logits_only=True).logits
-                nxt = logits[:, -1].argmax(-1, keepdim=True)
-                stamps.append(time.perf_counter())
-            rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+    def rate_at(cache, n):  # one sequence decoding on top of n cached tokens (random keys and values)
+        cache.length, nxt, stamps = n, torch.tensor([[100]]), []
+        for _tok in range(args["decode_tokens"]):
+            logits = model.transformer(nxt, torch.tensor([[cache.length]]), None, cache, last_logits_only=True).logits
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            stamps.append(time.perf_counter())
+        return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+    decode_at, shares = {}, {}
+    for n in args["decode_at"]:
+        caches = {}
+        for m in (16, n):
+            caches[m] = KVCache.for_model(model.config, 1, model.dtype, "cpu", capacity=m + args["decode_tokens"] + 1)
+            for t in caches[m].keys + caches[m].values:
+                t.normal_(generator=gen)
+        rates, ratios = [], []
+        for run in range(args["runs"]):  # long and short in turn, the order alternating
+            if run % 2 == 0:
+                short, long_ = rate_at(caches[16], 16), rate_at(caches[n], n)
+            else:
+                long_, short = rate_at(caches[n], n), rate_at(caches[16], 16)
+            rates.append(long_)
+            ratios.append(long_ / short)
         decode_at[str(n)] = stats(rates)
+        shares[str(n)] = stats(ratios)
     out["decode_at_tok_s"] = decode_at
+    out["decode_at_share"] = shares
     if args["context"]:
         n, chunk = args["context"], 1024
         cache = KVCache.for_model(model.config, 1, model.dtype, "cpu")
@@ -189,15 +203,16 @@ def table(results: dict) -> list[str]:
     batches = sorted({int(b) for r in modes.values() for b in r["decode_tok_s"]})
     contexts = sorted({int(n) for r in modes.values() for n in r.get("decode_at_tok_s", {})})
     head = (["mode", "load s", "first token s", "peak RSS GB"] + [f"prefill {p} s" for p in prefills]
-            + [f"decode b={b} tok/s" for b in batches] + [f"decode at {n} tok/s" for n in contexts])
+            + [f"decode b={b} tok/s" for b in batches] + [f"decode at {n} tok/s (of 16 cached)" for n in contexts])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for mode, r in modes.items():
         cells = [mode, f"{r['load_s']:.1f}", f"{r['first_token_s']:.1f}", gb(r["peak_rss"])]
         cells += [f"{r['prefill_s'][str(p)]['median']:.1f}" if str(p) in r["prefill_s"] else "-" for p in prefills]
         cells += [f"{r['decode_tok_s'][str(b)]['median']:.2f}" if str(b) in r["decode_tok_s"] else "-"
                   for b in batches]
-        at = r.get("decode_at_tok_s", {})
-        cells += [f"{at[str(n)]['median']:.2f}" if str(n) in at else "-" for n in contexts]
+        at, share = r.get("decode_at_tok_s", {}), r.get("decode_at_share", {})
+        cells += [f"{at[str(n)]['median']:.2f} ({share[str(n)]['median']:.0%})" if str(n) in at else "-"
+                  for n in contexts]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -260,7 +275,8 @@ def main() -> None:
             for b, s in r["decode_tok_s"].items():
                 print(f"      decode batch {b}: {fmt(s)} tokens/s per sequence", flush=True)
             for n, s in r["decode_at_tok_s"].items():
-                print(f"      decode at {n:>5s} cached tokens: {fmt(s)} tokens/s", flush=True)
+                print(f"      decode at {n:>5s} cached tokens: {fmt(s)} tokens/s, "
+                      f"{fmt(r['decode_at_share'][n], 100, 0)}% of 16 cached tokens in the same runs", flush=True)
             if "context" in r:
                 c = r["context"]
                 print(f"      context {c['tokens']} tokens: read in {c['prefill_s']:.0f} s, RSS {gb(c['rss_before'])} -> "
