@@ -851,30 +851,21 @@ int dequantize(const uint8_t *w, int bits, int N, int K, const float *scale, uin
  * False, or an additive -inf) get the score -inf whatever their key, and their value rows are never read
  * (zeros in the buffers, weight 0), so whatever a masked slot holds (NaN, inf) cannot reach the result. A
  * query that may attend to nothing gets NaN, as torch's softmax gives it. */
-#define ATT_CHUNK 512  /* positions per task (multiple of ATT_SPAN): fixed, so that the order of the sums, and
-                        * with it a sequence's result, depends on neither the batch nor the thread count */
-#define ATT_BLOCK 16  /* positions per block: one reduction tree of scores, one widened block of rows */
-#define ATT_SPAN 128  /* positions per online-softmax step (multiple of ATT_BLOCK) */
-
 static inline __m512 widen16_bf16(const uint16_t *p) {  /* exact */
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 
 /* e^x for x <= 0 (scores less their running maximum): Cephes' expf, within 1.3 ulp (checked over -104..0);
  * 0 below -150, NaN stays NaN */
+#define att_to_bf16 float_to_bf16
+#include "kernels_attention.h"  /* ATT_CHUNK / _BLOCK / _SPAN, the mask, e^x's polynomial, att_combine */
+#define V512(op) _mm512_##op##_ps
 static inline __m512 exp16(__m512 x) {
     x = _mm512_max_ps(_mm512_set1_ps(-150.f), x);  /* max returns its second operand for a NaN */
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 p;
+    ATT_EXP_REDUCED(V512, x, n, p);
     return _mm512_scalef_ps(p, n);
 }
 
@@ -892,16 +883,6 @@ static inline __m512 sum16(const __m512 *a) {
     for (int i = 0; i < 2; i++)
         e[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0x88), _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0xdd));
     return _mm512_add_ps(_mm512_shuffle_f32x4(e[0], e[1], 0x88), _mm512_shuffle_f32x4(e[0], e[1], 0xdd));
-}
-
-typedef struct {
-    const uint8_t *allowed;
-    const float *bias;
-    int64_t ms;
-} att_mask;
-
-static inline int att_masked(att_mask m, long s) {
-    return m.allowed ? !m.allowed[s * m.ms] : m.bias && m.bias[s * m.ms] == -__builtin_inff();
 }
 
 /* rows [ATT_BLOCK][d] float32 <- rows s..s+n-1 of src (stride apart); masked rows and rows past n are zeros.
@@ -1213,36 +1194,22 @@ static void att_scores_lanes(const float *qt, int hg, int d, const uint16_t *k, 
 static void att_span_lanes(const uint16_t *q, int hg, int d, const uint16_t *k, int64_t ks, const uint16_t *v,
                            int64_t vs, long s0, long s1, att_mask m, float scale, float *acc, float *mx, float *sum,
                            float *scores, float *rows, float *qt) {
-    for (int h = 0; h < hg; h++)
-        for (int c = 0; c < d; c++) qt[((long)(h / 16) * d + c) * 16 + h % 16] = bf16_to_float(q[(long)h * d + c]);
-    for (long i = 0; i < (long)hg * d; i++) acc[i] = 0.f;
-    for (int h = 0; h < hg; h++) { mx[h] = -__builtin_inff(); sum[h] = 0.f; }
+    att_start(q, hg, d, 16, qt, acc, mx, sum);
     const __m512 minus_inf = _mm512_set1_ps(-__builtin_inff());
     for (long s = s0; s < s1; s += ATT_SPAN) {
         const int n = s1 - s < ATT_SPAN ? (int)(s1 - s) : ATT_SPAN, padded = (n + ATT_BLOCK - 1) / ATT_BLOCK * ATT_BLOCK;
         for (int blk = 0; blk < n; blk += ATT_BLOCK)
             att_scores_lanes(qt, hg, d, k, ks, s + blk, n - blk, m, scale, scores + (long)blk * hg, rows);
-        for (int i = 0; i < n; i++) {  /* the mask, after the scale as torch adds it */
-            float *sc = scores + (long)i * hg;
-            if (att_masked(m, s + i)) for (int h = 0; h < hg; h++) sc[h] = -__builtin_inff();
-            else if (m.bias) for (int h = 0; h < hg; h++) sc[h] += m.bias[(s + i) * m.ms];
-        }
+        att_mask_scores(scores, hg, s, n, m);
         for (int hb = 0; hb < hg; hb += 16) {  /* scores -> weights e^(score - running max) */
             __m512 top = minus_inf;
             for (int i = 0; i < n; i++) top = _mm512_max_ps(top, _mm512_loadu_ps(scores + (long)i * hg + hb));
             const __m512 before = _mm512_loadu_ps(mx + hb);
-            const __mmask16 grew = _mm512_cmp_ps_mask(top, before, _CMP_GT_OQ);
-            if (grew) {  /* rescale what came before (alpha 0 where nothing did) */
-                float alpha[16];
-                _mm512_storeu_ps(alpha, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(before, minus_inf, _CMP_NEQ_OQ),
-                                                            exp16(_mm512_sub_ps(before, top))));
-                for (int l = 0; l < 16; l++) {
-                    if (!(grew >> l & 1)) continue;
-                    float *row = acc + (long)(hb + l) * d;
-                    for (long j = 0; j < d; j++) row[j] *= alpha[l];
-                    sum[hb + l] *= alpha[l];
-                    mx[hb + l] = top[l];
-                }
+            if (_mm512_cmp_ps_mask(top, before, _CMP_GT_OQ)) {
+                float t[16], alpha[16];
+                _mm512_storeu_ps(t, top);
+                _mm512_storeu_ps(alpha, exp16(_mm512_sub_ps(before, top)));
+                att_raise(acc, mx, sum, d, hb, 16, t, alpha);
             }
             const __m512 now = _mm512_loadu_ps(mx + hb);
             const __mmask16 live = _mm512_cmp_ps_mask(now, minus_inf, _CMP_NEQ_OQ);  /* lanes all masked so far: 0 */
@@ -1332,25 +1299,7 @@ int decode_attention_bf16(const uint16_t *q, int B, int nh, int g, int S, int d,
         free(scores);
     }
     if (failed) { free(part); return NO_MEMORY; }
-#pragma omp parallel for schedule(static)
-    for (long ph = 0; ph < pairs * hg; ph++) {  /* combine the spans: rescale each to the overall maximum */
-        const long pair = ph / hg, h = ph % hg, b = pair / g, grp = pair % g;
-        float *first = part + pair * chunks * per_task, *y = first + h * (long)d;  /* the sum goes into y */
-        uint16_t *o = out + (b * nh + grp * hg + h) * (long)d;
-        float top = -__builtin_inff(), total = 0.f;
-        for (long c = 0; c < chunks; c++) {
-            float mc = first[c * per_task + (long)hg * d + h];
-            if (mc > top) top = mc;
-        }
-        for (long c = 0; c < chunks; c++) {
-            const float *pc = first + c * per_task, mc = pc[(long)hg * d + h];
-            const float w = mc == -__builtin_inff() ? 0.f : exp1(mc - top);
-            total += w * pc[(long)hg * d + hg + h];
-            for (long j = 0; j < d; j++) y[j] = c ? y[j] + w * pc[h * (long)d + j] : w * y[j];
-        }
-        for (long j = 0; j < d; j++)
-            o[j] = float_to_bf16(top == -__builtin_inff() ? __builtin_nanf("") : y[j] / total);
-    }
+    att_combine(part, B, nh, g, d, chunks, out);
     free(part);
     return 0;
 }

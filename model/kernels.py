@@ -6,7 +6,8 @@ bandwidth; our kernels read int8, packed int4 and bf16 weights in their stored l
 
 Beside them, both builds carry the steps between the matrix products of a bf16 forward pass
 (model/kernels_glue.h: RMSNorm, rotary, SiLU * b, bf16 in / out linears), each one call instead of several torch
-ops: decoding one token of the 6B shape ran ~2,000 small ops, 47 of a 235 ms int4 step on a 2-core Xeon.
+ops: decoding one token of the 6B shape ran ~2,000 small ops, 47 of a 235 ms int4 step on a 2-core Xeon; and
+attention of one new token over a bf16 KV cache (decode_attention_bf16, sharing model/kernels_attention.h).
 
 Two builds of the same functions: model/kernels.c for x86-64 CPUs with AVX-512 (bf16 products need
 AVX512-BF16, integer products AVX512-VNNI), model/kernels_avx2.c for those with only AVX2 and FMA (most
@@ -48,7 +49,7 @@ DECODE_TOKENS = 4
 
 SOURCE = Path(__file__).with_name("kernels.c")
 AVX2_SOURCE = Path(__file__).with_name("kernels_avx2.c")
-GLUE_HEADER = Path(__file__).with_name("kernels_glue.h")  # included by both
+HEADERS = [Path(__file__).with_name(name) for name in ("kernels_glue.h", "kernels_attention.h")]  # both include
 AVX512 = {"avx512f", "avx512bw", "avx512vl"}
 ABI = 9
 COMPILE_TIMEOUT = 300.0  # seconds; a build takes a few, a hung compiler must not hang model loading
@@ -175,7 +176,7 @@ def _compile(source_path: Path, required_flags: set[str], what: str) -> ctypes.C
     if not required_flags <= flags:
         raise _Unsupported(f"the CPU has no {what}")
     compiler = _compiler()
-    source = source_path.read_bytes() + GLUE_HEADER.read_bytes()  # a change to either rebuilds
+    source = source_path.read_bytes() + b"".join(h.read_bytes() for h in HEADERS)  # a change to any rebuilds
     key = hashlib.sha256(source + shlex.join(compiler).encode() + " ".join(sorted(flags)).encode()).hexdigest()[:16]
     name = f"{source_path.stem}_{key}.so"
     target = _cache_dir() / name
@@ -228,7 +229,7 @@ def _build() -> ctypes.CDLL:
     functions.update(rmsnorm_bf16=[p, i, i, p, ctypes.c_float, p],
                      rotary_bf16=[p, i, ctypes.c_int64, i, i, i, p, p], silu_mul_bf16=[p, i, i, p],
                      linear_bf16io=[i, p, i, i, p, i, p, p, p])
-    if hasattr(lib, "decode_attention_bf16"):  # kernels.c only
+    if hasattr(lib, "decode_attention_bf16"):
         q = ctypes.c_int64
         functions["decode_attention_bf16"] = [p, i, i, i, i, i, p, q, q, q, p, q, q, q, p, p, q, q,
                                               ctypes.c_float, p]
@@ -624,16 +625,18 @@ def linear_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     return y.reshape(*x.shape[:-1], n)
 
 
-# ---- decode attention over a bf16 KV cache (decode_attention_bf16 in model/kernels.c) ----------------------
+# ---- decode attention over a bf16 KV cache (decode_attention_bf16 in both builds) ---------------------------
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
                      ) -> torch.Tensor | None:
     """Attention of one new token per sequence, all bf16 on the CPU: q (B, nh, 1, d) over k, v (B, g, S, d)
     (any strides with the last dimension dense, e.g. a view into a preallocated cache), query head h reading
     group h // (nh / g); mask None or broadcastable to (B, 1, 1, S), bool (True = may attend) or additive.
     Scores, softmax and the weighted sum in float32, the result (B, nh, 1, d) bf16. None where the kernel does
-    not run: no native kernels, the AVX2 build (no such kernel), or d not a multiple of 16."""
+    not run: no native kernels, d not a multiple of 16, or on the AVX2 build a group of heads that is not a
+    multiple of 8 (its kernel puts 8 heads in the lanes of a vector; ChatGLM2 / 3 have 16 a group, ChatGLM-6B
+    one)."""
     lib = library()
-    if lib is None or not hasattr(lib, "decode_attention_bf16"):
+    if lib is None:
         return None
     for name, t, dims in (("q", q, "(B, nh, 1, d)"), ("k", k, "(B, g, S, d)"), ("v", v, "(B, g, S, d)")):
         if not isinstance(t, torch.Tensor) or t.dtype != torch.bfloat16 or t.device.type != "cpu" or t.dim() != 4:
@@ -644,7 +647,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     if T != 1 or k.shape != (B, g, S, d) or v.shape != k.shape or g == 0 or nh % g or S == 0:
         raise ValueError(f"decode attention takes q (B, nh, 1, d) and k, v (B, g, S, d) with g dividing nh and "
                          f"S >= 1, got q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}")
-    if d % 16 or max(B * nh, S, d) > INT_MAX:
+    if d % 16 or max(B * nh, S, d) > INT_MAX or (f32_library() is not None and (nh // g) % 8):
         return None
     q = q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()

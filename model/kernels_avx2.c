@@ -425,3 +425,175 @@ int dequantize(const uint8_t *w, int bits, int N, int K, const float *scale, uin
     }
     return 0;
 }
+
+/* ---------------------------------------------------------------- decode attention over a bf16 KV cache
+ * The same function and contract as decode_attention_bf16 in model/kernels.c (read that comment): one new
+ * token per sequence over keys / values [B][g][S][d] at any strides, the mask (allowed bytes or an additive
+ * float32 bias), softmax and the weighted sum in float32, out [B][nh][d] bf16. Tasks of ATT_CHUNK positions
+ * of one (batch, group), an online softmax over ATT_SPAN positions at a time, the chunks combined at the end,
+ * so that a sequence's result depends on neither the batch nor the thread count. Here 8 heads lie in the
+ * lanes of a vector: the scores are one multiply-add per key value (broadcast) and 8 heads, the softmax runs
+ * across lanes; so a group must have a multiple of 8 heads (ChatGLM2 / 3: 16), else it returns
+ * NOT_THIS_SHAPE and the caller uses torch. d: a multiple of 8. */
+#define NOT_THIS_SHAPE (-4)
+#include "kernels_attention.h"  /* ATT_CHUNK / _BLOCK / _SPAN, the mask, e^x's polynomial, att_combine */
+
+/* e^x in float32 (ATT_EXP_REDUCED times 2^n), 0 below -87 (where float32 would go subnormal), NaN stays NaN */
+#define V256(op) _mm256_##op##_ps
+static inline __m256 exp8(__m256 x) {
+    const __m256 low = _mm256_cmp_ps(x, _mm256_set1_ps(-87.f), _CMP_LT_OQ);
+    const __m256 c = _mm256_max_ps(_mm256_set1_ps(-87.f), x);  /* max gives its second operand for a NaN */
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(c, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 p;
+    ATT_EXP_REDUCED(V256, c, n, p);
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(low, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));  /* n >= -126: 2^n is normal */
+}
+
+static inline float exp1(float x) { return _mm256_cvtss_f32(exp8(_mm256_set1_ps(x))); }
+
+static inline uint16_t att_to_bf16(float f) {  /* float32 -> bf16, nearest even; NaN stays NaN */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+
+/* rows [ATT_BLOCK][d] float32 <- rows s..s+n-1 of src (stride apart); masked rows and rows past n are zeros;
+ * the same rows of the next block are prefetched (a block of the 6B shape is a 4 KB page of its own) */
+static void widen_rows(float *rows, const uint16_t *src, int64_t stride, long s, int n, int d, att_mask m) {
+    for (int i = 0; i < ATT_BLOCK; i++) {
+        float *dst = rows + (long)i * d;
+        if (i >= n || att_masked(m, s + i)) { memset(dst, 0, sizeof(float) * (size_t)d); continue; }
+        const uint16_t *r = src + (s + i) * stride;
+        for (int c = 0; c < d; c += 32) PF(r + ATT_BLOCK * stride + c);
+        for (int c = 0; c < d; c += 8)
+            _mm256_storeu_ps(dst + c, _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(r + c))), 16)));
+    }
+}
+
+/* scores [ATT_BLOCK][hg] = q.k * scale for the positions of the widened rows; qt [hg / 8][d][8]: the queries
+ * widened, lane = head. 8 positions x 8 heads a pass: 8 accumulators, one broadcast key value per product. */
+static void att_scores(const float *qt, int hg, int d, const float *rows, float scale, float *scores) {
+    for (int hb = 0; hb < hg; hb += 8)
+        for (int i0 = 0; i0 < ATT_BLOCK; i0 += 8) {
+            const float *qh = qt + (long)hb * d, *r = rows + (long)i0 * d;
+            __m256 a[8];
+            for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
+            for (int c = 0; c < d; c++) {
+                const __m256 qv = _mm256_loadu_ps(qh + (long)c * 8);
+                for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(qv, _mm256_broadcast_ss(r + (long)i * d + c), a[i]);
+            }
+            for (int i = 0; i < 8; i++)
+                _mm256_storeu_ps(scores + (long)(i0 + i) * hg + hb, _mm256_mul_ps(a[i], _mm256_set1_ps(scale)));
+        }
+}
+
+/* acc [hg][d] += w [position][hg] x the widened value rows: 4 heads x 16 values of d a pass */
+static void att_values(const float *w, int hg, int d, const float *rows, float *acc) {
+    for (int h = 0; h < hg; h += 4)
+        for (int dc = 0; dc < d; dc += 16) {
+            __m256 a[4][2];
+            for (int j = 0; j < 4; j++) {
+                a[j][0] = _mm256_loadu_ps(acc + (long)(h + j) * d + dc);
+                a[j][1] = _mm256_loadu_ps(acc + (long)(h + j) * d + dc + 8);
+            }
+            for (int i = 0; i < ATT_BLOCK; i++) {
+                const __m256 x0 = _mm256_loadu_ps(rows + (long)i * d + dc), x1 = _mm256_loadu_ps(rows + (long)i * d + dc + 8);
+                for (int j = 0; j < 4; j++) {
+                    const __m256 p = _mm256_broadcast_ss(w + (long)i * hg + h + j);
+                    a[j][0] = _mm256_fmadd_ps(p, x0, a[j][0]);
+                    a[j][1] = _mm256_fmadd_ps(p, x1, a[j][1]);
+                }
+            }
+            for (int j = 0; j < 4; j++) {
+                _mm256_storeu_ps(acc + (long)(h + j) * d + dc, a[j][0]);
+                _mm256_storeu_ps(acc + (long)(h + j) * d + dc + 8, a[j][1]);
+            }
+        }
+}
+
+/* One task: heads q [hg][d] (bf16) over positions s0..s1-1 of one (batch, group): acc [hg][d], mx [hg] and
+ * sum [hg] get its partial softmax (running maximum, sum of e^(score - max), sum of weighted values).
+ * Work: scores [ATT_SPAN][hg], rows [ATT_BLOCK][d], qt [hg][d] floats. */
+static void att_span(const uint16_t *q, int hg, int d, const uint16_t *k, int64_t ks, const uint16_t *v,
+                     int64_t vs, long s0, long s1, att_mask m, float scale, float *acc, float *mx, float *sum,
+                     float *scores, float *rows, float *qt) {
+    att_start(q, hg, d, 8, qt, acc, mx, sum);
+    const __m256 minus_inf = _mm256_set1_ps(-__builtin_inff());
+    for (long s = s0; s < s1; s += ATT_SPAN) {
+        const int n = s1 - s < ATT_SPAN ? (int)(s1 - s) : ATT_SPAN;
+        const int padded = (n + ATT_BLOCK - 1) / ATT_BLOCK * ATT_BLOCK;
+        for (int blk = 0; blk < n; blk += ATT_BLOCK) {
+            widen_rows(rows, k, ks, s + blk, n - blk, d, m);
+            att_scores(qt, hg, d, rows, scale, scores + (long)blk * hg);
+        }
+        att_mask_scores(scores, hg, s, n, m);
+        for (int hb = 0; hb < hg; hb += 8) {  /* scores -> weights e^(score - running max) */
+            __m256 top = minus_inf;
+            for (int i = 0; i < n; i++) top = _mm256_max_ps(top, _mm256_loadu_ps(scores + (long)i * hg + hb));
+            float t[8], alpha[8];
+            _mm256_storeu_ps(t, top);
+            _mm256_storeu_ps(alpha, exp8(_mm256_sub_ps(_mm256_loadu_ps(mx + hb), top)));
+            att_raise(acc, mx, sum, d, hb, 8, t, alpha);
+            const __m256 now = _mm256_loadu_ps(mx + hb);
+            const __m256 live = _mm256_cmp_ps(now, minus_inf, _CMP_NEQ_OQ);  /* lanes all masked so far: 0 */
+            __m256 vsum = _mm256_setzero_ps();
+            for (int i = 0; i < padded; i++) {
+                float *sc = scores + (long)i * hg + hb;
+                const __m256 w = i < n ? _mm256_and_ps(live, exp8(_mm256_sub_ps(_mm256_loadu_ps(sc), now)))
+                                       : _mm256_setzero_ps();
+                _mm256_storeu_ps(sc, w);
+                vsum = _mm256_add_ps(vsum, w);
+            }
+            _mm256_storeu_ps(sum + hb, _mm256_add_ps(_mm256_loadu_ps(sum + hb), vsum));
+        }
+        for (int blk = 0; blk < n; blk += ATT_BLOCK) {
+            widen_rows(rows, v, vs, s + blk, n - blk, d, m);
+            att_values(scores + (long)blk * hg, hg, d, rows, acc);
+        }
+    }
+}
+
+int decode_attention_bf16(const uint16_t *q, int B, int nh, int g, int S, int d,
+                          const uint16_t *k, int64_t kb, int64_t kg, int64_t ks,
+                          const uint16_t *v, int64_t vb, int64_t vg, int64_t vs,
+                          const uint8_t *allowed, const float *bias, int64_t mb, int64_t ms,
+                          float scale, uint16_t *out) {
+    const int hg = nh / g;
+    if (hg % 8 || d % 16) return NOT_THIS_SHAPE;
+    const long pairs = (long)B * g, chunks = (S + ATT_CHUNK - 1) / ATT_CHUNK;
+    const long per_task = (long)hg * (d + 2);  /* acc [hg][d], mx [hg], sum [hg] */
+    float *part = (float *)malloc(sizeof(float) * (size_t)(pairs * chunks * per_task));
+    if (!part) return NO_MEMORY;
+    int failed = 0;
+    const size_t floats = (size_t)hg * ATT_SPAN + (size_t)ATT_BLOCK * d + (size_t)hg * d;
+#pragma omp parallel
+    {
+        float *scores = (float *)malloc(sizeof(float) * floats);
+        if (!scores) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        float *rows = scores + (long)hg * ATT_SPAN, *qt = rows + (long)ATT_BLOCK * d;
+#pragma omp for schedule(dynamic)
+        for (long t = 0; t < pairs * chunks; t++) {
+            if (!scores) continue;
+            const long pair = t / chunks, c = t % chunks, b = pair / g, grp = pair % g;
+            const long s0 = c * ATT_CHUNK, s1 = s0 + ATT_CHUNK < S ? s0 + ATT_CHUNK : S;
+            float *acc = part + t * per_task;
+            att_mask m = {allowed ? allowed + b * mb : NULL, bias ? bias + b * mb : NULL, ms};
+            att_span(q + (b * nh + grp * hg) * (long)d, hg, d, k + b * kb + grp * kg, ks, v + b * vb + grp * vg,
+                     vs, s0, s1, m, scale, acc, acc + (long)hg * d, acc + (long)hg * d + hg, scores, rows, qt);
+        }
+        free(scores);
+    }
+    if (failed) { free(part); return NO_MEMORY; }
+    att_combine(part, B, nh, g, d, chunks, out);
+    free(part);
+    return 0;
+}
