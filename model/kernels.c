@@ -855,11 +855,12 @@ static inline __m512 widen16_bf16(const uint16_t *p) {  /* exact */
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 
-/* e^x for x <= 0 (scores less their running maximum): Cephes' expf, within 1.3 ulp (checked over -104..0);
- * 0 below -150, NaN stays NaN */
 #define att_to_bf16 float_to_bf16
 #include "kernels_attention.h"  /* ATT_CHUNK / _BLOCK / _SPAN, the mask, e^x's polynomial, att_combine */
 #define V512(op) _mm512_##op##_ps
+
+/* e^x for x <= 0 (scores less their running maximum): Cephes' expf, within 1.3 ulp (checked over -104..0);
+ * 0 below -150, NaN stays NaN */
 static inline __m512 exp16(__m512 x) {
     x = _mm512_max_ps(_mm512_set1_ps(-150.f), x);  /* max returns its second operand for a NaN */
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
@@ -974,8 +975,8 @@ static void att_scores(const uint16_t *q, int hg, int d, const uint16_t *k, int6
  * above are bound by their float32 multiply-adds, not by reading the cache: measured on one (shared) core of
  * a Sapphire Rapids Xeon, 8192 positions of the 6B shape took 1.56 ms with tiles against 2.55 ms without
  * (512 positions: 0.092 against 0.159 ms); that was before att_span_lanes, which tiles have not been measured
- * against (the CPUs since had no AMX), so they keep the 16-head groups where AMX is. Products of bf16 values are exact and summed in float32 (tiles
- * flush bf16 denormals to zero, below 1e-38). Scores: tile A = 16 cached key rows as stored (bf16 pairs along d), B = the group's queries packed in
+ * against (the CPUs since had no AMX), so they keep the 16-head groups where AMX is. Products of bf16 values
+ * are exact and summed in float32 (tiles flush bf16 denormals to zero, below 1e-38). Scores: tile A = 16 cached key rows as stored (bf16 pairs along d), B = the group's queries packed in
  * pairs, C[position][head] in float32. Values: the weights split into bf16 hi + lo (p - hi rounded again:
  * 2^-17 relative, as float32 as makes no difference to a bf16 result) times the value rows packed in pairs of
  * positions, C[head][16 columns of d] accumulated onto the float32 sums. Tiles: 0 C, 1 keys, 2 queries for
@@ -1168,8 +1169,8 @@ static void att_span(const uint16_t *q, int hg, int d, const uint16_t *k, int64_
 
 /* Scores of 16 heads at once, one head a lane (hg a multiple of 16, without AMX): for each key value, one
  * multiply-add of it (broadcast) by the 16 queries' values at that index, so no sums across lanes (att_scores
- * spends about a quarter of its instructions on its reduction trees). Same run as widen_rows' numbers: 1.22 -> 1.01 ms.
- * scores [ATT_BLOCK][hg] (position-major) = q.k * scale for positions s0.. (n valid; rows past n and masked
+ * spends about a quarter of its instructions on its reduction trees). Same run as widen_rows' numbers:
+ * 1.22 -> 1.01 ms. scores [ATT_BLOCK][hg] (position-major) = q.k * scale for positions s0.. (n valid; rows past n and masked
  * rows count as zeros); qt [hg / 16][d][16]: the queries widened, lane = head. */
 static void att_scores_lanes(const float *qt, int hg, int d, const uint16_t *k, int64_t ks, long s0, int n,
                              att_mask m, float scale, float *scores, float *rows) {
