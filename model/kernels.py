@@ -55,6 +55,7 @@ ABI = 9
 COMPILE_TIMEOUT = 300.0  # seconds; a build takes a few, a hung compiler must not hang model loading
 # Return codes of the C functions (kernels.c, kernels_avx2.c)
 NO_BF16, NO_MEMORY = -1, -2
+NOT_THIS_SHAPE = -4  # decode_attention_bf16 of the AVX2 build: a group of heads it does not take
 INT_MAX = 2**31 - 1  # the C functions take sizes as int
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -235,7 +236,7 @@ def _build() -> ctypes.CDLL:
                                               ctypes.c_float, p]
     for name, argtypes in functions.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = argtypes, i  # each returns 0 or NO_BF16 / NO_MEMORY
+        fn.argtypes, fn.restype = argtypes, i  # each returns 0 or NO_BF16 / NO_MEMORY (/ NOT_THIS_SHAPE)
     lib.has_vnni.restype = i
     # the AVX2 build widens bf16 to float32 in registers (exact), the AVX-512 one needs vdpbf16ps
     lib.has_bf16 = "avx512_bf16" in flags or not avx512
@@ -293,9 +294,11 @@ def _native() -> ctypes.CDLL:
     return lib
 
 
-def _call(name: str, *args) -> None:
-    """Call C function `name`, turning its status into an exception."""
+def _call(name: str, *args, passing: tuple[int, ...] = ()) -> int:
+    """Call C function `name`, turning its status into an exception unless it is 0 or one of `passing`."""
     status = getattr(_native(), name)(*args)
+    if status in passing:
+        return status
     if status == NO_MEMORY:
         raise MemoryError(f"{name}: the native kernel could not allocate its work buffers")
     if status == NO_BF16:
@@ -647,7 +650,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     if T != 1 or k.shape != (B, g, S, d) or v.shape != k.shape or g == 0 or nh % g or S == 0:
         raise ValueError(f"decode attention takes q (B, nh, 1, d) and k, v (B, g, S, d) with g dividing nh and "
                          f"S >= 1, got q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}")
-    if d % 16 or max(B * nh, S, d) > INT_MAX or (f32_library() is not None and (nh // g) % 8):
+    if d % 16 or max(B * nh, S, d) > INT_MAX:
         return None
     q = q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
@@ -663,6 +666,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
             bias = full = (mask if mask.dtype == torch.float32 else mask.float()).expand(B, 1, 1, S)
         mask_strides = (full.stride(0), full.stride(3))  # 0 where broadcast
     out = torch.empty(B, nh, 1, d, dtype=torch.bfloat16)
-    _call("decode_attention_bf16", q.data_ptr(), B, nh, g, S, d, k.data_ptr(), *k.stride()[:3], v.data_ptr(),
-          *v.stride()[:3], _ptr(allowed), _ptr(bias), *mask_strides, d ** -0.5, out.data_ptr())
-    return out
+    status = _call("decode_attention_bf16", q.data_ptr(), B, nh, g, S, d, k.data_ptr(), *k.stride()[:3],
+                   v.data_ptr(), *v.stride()[:3], _ptr(allowed), _ptr(bias), *mask_strides, d ** -0.5,
+                   out.data_ptr(), passing=(NOT_THIS_SHAPE,))
+    return None if status == NOT_THIS_SHAPE else out

@@ -9,9 +9,9 @@
  * forms 2^n its own way. */
 #define ATT_EXP_REDUCED(V, x, n, out)                                                                           \
     do {                                                                                                        \
-        __typeof__(V(set1)(0.f)) r_ = V(fnmadd)(n, V(set1)(0.693359375f), x);                                              \
+        __typeof__(V(set1)(0.f)) r_ = V(fnmadd)(n, V(set1)(0.693359375f), x);                                 \
         r_ = V(fnmadd)(n, V(set1)(-2.12194440e-4f), r_);                                                        \
-        __typeof__(V(set1)(0.f)) p_ = V(set1)(1.9875691500e-4f);                                                           \
+        __typeof__(V(set1)(0.f)) p_ = V(set1)(1.9875691500e-4f);                                              \
         p_ = V(fmadd)(p_, r_, V(set1)(1.3981999507e-3f));                                                       \
         p_ = V(fmadd)(p_, r_, V(set1)(8.3334519073e-3f));                                                       \
         p_ = V(fmadd)(p_, r_, V(set1)(4.1665795894e-2f));                                                       \

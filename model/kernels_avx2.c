@@ -434,7 +434,7 @@ int dequantize(const uint8_t *w, int bits, int N, int K, const float *scale, uin
  * so that a sequence's result depends on neither the batch nor the thread count. Here 8 heads lie in the
  * lanes of a vector: the scores are one multiply-add per key value (broadcast) and 8 heads, the softmax runs
  * across lanes; so a group must have a multiple of 8 heads (ChatGLM2 / 3: 16), else it returns
- * NOT_THIS_SHAPE and the caller uses torch. d: a multiple of 8. */
+ * NOT_THIS_SHAPE and the caller uses torch. d: a multiple of 16. */
 #define NOT_THIS_SHAPE (-4)
 #include "kernels_attention.h"  /* ATT_CHUNK / _BLOCK / _SPAN, the mask, e^x's polynomial, att_combine */
 
