@@ -28,11 +28,6 @@
 #endif
 
 #define ROWS 4  /* output rows per tile: independent accumulator chains and shared loads of x */
-/* Software prefetch of the rows this many ahead: a tile reads ROWS short row streams at once, too short for
- * the hardware prefetcher to ramp up on (prefetching past the end of w is harmless: it never faults). */
-#ifndef PREFETCH_ROWS
-#define PREFETCH_ROWS 4
-#endif
 
 /* Up to this many rows of x the int4 integer kernel uses its AVX512-VNNI tiles even where AMX is usable */
 #ifndef Q4_VNNI_MAX_ROWS
@@ -414,10 +409,32 @@ static void tile_sums(const __m512i *acc, int n, int half, int32_t *sums) {
     }
 }
 
+/* Software prefetch of the next tile's weights while a tile works: a tile reads ROWS short row streams at
+ * once, too short for the hardware prefetcher to ramp up on (prefetching past the end of w is harmless: it
+ * never faults). The next tile's lines go in the order its blocks will read them (64-byte column steps, the
+ * ROWS rows at each), `per` of them at each block iteration, spread over all of this tile's iterations: one
+ * block of rows of x (batch 1-2) asks for ROWS lines a step; with more blocks they share the work. Before, the
+ * first block of each pass asked for the pass's lines in a burst and the others for none, and the fetches
+ * did not overlap the products. 6B decoding steps (bench/step_ab.py, Xeon without AMX), batch 8 / 16: int8
+ * 628 -> 552 / 921 -> 826 ms, int4 494 -> 459 / 1097 -> 1010, bf16 940 -> 817 / 1294 -> 1154; batch 1 as
+ * before (bf16 at batch 1 does not prefetch: one stream per row suits the hardware prefetcher). */
+typedef struct { const char *base; long row_bytes; long i, n; int per; } next_tile;
+/* iters: the 64-byte steps of this tile's blocks: M rows of x in groups of 16 and blocks of mb */
+static inline next_tile next_tile_for(const void *w, long n0, long row_bytes, long covered_bytes, int M, int mb) {
+    const long iters = (long)(M / 16 * ((16 + mb - 1) / mb) + (M % 16 + mb - 1) / mb) * (covered_bytes / 64);
+    next_tile p = {(const char *)w + (n0 + ROWS) * row_bytes, row_bytes, 0, ROWS * (covered_bytes / 64), ROWS};
+    if (iters > 0 && (p.n + iters - 1) / iters < ROWS) p.per = (int)((p.n + iters - 1) / iters);
+    return p;
+}
+static inline __attribute__((always_inline)) void next_tile_step(next_tile *p) {
+    for (int j = 0; j < p->per && p->i < p->n; j++, p->i++)
+        _mm_prefetch(p->base + (p->i % ROWS) * p->row_bytes + p->i / ROWS * 64, _MM_HINT_T0);
+}
+
 /* Several rows of x (a decoding batch) where the tiles below do the work (no AMX): the rows in groups of up to
  * 16, each group over a tile's columns in passes of VNNI_KC, in blocks of rows that share every weight vector
  * loaded (two rows here, four in gemv_bf16: the accumulators a block holds in registers). A tile's weight rows
- * and a group's x stay in the L1 cache for a pass, and the pass's first block prefetches the next tile. One
+ * and a group's x stay in the L1 cache for a pass, and the blocks prefetch the next tile (next_tile). One
  * row of x at a time over all of K, as before, read the tile's weights again for every row. Each (row of x,
  * weight row) pair is summed in the same order at any batch size. 2-core Xeon without AMX, a decoding step of
  * the 6B shape at batch 8 (the model's forward pass, mean of 2 interleaved runs): int4 0.67 -> 0.56 s, int8 1.05 ->
@@ -438,7 +455,7 @@ static void tile_sums(const __m512i *acc, int n, int half, int32_t *sums) {
 static inline __attribute__((always_inline)) void q8v_block(const uint8_t *xh, const uint8_t *xl, int K,
                                                             const int8_t *w, long n0, int k0, int k1,
                                                             __m512i *acc, __m512i *ws, const int mb,
-                                                            const int prefetch) {
+                                                            next_tile *pf) {
     __m512i ah[2][ROWS], al[2][ROWS], as[ROWS];
     const __m512i ones = _mm512_set1_epi8(1);
     for (int r = 0; r < ROWS; r++) {
@@ -451,8 +468,8 @@ static inline __attribute__((always_inline)) void q8v_block(const uint8_t *xh, c
             hv[m] = _mm512_loadu_si512((const void *)(xh + (long)m * K + k));
             lv[m] = _mm512_loadu_si512((const void *)(xl + (long)m * K + k));
         }
+        next_tile_step(pf);
         for (int r = 0; r < ROWS; r++) {
-            if (prefetch) _mm_prefetch((const char *)(w + (n0 + r + PREFETCH_ROWS) * (long)K + k), _MM_HINT_T0);
             __m512i wv = _mm512_loadu_si512((const void *)(w + (n0 + r) * (long)K + k));
             for (int m = 0; m < mb; m++) {
                 ah[m][r] = _mm512_dpbusd_epi32(ah[m][r], hv[m], wv);
@@ -472,6 +489,7 @@ static void q8v_tile(const uint8_t *xh, const uint8_t *xl, const int32_t *xq, co
     __m512i acc[16 * ROWS * 2], ws[ROWS];
     int64_t wsum[ROWS] = {0};
     const int covered = rows == ROWS ? K / 64 * 64 : 0;
+    next_tile pf = next_tile_for(w, n0, K, covered, M, 2);
     for (int r = 0; r < ROWS; r++) ws[r] = _mm512_setzero_si512();
     for (long g = 0; g < M; g += 16) {
         const int gm = M - g < 16 ? (int)(M - g) : 16;
@@ -483,10 +501,10 @@ static void q8v_tile(const uint8_t *xh, const uint8_t *xl, const int32_t *xq, co
             int m = 0;
             for (; m + 2 <= gm; m += 2)
                 q8v_block(xh + o + (long)m * K, xl + o + (long)m * K, K, w, n0, k0, k1, acc + m * ROWS * 2,
-                          g == 0 && m == 0 ? ws : NULL, 2, m == 0);
+                          g == 0 && m == 0 ? ws : NULL, 2, &pf);
             if (m < gm)
                 q8v_block(xh + o + (long)m * K, xl + o + (long)m * K, K, w, n0, k0, k1, acc + m * ROWS * 2,
-                          g == 0 && m == 0 ? ws : NULL, 1, m == 0);
+                          g == 0 && m == 0 ? ws : NULL, 1, &pf);
         }
         if (g == 0)
             for (int r = 0; r < rows; r++) wsum[r] = _mm512_reduce_add_epi32(ws[r]);
@@ -537,7 +555,7 @@ int gemv_q8v(const float *x, int M, int K, const int8_t *w, int N, const float *
  * nibbles) meet x's even columns, the odd ones x's odd columns: the xe.. / xo.. buffers are x de-interleaved. */
 static inline __attribute__((always_inline)) void q4v_block(const int8_t *buf, int K2, const uint8_t *w,
                                                             long n0, int j0, int j1, __m512i *acc, const int mb,
-                                                            const int prefetch, const uint8_t *pre) {
+                                                            next_tile *pf, const uint8_t *pre) {
     __m512i ah[2][ROWS], al[2][ROWS];
     for (int m = 0; m < mb; m++)
         for (int r = 0; r < ROWS; r++) ah[m][r] = acc[(m * ROWS + r) * 2], al[m][r] = acc[(m * ROWS + r) * 2 + 1];
@@ -549,15 +567,14 @@ static inline __attribute__((always_inline)) void q4v_block(const int8_t *buf, i
             oh[m] = _mm512_loadu_si512((const void *)(xm + 2 * (long)K2));
             ol[m] = _mm512_loadu_si512((const void *)(xm + 3 * (long)K2));
         }
+        next_tile_step(pf);
         for (int r = 0; r < ROWS; r++) {
             __m512i ue, uo;
             if (pre) {  /* unpacked once for every block of the pass */
                 ue = _mm512_load_si512((const void *)(pre + (2 * r) * (VNNI_KC / 2) + (j - j0)));
                 uo = _mm512_load_si512((const void *)(pre + (2 * r + 1) * (VNNI_KC / 2) + (j - j0)));
-            } else {
-                if (prefetch) _mm_prefetch((const char *)(w + (n0 + r + PREFETCH_ROWS) * (long)K2 + j), _MM_HINT_T0);
+            } else
                 q4_unpack(w + (n0 + r) * (long)K2 + j, &ue, &uo);
-            }
             for (int m = 0; m < mb; m++) {
                 ah[m][r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(ah[m][r], ue, eh[m]), uo, oh[m]);
                 al[m][r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(al[m][r], ue, el[m]), uo, ol[m]);
@@ -573,6 +590,7 @@ static void q4v_tile(const int8_t *buf, const int32_t *xq, const int64_t *xqsum,
     __m512i acc[16 * ROWS * 2];
     uint8_t pre[ROWS * VNNI_KC] __attribute__((aligned(64)));  /* per weight row: ue, uo of a pass */
     const int covered = rows == ROWS ? K2 / 64 * 64 : 0;
+    next_tile pf = next_tile_for(w, n0, K2, covered, M, 2);
     for (long g = 0; g < M; g += 16) {
         const int gm = M - g < 16 ? (int)(M - g) : 16;
         const int8_t *bg = buf + g * 4 * K2;
@@ -582,22 +600,21 @@ static void q4v_tile(const int8_t *buf, const int32_t *xq, const int64_t *xqsum,
             const int j1 = covered - j0 < jc ? covered : j0 + jc;
             int m = 0;
             if (gm >= Q4_UNPACK_ROWS) {
-                for (int r = 0; r < ROWS; r++)  /* unpack the pass once for all blocks; prefetch the next tile's */
+                for (int r = 0; r < ROWS; r++)  /* unpack the pass once for all blocks */
                     for (int j = j0; j < j1; j += 64) {
-                        _mm_prefetch((const char *)(w + (n0 + r + PREFETCH_ROWS) * (long)K2 + j), _MM_HINT_T0);
                         __m512i e, o;
                         q4_unpack(w + (n0 + r) * (long)K2 + j, &e, &o);
                         _mm512_store_si512((void *)(pre + (2 * r) * (VNNI_KC / 2) + (j - j0)), e);
                         _mm512_store_si512((void *)(pre + (2 * r + 1) * (VNNI_KC / 2) + (j - j0)), o);
                     }
                 for (; m + 2 <= gm; m += 2)
-                    q4v_block(bg + (long)m * 4 * K2, K2, w, n0, j0, j1, acc + m * ROWS * 2, 2, 0, pre);
-                if (m < gm) q4v_block(bg + (long)m * 4 * K2, K2, w, n0, j0, j1, acc + m * ROWS * 2, 1, 0, pre);
+                    q4v_block(bg + (long)m * 4 * K2, K2, w, n0, j0, j1, acc + m * ROWS * 2, 2, &pf, pre);
+                if (m < gm) q4v_block(bg + (long)m * 4 * K2, K2, w, n0, j0, j1, acc + m * ROWS * 2, 1, &pf, pre);
                 continue;
             }
             for (; m + 2 <= gm; m += 2)
-                q4v_block(bg + (long)m * 4 * K2, K2, w, n0, j0, j1, acc + m * ROWS * 2, 2, m == 0, NULL);
-            if (m < gm) q4v_block(bg + (long)m * 4 * K2, K2, w, n0, j0, j1, acc + m * ROWS * 2, 1, m == 0, NULL);
+                q4v_block(bg + (long)m * 4 * K2, K2, w, n0, j0, j1, acc + m * ROWS * 2, 2, &pf, NULL);
+            if (m < gm) q4v_block(bg + (long)m * 4 * K2, K2, w, n0, j0, j1, acc + m * ROWS * 2, 1, &pf, NULL);
         }
         int32_t sh[16 * ROWS], sl[16 * ROWS];
         if (covered) {
@@ -691,7 +708,7 @@ int has_vnni(void) { return 0; }
  * vector once for the ROWS rows. */
 static inline __attribute__((always_inline)) void bf16_block(const uint16_t *xb, int K, const uint16_t *w,
                                                              long n0, int k0, int k1, __m512 *acc,
-                                                             const int mb, const int prefetch, const int fma) {
+                                                             const int mb, next_tile *pf, const int fma) {
     __m512 a[4][ROWS];
     const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
     for (int m = 0; m < mb; m++)
@@ -707,8 +724,8 @@ static inline __attribute__((always_inline)) void bf16_block(const uint16_t *xb,
             } else
                 xv[m] = (__m512bh)v;
         }
+        next_tile_step(pf);
         for (int r = 0; r < ROWS; r++) {
-            if (prefetch) _mm_prefetch((const char *)(w + (n0 + r + PREFETCH_ROWS) * (long)K + k), _MM_HINT_T0);
             __m512i wv = _mm512_loadu_si512((const void *)(w + (n0 + r) * (long)K + k));
             if (fma) {
                 __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(wv, 16)), wo = _mm512_castsi512_ps(_mm512_and_si512(wv, high));
@@ -728,7 +745,9 @@ static inline __attribute__((always_inline)) void bf16_tile(const uint16_t *x, i
                                                             long n0, int rows, const float *bias, float *y, long N,
                                                             const int fma) {
     __m512 acc[16 * ROWS];
-    const int covered = rows == ROWS ? K / 32 * 32 : 0, pf = M > 1;  /* one row of x: left to the hardware */
+    const int covered = rows == ROWS ? K / 32 * 32 : 0;
+    next_tile pf = next_tile_for(w, n0, 2L * K, 2L * covered, M, 4);
+    if (M == 1) pf.n = 0;  /* one row of x: left to the hardware */
     for (long g = 0; g < M; g += 16) {
         const int gm = M - g < 16 ? (int)(M - g) : 16;
         const uint16_t *xg = x + g * K;
@@ -737,11 +756,11 @@ static inline __attribute__((always_inline)) void bf16_tile(const uint16_t *x, i
         for (int k0 = 0; k0 < covered; k0 += kc) {
             const int k1 = covered - k0 < kc ? covered : k0 + kc;
             int m = 0;
-            for (; m + 4 <= gm; m += 4) bf16_block(xg + (long)m * K, K, w, n0, k0, k1, acc + m * ROWS, 4, pf && m == 0, fma);
-            switch (gm - m) {  /* the first block of x rows prefetches the next tile's weights (pf) */
-            case 3: bf16_block(xg + (long)m * K, K, w, n0, k0, k1, acc + m * ROWS, 3, pf && m == 0, fma); break;
-            case 2: bf16_block(xg + (long)m * K, K, w, n0, k0, k1, acc + m * ROWS, 2, pf && m == 0, fma); break;
-            case 1: bf16_block(xg + (long)m * K, K, w, n0, k0, k1, acc + m * ROWS, 1, pf && m == 0, fma); break;
+            for (; m + 4 <= gm; m += 4) bf16_block(xg + (long)m * K, K, w, n0, k0, k1, acc + m * ROWS, 4, &pf, fma);
+            switch (gm - m) {
+            case 3: bf16_block(xg + (long)m * K, K, w, n0, k0, k1, acc + m * ROWS, 3, &pf, fma); break;
+            case 2: bf16_block(xg + (long)m * K, K, w, n0, k0, k1, acc + m * ROWS, 2, &pf, fma); break;
+            case 1: bf16_block(xg + (long)m * K, K, w, n0, k0, k1, acc + m * ROWS, 1, &pf, fma); break;
             }
         }
         for (int m = 0; m < gm; m++) {
