@@ -144,23 +144,34 @@ class ChatGLM1Model(PrefixTuning, nn.Module):
 
     # ---- positions and masks ----------------------------------------------------------------------
     def prompt_position_ids(self, input_ids: torch.Tensor, past: int = 0) -> torch.Tensor:
-        """(B, 2, T) position and block position ids of prompts (left padding allowed: pads get 0, 0)."""
+        """(B, 2, T) position and block position ids of prompts (left padding allowed: pads get 0, 0). Worked out
+        on the ids' device, without reading them on the host (no sync on a GPU): a token before the prompt's
+        <bos> (its context) is at its own place with block position 0; from <bos> on, every token is at the
+        place of the first [gMASK] (else [MASK], else <bos>) with block positions 1, 2, ..."""
         if past:
             raise ValueError("ChatGLM-6B prompts are read whole: pass position_ids to continue from a cache")
         cfg = self.config
-        rows = []
-        for ids in input_ids.tolist():
-            start = 0
-            while start < len(ids) and ids[start] == cfg.pad_token_id:
-                start += 1
-            real = ids[start:]
-            context = real.index(cfg.bos_token_id) if cfg.bos_token_id in real else len(real)
-            mask_id = cfg.gmask_token_id if cfg.gmask_token_id in real else cfg.mask_token_id
-            mask_at = real.index(mask_id) if mask_id in real else context
-            positions = [0] * start + [j if j < context else mask_at for j in range(len(real))]
-            blocks = [0] * start + [0 if j < context else j - context + 1 for j in range(len(real))]
-            rows.append([positions, blocks])
-        return torch.tensor(rows, dtype=torch.long, device=input_ids.device)
+        B, T = input_ids.shape
+        if cfg.pad_token_id is None:
+            start = input_ids.new_zeros(B, 1)
+        else:  # the leading pads
+            start = (input_ids == cfg.pad_token_id).long().cumprod(1).sum(1, keepdim=True)
+        j = torch.arange(T, device=input_ids.device)[None] - start  # place in the prompt (< 0: padding)
+        real = j >= 0
+
+        def first(token_id):  # (place of the prompt's first token_id, whether it has one), per row
+            hit = (input_ids == token_id) & real
+            return torch.where(hit, j, T).amin(1, keepdim=True), hit.any(1, keepdim=True)
+
+        bos_at, has_bos = first(cfg.bos_token_id)
+        context = torch.where(has_bos, bos_at, T - start)
+        gmask_at, has_gmask = first(cfg.gmask_token_id)
+        mask_at, has_mask = first(cfg.mask_token_id)
+        mask_at = torch.where(has_gmask, gmask_at, torch.where(has_mask, mask_at, context))
+        zero = torch.zeros_like(j)
+        positions = torch.where(real, torch.where(j < context, j, mask_at), zero)
+        blocks = torch.where(real & (j >= context), j - context + 1, zero)
+        return torch.stack((positions, blocks), dim=1)
 
     @staticmethod
     def next_position_ids(last: torch.Tensor) -> torch.Tensor:
@@ -176,6 +187,8 @@ class ChatGLM1Model(PrefixTuning, nn.Module):
         S = past + T
         if attention_mask is not None and attention_mask.dim() == 4:
             return attention_mask
+        if attention_mask is None and T == 1:  # one new token sees every cached position
+            return None
         device = input_ids.device
         q = torch.arange(past, S, device=device)[:, None]
         k = torch.arange(S, device=device)[None, :]
@@ -186,8 +199,8 @@ class ChatGLM1Model(PrefixTuning, nn.Module):
             allowed = allowed | (k[None] < prefix + context[:, None, None])
         if attention_mask is not None:  # (B, S) key padding: 0 at pads
             allowed = allowed & attention_mask[:, None, :].bool()
-        if attention_mask is None and (T == 1 or bool(allowed.all())):
-            return None
+        # several tokens: always a mask, even one that blocks nothing (a prompt without <bos>), since asking
+        # whether it blocks anything would read a value on the host (a sync on a GPU)
         return (allowed | (k == q)[None])[:, None]  # a padded query row still sees itself
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, past_key_values: KVCache | None = None,

@@ -53,18 +53,6 @@ def prompts(tokenizer, texts):
     return ids, mask
 
 
-def meta_positions(model, cpu_ids, past=0):
-    from model.generation import prompt_position_ids
-
-    return prompt_position_ids(model, cpu_ids, past).to(META)  # ChatGLM-6B's are read from the ids on the host
-
-
-def prompt_mask(model, cpu_ids):
-    """None, or for ChatGLM-6B an all-ones key mask: without one its prefill asks the device whether its
-    prefix mask blocks anything (a value meta does not have)."""
-    return torch.ones(cpu_ids.shape, dtype=torch.long, device=META) if model.config.family == "chatglm1" else None
-
-
 def check_logits(out, model, rows, length):
     assert out.logits.device == META and out.logits.shape == (rows, length, model.config.padded_vocab_size)
 
@@ -72,13 +60,14 @@ def check_logits(out, model, rows, length):
 @torch.inference_mode()
 def test_prefill_then_decode(meta_model, path):
     from model.cache import KVCache
-    from model.generation import next_position_ids
+    from model.generation import next_position_ids, prompt_position_ids
 
     model, tokenizer = meta_model
     ids, _ = prompts(tokenizer, ["你好", "你好"])
     cache = KVCache.for_model(model.config, 2, model.dtype, META, capacity=4)  # grows while decoding
-    positions = meta_positions(model, ids)
-    out = model.transformer(ids.to(META), positions, prompt_mask(model, ids), cache)
+    ids = ids.to(META)  # every family works its prompt positions and masks out on the device
+    positions = prompt_position_ids(model, ids)
+    out = model.transformer(ids, positions, None, cache)
     check_logits(out, model, 2, ids.shape[1])
     for _ in range(6):
         positions = next_position_ids(model, positions)
@@ -90,12 +79,12 @@ def test_prefill_then_decode(meta_model, path):
 @torch.inference_mode()
 def test_padded_batch(meta_model, path):
     from model.cache import KVCache
-    from model.generation import next_position_ids
+    from model.generation import next_position_ids, prompt_position_ids
 
     model, tokenizer = meta_model
     ids, mask = prompts(tokenizer, ["你好", "你好，今天天气怎么样？"])
     cache = KVCache.for_model(model.config, 2, model.dtype, META)
-    positions = meta_positions(model, ids)
+    positions = prompt_position_ids(model, ids.to(META))
     mask = mask.to(META)
     out = model.transformer(ids.to(META), positions, mask, cache, last_logits_only=True)
     check_logits(out, model, 2, 1)
@@ -126,7 +115,7 @@ def test_chunked_prefill(meta_model, path):
 @pytest.mark.parametrize("sampling", [dict(), dict(do_sample=True, temperature=0.8, top_k=5, top_p=0.9),
                                       dict(do_sample=True, repetition_penalty=1.3)], ids=["greedy", "warped", "penalty"])
 def test_generation_loop(meta_model, path, sampling):
-    from model.generation import SamplingParams, generate_tokens
+    from model.generation import SamplingParams, generate_tokens, prompt_position_ids
 
     model, tokenizer = meta_model
     ids, mask = prompts(tokenizer, ["你好", "你好，今天天气怎么样？"])
@@ -137,7 +126,7 @@ def test_generation_loop(meta_model, path, sampling):
         return logits
 
     steps = list(generate_tokens(model, ids.to(META), max_new_tokens=5, params=SamplingParams(**sampling),
-                                 position_ids=meta_positions(model, ids), attention_mask=mask.to(META),
+                                 position_ids=prompt_position_ids(model, ids.to(META)), attention_mask=mask.to(META),
                                  logits_hooks=[hook]))  # no stop ids: stopping on one reads a value
     assert len(steps) == 5 and all(t.device == META and t.shape == (2,) for t in steps)
     assert set(hook_devices) == {(META, META)}
@@ -160,9 +149,6 @@ def test_engine_batch_operations(monkeypatch, path, name):
     from model.generation import SamplingParams
 
     model, tokenizer = on_meta(name, "float16")
-    if model.config.family == "chatglm1":
-        pytest.skip("ChatGLM-6B's prefill reads its prompt's positions and whether its prefix mask blocks "
-                    "anything from the ids' values; test_prefill_then_decode and test_padded_batch cover it")
     seen = []
 
     def choose_rows(samplers, logits):  # the step's sampling: one fixed id per row

@@ -160,6 +160,40 @@ def test_left_padded_batch(name):
     assert out[:, enc["input_ids"].shape[1]:].tolist() == batch["greedy_8"]
 
 
+def positions_by_rule(ids, cfg):
+    """The prompt's 2-D position ids as the original writes them out, token by token (left pads: 0, 0)."""
+    start = 0
+    while start < len(ids) and ids[start] == cfg.pad_token_id:
+        start += 1
+    real = ids[start:]
+    context = real.index(cfg.bos_token_id) if cfg.bos_token_id in real else len(real)
+    mask_id = cfg.gmask_token_id if cfg.gmask_token_id in real else cfg.mask_token_id
+    mask_at = real.index(mask_id) if mask_id in real else context
+    return [[0] * start + [j if j < context else mask_at for j in range(len(real))],
+            [0] * start + [0 if j < context else j - context + 1 for j in range(len(real))]]
+
+
+def test_prompt_positions_follow_the_rule_on_the_device():
+    """Worked out with tensor ops on the ids' device (no host read): equal to the rule for rows with and without
+    padding, <bos>, [gMASK] and [MASK] (also several of one, or a pad id inside the prompt), and on meta."""
+    model, _ = loaded("chatglm1-tiny")
+    cfg = model.config
+    special = [cfg.pad_token_id, cfg.bos_token_id, cfg.gmask_token_id, cfg.mask_token_id]
+    generator = torch.Generator().manual_seed(0)
+    rows = [[5, 6, cfg.gmask_token_id, cfg.bos_token_id, 7], [cfg.pad_token_id] * 4, [5, 6, 7, 8, 9]]
+    for _ in range(300):
+        width = int(torch.randint(1, 12, (), generator=generator))
+        pads = int(torch.randint(0, width + 1, (), generator=generator))
+        body = [special[int(i)] if i < 4 else int(i) for i in torch.randint(0, 12, (width - pads,), generator=generator)]
+        rows.append([cfg.pad_token_id] * pads + body)
+    for width in sorted({len(r) for r in rows}):
+        batch = [r for r in rows if len(r) == width]
+        ids = torch.tensor(batch)
+        assert model.prompt_position_ids(ids).tolist() == [positions_by_rule(r, cfg) for r in batch]
+        meta = model.prompt_position_ids(ids.to("meta"))
+        assert meta.device.type == "meta" and meta.shape == (len(batch), 2, width)
+
+
 def test_fp16_decoding_does_not_overflow():
     """fp16 (the default on MPS, --dtype float16): with query and key weights scaled so that raw q.k passes
     fp16's 65504, decoding still gives the float32 logits of the same weights (the original divides q by
