@@ -10,7 +10,9 @@ the family's prompt format (model.formats); the loss counts the assistant replie
 
 Saves: lora -> peft's save_pretrained (adapter_config.json + adapter_model.safetensors); ptuning -> a folder
 with pytorch_model.bin (only transformer.prefix_encoder.*) and ptuning.json (pre_seq_len, prefix_projection),
-which load_model(base, ptuning=OUT), --ptuning-checkpoint OUT and the original's scripts read.
+which load_model(base, ptuning=OUT), --ptuning-checkpoint OUT and the original's scripts read. P-Tuning v2
+also trains on a quantized base model (a pre-quantized checkpoint, or --quantize 4|8 as the original's
+--quantization_bit): the gradients go through the frozen int4 / int8 layers (model/quantization.py).
 """
 
 from __future__ import annotations
@@ -332,6 +334,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval", default=None, help="evaluation data, JSONL: its loss is printed after each epoch")
     ap.add_argument("--method", required=True, choices=("lora", "ptuning"))
     ap.add_argument("--output", required=True, help="folder to save the adapter / prefix in")
+    ap.add_argument("--quantize", type=int, choices=(4, 8), default=None,
+                    help="quantize the frozen base model to int4 / int8 while loading (P-Tuning v2 only; a "
+                         "pre-quantized checkpoint such as chatglm2-6b-int4 needs no flag)")
     ap.add_argument("--pre-seq-len", type=positive, default=128, help="P-Tuning v2 prefix tokens (default 128)")
     ap.add_argument("--prefix-projection", action="store_true", help="P-Tuning v2 with the MLP reparametrization")
     ap.add_argument("--lora-rank", type=positive, default=8)
@@ -368,17 +373,24 @@ def main(argv=None) -> int:
 
         from model.flags import ModelLoadError, load_from_args
         from model.loading import pick_device
+        from model.quantization import QuantizedLinear
 
         torch.manual_seed(args.seed)
         device = pick_device(args.device)
         args.torch_dtype = training_dtype(args.dtype, device)
         # the model's flags as the scripts read them, so load errors read as theirs (one line, exit status 2)
-        load_args = argparse.Namespace(model=args.model, device=str(device), dtype=args.torch_dtype, quantize=None,
+        load_args = argparse.Namespace(model=args.model, device=str(device), dtype=args.torch_dtype,
+                                       quantize=args.quantize,
                                        num_gpus=1, ptuning_checkpoint=None, pre_seq_len=None)
         try:
             model, tokenizer = load_from_args(load_args)
         except ModelLoadError as e:
             raise DataError(str(e)) from None
+        if args.method == "lora" and any(isinstance(m, QuantizedLinear) for m in model.modules()):
+            raise DataError(f"{args.model}: LoRA trains on a float base model, and this one is quantized "
+                            f"(int{next(m.bits for m in model.modules() if isinstance(m, QuantizedLinear))}); "
+                            "train LoRA on the float checkpoint (an adapter also serves it quantized: --adapter "
+                            "with --quantize), or use --method ptuning, which trains through int4 / int8 layers")
         data = read_data(args.data, tokenizer, args.max_length)
         eval_data = read_data(args.eval, tokenizer, args.max_length) if args.eval else None
         args.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -3,6 +3,7 @@
     python bench/train.py --shape mid                                   # lora and ptuning, bf16 (slow on 2 cores)
     python bench/train.py --shape mid --methods lora --dtypes float32,bfloat16 --seq-len 512 --json out.json
     python bench/train.py --shape tiny --steps 2                        # a smoke run of the script itself
+    python bench/train.py --shape mid --methods ptuning --quantize none,4,8   # P-Tuning on an int4 / int8 base
 
 Writes a random-weight chatglm2 checkpoint of the shape (python -m model.tiny; under --dir, default a temporary
 directory). Each method x dtype then runs in a fresh process that loads it through load_model, prepares it as
@@ -43,7 +44,7 @@ args = json.loads(sys.argv[1])
 import finetune
 from model import load_model
 torch.manual_seed(0)
-model, _ = load_model(args["dir"], device="cpu", dtype=args["dtype"])
+model, _ = load_model(args["dir"], device="cpu", dtype=args["dtype"], quantize=args["quantize"])
 out = {"load_rss": peak_rss(), "threads": torch.get_num_threads()}
 prep = argparse.Namespace(method=args["method"], lora_rank=args["lora_rank"], lora_alpha=2.0 * args["lora_rank"],
                           lora_dropout=0.0, pre_seq_len=args["pre_seq_len"], prefix_projection=False,
@@ -98,10 +99,17 @@ def main(argv=None) -> None:
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--pre-seq-len", type=int, default=128)
     ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--quantize", default="none", help="comma-separated: none, 4, 8 (the base model quantized while "
+                                                         "loading; P-Tuning only: LoRA trains a float base)")
     ap.add_argument("--json", default=None, help="write every number to this file")
     args = ap.parse_args(argv)
 
     from model.tiny import SHAPES, write_checkpoint
+
+    try:
+        quantize = [None if q == "none" else {"4": 4, "8": 8}[q] for q in args.quantize.split(",")]
+    except KeyError:
+        ap.error("--quantize takes none, 4 and 8")
 
     if args.shape not in SHAPES:
         ap.error(f"--shape must be one of {', '.join(SHAPES)}")
@@ -117,24 +125,29 @@ def main(argv=None) -> None:
     try:
         for method in args.methods.split(","):
             for dtype in args.dtypes.split(","):
-                payload = {"dir": directory, "method": method, "dtype": dtype, "batch": args.batch_size,
-                           "seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup,
-                           "lora_rank": args.lora_rank, "pre_seq_len": args.pre_seq_len,
-                           "gradient_checkpointing": args.gradient_checkpointing}
-                print(f"{method} {dtype} ...", file=sys.stderr, flush=True)
-                results.append({**payload, **run_child(payload)})
+                for bits in quantize:
+                    if bits and method == "lora":
+                        print(f"lora int{bits}: skipped (LoRA trains on a float base model)", file=sys.stderr)
+                        continue
+                    payload = {"dir": directory, "method": method, "dtype": dtype, "batch": args.batch_size,
+                               "seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup,
+                               "lora_rank": args.lora_rank, "pre_seq_len": args.pre_seq_len,
+                               "gradient_checkpointing": args.gradient_checkpointing, "quantize": bits}
+                    print(f"{method} {dtype}{f' int{bits}' if bits else ''} ...", file=sys.stderr, flush=True)
+                    results.append({**payload, **run_child(payload)})
     finally:
         if tmp is not None:
             tmp.cleanup()
     print(f"\nchatglm2 {args.shape} on the CPU ({results[0]['threads']} threads), batch {args.batch_size} x "
           f"{args.seq_len} tokens{', gradient checkpointing' if args.gradient_checkpointing else ''}")
-    print(f"{'method':<9} {'dtype':<9} {'trainable':>11} {'tokens/s (min-max)':>24} {'load RSS GiB':>13} "
-          f"{'peak RSS GiB':>13}")
+    print(f"{'method':<9} {'dtype':<9} {'weights':<8} {'trainable':>11} {'tokens/s (min-max)':>24} "
+          f"{'load RSS GiB':>13} {'peak RSS GiB':>13}")
     for r in results:
         t = r["tokens_per_s"]
         rate = f"{t['median']:.1f} ({t['min']:.1f}-{t['max']:.1f})"
-        print(f"{r['method']:<9} {r['dtype']:<9} {r['trainable']:>11,} {rate:>24} {gib(r['load_rss']):>13} "
-              f"{gib(r['peak_rss']):>13}")
+        weights = f"int{r['quantize']}" if r["quantize"] else r["dtype"]
+        print(f"{r['method']:<9} {r['dtype']:<9} {weights:<8} {r['trainable']:>11,} {rate:>24} "
+              f"{gib(r['load_rss']):>13} {gib(r['peak_rss']):>13}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=1)

@@ -37,6 +37,11 @@ CHATGLM_FORCE_GPU_PATHS=cuda / mps (model/devices.py) runs CPU tensors through t
 CPU product of the same values (`_weight_int4pack_mm_for_cpu`) stands in for the CUDA / MPS int4 op, and
 `tinygemm_pack` for the CUDA packing, so the golden tests cover the selection, the repacking, the scales and
 the round trip to the stored layout without a GPU.
+
+Training through a quantized model (P-Tuning v2 on int4 / int8, as the original's --quantization_bit): where x
+needs a gradient, the layer runs its inference product inside an autograd Function whose backward
+de-quantizes the weight block by block for grad_x = grad_y (q * scale); the weight and scales stay frozen, a
+trained bias gets its gradient. Nothing of the weight is kept between the passes.
 """
 
 from __future__ import annotations
@@ -241,6 +246,27 @@ def _emulated_int4pack_mm(x: torch.Tensor, packed: torch.Tensor, group: int, sca
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x, cpu, group, scales_and_zeros)
 
 
+class _FrozenQuantizedProduct(torch.autograd.Function):
+    """y = layer(x) for training through a quantized layer (P-Tuning v2 on an int4 / int8 model, gradients to
+    layers below): the forward is the layer's own inference product, recording nothing; the backward gives x's
+    gradient grad_y (q * scale) from the weight de-quantized a block of output rows at a time (no float copy of
+    the layer is kept between the passes), and the bias's (its sum over the tokens) where it is trained. The
+    quantized weight and its scales stay frozen."""
+
+    @staticmethod
+    def forward(ctx, x, bias, layer):
+        ctx.layer = layer
+        with torch.no_grad():
+            return layer._product(x)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        layer = ctx.layer
+        grad_x = layer._input_grad(grad_y) if ctx.needs_input_grad[0] else None
+        grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0).to(layer.bias.dtype) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_bias, None
+
+
 class QuantizedLinear(nn.Module):
     """y = x (q * scale)^T + b, with q stored as int8 (8 bit) or packed nibbles (4 bit)."""
 
@@ -321,6 +347,27 @@ class QuantizedLinear(nn.Module):
         return super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)):
+            if self.weight_scale.requires_grad:
+                raise RuntimeError("a quantized layer's weight and scales cannot be trained (they stay frozen); "
+                                   "train a P-Tuning prefix, or LoRA on the float model")
+            return _FrozenQuantizedProduct.apply(x, self.bias, self)
+        return self._product(x)
+
+    def _input_grad(self, grad_y: torch.Tensor) -> torch.Tensor:
+        """grad_y (..., out) (q * scale) -> (..., in): the weight de-quantized in grad_y's dtype, 64 MB of it at a
+        time."""
+        rows = grad_y.reshape(-1, self.out_features)
+        q, scale = self.stored_weight(), self.weight_scale
+        step = max(1, (64 << 20) // (self.in_features * rows.element_size()))
+        grad_x = None
+        for n0 in range(0, self.out_features, step):
+            w = dequantize_weight(q[n0:n0 + step], scale[n0:n0 + step], self.bits, rows.dtype)
+            part = rows[:, n0:n0 + step] @ w
+            grad_x = part if grad_x is None else grad_x.add_(part)
+        return grad_x.reshape(*grad_y.shape[:-1], self.in_features)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[:-1]
         rows = x.reshape(-1, self.in_features)
         path = code_path(x.device)

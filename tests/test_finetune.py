@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import finetune
 from conftest import loaded, model_dir
 from model import load_model
+from model.devices import FORCE_ENV
 from model.formats import DEFAULT_TOOL_PROMPT, format_for
 
 QUESTION = "What is the code word?"
@@ -109,6 +110,71 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(name, prefix):
     with torch.no_grad():  # inference keeps its cache with checkpointing on
         model.eval()
         assert model(ids).past_key_values is not None
+
+
+def float_twin(model):
+    """A copy of a quantized model whose QuantizedLinear layers are float32 nn.Linear layers holding the
+    de-quantized weights: the same function, with autograd's own backward."""
+    import copy
+
+    from model.quantization import QuantizedLinear, dequantize_weight
+
+    twin = copy.deepcopy(model)
+    for name, module in list(twin.named_modules()):
+        if isinstance(module, QuantizedLinear):
+            linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            with torch.no_grad():
+                linear.weight.copy_(dequantize_weight(module.stored_weight(), module.weight_scale, module.bits,
+                                                      torch.float32))
+                if module.bias is not None:
+                    linear.bias.copy_(module.bias)
+            linear.requires_grad_(False)
+            if module.bias is not None:
+                linear.bias.requires_grad_(module.bias.requires_grad)
+            parent, _, child = name.rpartition(".")
+            setattr(twin.get_submodule(parent), child, linear)
+    return twin
+
+
+@pytest.mark.parametrize("name", ["chatglm2-tiny-int4", "chatglm2-tiny-int8", "chatglm1-tiny-int4"])
+@pytest.mark.parametrize("path", ["native", "torch", "cuda", "mps"])
+def test_a_prefix_trains_through_quantized_layers(monkeypatch, name, path):
+    """P-Tuning v2 on an int4 / int8 model (the original's --quantization_bit): the prefix's gradient equals the
+    one of the same network with the de-quantized weights in float linears (the quantized forward differs only by
+    the kernels' rounding), through the native kernels, torch's products and the GPU branches; a trained bias gets its gradient; the frozen
+    quantized weights get none and do not change; their scales refuse to train."""
+    from model import kernels
+    from model.quantization import QuantizedLinear
+
+    if path == "torch":  # torch's products (as on ARM): their graph was the one to fail (a buffer reused in place)
+        monkeypatch.setattr(kernels, "library", lambda: None)
+    elif path in ("cuda", "mps"):  # the GPU branches, run on the CPU
+        monkeypatch.setenv(FORCE_ENV, path)
+    model, tokenizer = load_model(model_dir(name), device="cpu", dtype="float32")
+    model.requires_grad_(False)
+    torch.manual_seed(0)
+    model.add_prefix_encoder(4, False).requires_grad_(True)
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    trained_bias = next(m for m in layers if m.bias is not None)
+    trained_bias.bias.requires_grad_(True)
+    before = [m.weight.clone() for m in layers]
+    twin = float_twin(model)
+    twin_bias = next(m for m in twin.modules() if isinstance(m, torch.nn.Linear) and m.bias is not None
+                     and m.bias.requires_grad)
+    ids, labels = sample_batch(tokenizer)
+    model.train(), twin.train()
+    model(ids, labels=labels).loss.backward()
+    twin(ids, labels=labels).loss.backward()
+    ours, theirs = model.transformer.prefix_encoder.embedding.weight.grad, twin.transformer.prefix_encoder.embedding.weight.grad
+    assert ours.abs().max() > 0
+    torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-3 * theirs.abs().max().item())
+    torch.testing.assert_close(trained_bias.bias.grad, twin_bias.bias.grad, rtol=1e-3,
+                               atol=1e-3 * twin_bias.bias.grad.abs().max().item())
+    assert all(m.weight.grad is None and m.weight_scale.grad is None for m in layers)
+    assert all(torch.equal(m.weight, w) for m, w in zip(layers, before))
+    layers[0].weight_scale.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="frozen"):
+        model(ids, labels=labels)
 
 
 def test_prefix_in_a_training_pass_equals_the_prefix_in_the_cache():
@@ -276,6 +342,17 @@ def test_missing_data_file_is_an_error(tmp_path, capsys):
     assert "none.jsonl: cannot read" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name,flags", [("chatglm2-tiny-int4", []), ("chatglm3-tiny", ["--quantize", "8"])])
+def test_lora_on_a_quantized_model_is_refused_with_what_to_do(tmp_path, capsys, name, flags):
+    data = toy_data(tmp_path / "train.jsonl", "chatglm2")
+    out = tmp_path / "out"
+    assert finetune.main(["--model", model_dir(name), "--data", data, "--method", "lora", "--output", str(out),
+                          "--quiet", *flags]) == 2
+    err = capsys.readouterr().err
+    assert "LoRA trains on a float base model" in err and "--method ptuning" in err
+    assert f"(int{4 if name.endswith('int4') else 8})" in err and not out.exists()
+
+
 # ---- finetune.py end to end -----------------------------------------------------------------------------------
 def toy_data(path, family: str, n: int = 16) -> str:
     with open(path, "w", encoding="utf-8") as f:
@@ -313,6 +390,7 @@ def cli_demo_answer(base: str, *flags: str, env=None) -> str:
     ("lora", "chatglm3-tiny", ["--lr", "5e-3", "--lora-dropout", "0"]),
     ("ptuning", "chatglm3-tiny", ["--lr", "5e-1", "--pre-seq-len", "8"]),
     ("ptuning", "chatglm2-tiny", ["--lr", "5e-1", "--pre-seq-len", "8", "--dtype", "bfloat16"]),
+    ("ptuning", "chatglm2-tiny-int4", ["--lr", "5e-1", "--pre-seq-len", "8"]),  # through the int4 layers
     ("lora", "chatglm1-tiny", ["--lr", "5e-3", "--lora-dropout", "0"]),
     # ChatGLM-6B's residual (LN(x) * sqrt(56)) outweighs the attention the prefix steers: a larger step
     ("ptuning", "chatglm1-tiny", ["--lr", "1", "--pre-seq-len", "8"]),
