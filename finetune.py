@@ -323,6 +323,12 @@ def train(model, data: list[Example], eval_data: list[Example] | None, args, dev
     return losses
 
 
+def lora_on_quantized(model: str, bits: int) -> str:
+    return (f"{model}: LoRA trains on a float base model, and this one is quantized (int{bits}); train LoRA on "
+            "the float checkpoint (an adapter also serves it quantized: --adapter with --quantize), or use "
+            "--method ptuning, which trains through int4 / int8 layers")
+
+
 # ---- the command --------------------------------------------------------------------------------------------
 def parser() -> argparse.ArgumentParser:
     from model.flags import device_name, dtype_name, float_range, int_range
@@ -369,6 +375,8 @@ def main(argv=None) -> int:
         print(message, file=sys.stderr, flush=True)
 
     try:
+        if args.method == "lora" and args.quantize:  # refused before a minute of loading (see below)
+            raise DataError(lora_on_quantized(args.model, args.quantize))
         import torch
 
         from model.flags import ModelLoadError, load_from_args
@@ -386,11 +394,9 @@ def main(argv=None) -> int:
             model, tokenizer = load_from_args(load_args)
         except ModelLoadError as e:
             raise DataError(str(e)) from None
-        if args.method == "lora" and any(isinstance(m, QuantizedLinear) for m in model.modules()):
-            raise DataError(f"{args.model}: LoRA trains on a float base model, and this one is quantized "
-                            f"(int{next(m.bits for m in model.modules() if isinstance(m, QuantizedLinear))}); "
-                            "train LoRA on the float checkpoint (an adapter also serves it quantized: --adapter "
-                            "with --quantize), or use --method ptuning, which trains through int4 / int8 layers")
+        quantized = [m.bits for m in model.modules() if isinstance(m, QuantizedLinear)]
+        if args.method == "lora" and quantized:  # a pre-quantized checkpoint
+            raise DataError(lora_on_quantized(args.model, quantized[0]))
         data = read_data(args.data, tokenizer, args.max_length)
         eval_data = read_data(args.eval, tokenizer, args.max_length) if args.eval else None
         args.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -138,6 +138,9 @@ def main(argv=None) -> None:
     finally:
         if tmp is not None:
             tmp.cleanup()
+    if not results:
+        raise SystemExit("nothing to run: LoRA trains on a float base model (add none to --quantize, or ptuning to "
+                         "--methods)")
     print(f"\nchatglm2 {args.shape} on the CPU ({results[0]['threads']} threads), batch {args.batch_size} x "
           f"{args.seq_len} tokens{', gradient checkpointing' if args.gradient_checkpointing else ''}")
     print(f"{'method':<9} {'dtype':<9} {'weights':<8} {'trainable':>11} {'tokens/s (min-max)':>24} "

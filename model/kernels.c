@@ -411,13 +411,15 @@ static void tile_sums(const __m512i *acc, int n, int half, int32_t *sums) {
 
 /* Software prefetch of the next tile's weights while a tile works: a tile reads ROWS short row streams at
  * once, too short for the hardware prefetcher to ramp up on (prefetching past the end of w is harmless: it
- * never faults). The next tile's lines go in the order its blocks will read them (64-byte column steps, the
- * ROWS rows at each), `per` of them at each block iteration, spread over all of this tile's iterations: one
- * block of rows of x (batch 1-2) asks for ROWS lines a step; with more blocks they share the work. Before, the
- * first block of each pass asked for the pass's lines in a burst and the others for none, and the fetches
- * did not overlap the products. 6B decoding steps (bench/step_ab.py, Xeon without AMX), batch 8 / 16: int8
- * 628 -> 552 / 921 -> 826 ms, int4 494 -> 459 / 1097 -> 1010, bf16 940 -> 817 / 1294 -> 1154; batch 1 as
- * before (bf16 at batch 1 does not prefetch: one stream per row suits the hardware prefetcher). */
+ * never faults). The next tile's lines go in column order (64-byte steps, the ROWS rows at each: the order
+ * its blocks read them, except where int4 unpacks a pass row by row first), `per` of them at each block
+ * iteration, spread over all of this tile's iterations: one block of rows of x (batch 1-2) asks for ROWS lines
+ * a step, as before; with more blocks they share the work. Before, only the first block of each pass asked for
+ * the next tile's lines of that pass (the int4 tiles that unpack a pass: while unpacking), so the fetches came
+ * in bursts at the start of each pass and did not overlap the other blocks' products. 6B decoding steps
+ * (bench/step_ab.py, Xeon without AMX), batch 8 / 16: int8 628 -> 552 / 921 -> 826 ms, int4 494 -> 459 /
+ * 1097 -> 1010, bf16 940 -> 817 / 1294 -> 1154; batch 1 as before (bf16 at batch 1 does not prefetch: one
+ * stream per row suits the hardware prefetcher). */
 typedef struct { const char *base; long row_bytes; long i, n; int per; } next_tile;
 /* iters: the 64-byte steps of this tile's blocks: M rows of x in groups of 16 and blocks of mb */
 static inline next_tile next_tile_for(const void *w, long n0, long row_bytes, long covered_bytes, int M, int mb) {

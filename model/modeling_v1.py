@@ -152,11 +152,12 @@ class ChatGLM1Model(PrefixTuning, nn.Module):
             raise ValueError("ChatGLM-6B prompts are read whole: pass position_ids to continue from a cache")
         cfg = self.config
         B, T = input_ids.shape
+        col = torch.arange(T, device=input_ids.device)[None]
         if cfg.pad_token_id is None:
-            start = input_ids.new_zeros(B, 1)
-        else:  # the leading pads
-            start = (input_ids == cfg.pad_token_id).long().cumprod(1).sum(1, keepdim=True)
-        j = torch.arange(T, device=input_ids.device)[None] - start  # place in the prompt (< 0: padding)
+            start = input_ids.new_zeros(B, 1, dtype=torch.long)
+        else:  # the leading pads: up to the first other token (no scan op, which MPS lacks for int64 on old macOS)
+            start = torch.where(input_ids != cfg.pad_token_id, col, T).amin(1, keepdim=True)
+        j = col - start  # place in the prompt (< 0: padding)
         real = j >= 0
 
         def first(token_id):  # (place of the prompt's first token_id, whether it has one), per row

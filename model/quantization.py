@@ -246,6 +246,9 @@ def _emulated_int4pack_mm(x: torch.Tensor, packed: torch.Tensor, group: int, sca
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x, cpu, group, scales_and_zeros)
 
 
+BACKWARD_BLOCK_BYTES = 64 << 20  # de-quantized weight per block of a backward pass
+
+
 class _FrozenQuantizedProduct(torch.autograd.Function):
     """y = layer(x) for training through a quantized layer (P-Tuning v2 on an int4 / int8 model, gradients to
     layers below): the forward is the layer's own inference product, recording nothing; the backward gives x's
@@ -256,8 +259,7 @@ class _FrozenQuantizedProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, layer):
         ctx.layer = layer
-        with torch.no_grad():
-            return layer._product(x)
+        return layer._product(x)  # autograd records nothing inside a Function's forward
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -347,25 +349,28 @@ class QuantizedLinear(nn.Module):
         return super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)):
+        if torch.is_grad_enabled():
             if self.weight_scale.requires_grad:
                 raise RuntimeError("a quantized layer's weight and scales cannot be trained (they stay frozen); "
                                    "train a P-Tuning prefix, or LoRA on the float model")
-            return _FrozenQuantizedProduct.apply(x, self.bias, self)
+            if x.requires_grad or (self.bias is not None and self.bias.requires_grad):
+                return _FrozenQuantizedProduct.apply(x, self.bias, self)
         return self._product(x)
 
     def _input_grad(self, grad_y: torch.Tensor) -> torch.Tensor:
-        """grad_y (..., out) (q * scale) -> (..., in): the weight de-quantized in grad_y's dtype, 64 MB of it at a
-        time."""
+        """grad_y (..., out) (q * scale) -> (..., in): the weight de-quantized in grad_y's dtype,
+        BACKWARD_BLOCK_BYTES of it at a time."""
         rows = grad_y.reshape(-1, self.out_features)
         q, scale = self.stored_weight(), self.weight_scale
-        step = max(1, (64 << 20) // (self.in_features * rows.element_size()))
-        grad_x = None
+        step = max(1, BACKWARD_BLOCK_BYTES // (self.in_features * rows.element_size()))
+        grad_x = None  # the blocks' products summed in float32 (one rounding to grad_y's dtype at the end)
         for n0 in range(0, self.out_features, step):
             w = dequantize_weight(q[n0:n0 + step], scale[n0:n0 + step], self.bits, rows.dtype)
             part = rows[:, n0:n0 + step] @ w
-            grad_x = part if grad_x is None else grad_x.add_(part)
-        return grad_x.reshape(*grad_y.shape[:-1], self.in_features)
+            if step >= self.out_features:
+                return part.reshape(*grad_y.shape[:-1], self.in_features)
+            grad_x = part.float() if grad_x is None else grad_x.add_(part)
+        return grad_x.to(rows.dtype).reshape(*grad_y.shape[:-1], self.in_features)
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[:-1]

@@ -141,11 +141,13 @@ def float_twin(model):
 def test_a_prefix_trains_through_quantized_layers(monkeypatch, name, path):
     """P-Tuning v2 on an int4 / int8 model (the original's --quantization_bit): the prefix's gradient equals the
     one of the same network with the de-quantized weights in float linears (the quantized forward differs only by
-    the kernels' rounding), through the native kernels, torch's products and the GPU branches; a trained bias gets its gradient; the frozen
-    quantized weights get none and do not change; their scales refuse to train."""
-    from model import kernels
+    the kernels' rounding), through the native kernels, torch's products and the GPU branches, the backward
+    de-quantizing each weight in several blocks; a trained bias gets its gradient; the frozen quantized weights
+    get none and do not change; their scales refuse to train."""
+    from model import kernels, quantization
     from model.quantization import QuantizedLinear
 
+    monkeypatch.setattr(quantization, "BACKWARD_BLOCK_BYTES", 4096)  # several blocks per layer's backward
     if path == "torch":  # torch's products (as on ARM): their graph was the one to fail (a buffer reused in place)
         monkeypatch.setattr(kernels, "library", lambda: None)
     elif path in ("cuda", "mps"):  # the GPU branches, run on the CPU
@@ -175,6 +177,32 @@ def test_a_prefix_trains_through_quantized_layers(monkeypatch, name, path):
     layers[0].weight_scale.requires_grad_(True)
     with pytest.raises(RuntimeError, match="frozen"):
         model(ids, labels=labels)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_quantized_layers_input_gradient_is_grad_y_times_its_weight(monkeypatch, bits, dtype):
+    """The backward's grad_x = grad_y (q * scale), in one block or several (summed in float32), for 3-D inputs;
+    in bf16 on the CUDA branch the weight is stored in torch's repacked int4 layout and read back for it."""
+    from model import quantization
+    from model.quantization import QuantizedLinear, dequantize_weight
+
+    torch.manual_seed(0)
+    layer = QuantizedLinear.from_linear(torch.nn.Linear(256, 96, dtype=dtype), bits)
+    x = torch.randn(2, 3, 256, dtype=dtype)
+    grad_y = torch.randn(2, 3, 96, dtype=dtype)
+    exact = grad_y.double() @ dequantize_weight(layer.stored_weight(), layer.weight_scale, bits, torch.float64)
+    if dtype == torch.bfloat16 and bits == 4:
+        monkeypatch.setenv(FORCE_ENV, "cuda")
+    for block in (64 << 20, 2048):  # 96 rows in one block, or 4 rows (4 x 256 x 2 bytes) a block
+        monkeypatch.setattr(quantization, "BACKWARD_BLOCK_BYTES", block)
+        xg = x.clone().requires_grad_(True)
+        layer(xg).backward(grad_y)
+        assert xg.grad.dtype == dtype and xg.grad.shape == x.shape
+        tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(xg.grad.double(), exact, rtol=tolerance, atol=tolerance * exact.abs().max().item())
+    if dtype == torch.bfloat16 and bits == 4:
+        assert layer._tinygemm  # the forward took the repacked product, the backward its stored bytes
 
 
 def test_prefix_in_a_training_pass_equals_the_prefix_in_the_cache():
