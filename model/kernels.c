@@ -441,7 +441,10 @@ static inline __attribute__((always_inline)) void next_tile_step(next_tile *p) {
  * weight row) pair is summed in the same order at any batch size. 2-core Xeon without AMX, a decoding step of
  * the 6B shape at batch 8 (the model's forward pass, mean of 2 interleaved runs): int4 0.67 -> 0.56 s, int8 1.05 ->
  * 0.78 s, bf16 1.64 -> 1.07 s; batch 1 unchanged. */
-#define VNNI_KC 1024  /* columns a pass (int4: 512 bytes of a weight row) */
+/* Columns a pass (int4: 1024 bytes of a weight row). 2048 rather than 1024: fewer passes, each reloading its
+ * blocks' accumulators and waiting on the first block's weights; 6B decoding steps (bench/step_ab.py, Xeon
+ * without AMX, four sittings) batch 16 int8 1.02-1.09x, int4 1.03-1.08x, batch 4-8 0.98-1.06x. */
+#define VNNI_KC 2048
 /* From this many rows of x in a group the int4 tiles unpack each pass of their weight rows once into a small
  * buffer that every block of rows then reads, instead of each block unpacking them again (4 vector ops per 64
  * bytes, against 8 products for a block of 2 rows). 6B int4 decoding steps (bench/step_ab.py, Xeon without
