@@ -10,9 +10,11 @@ the family's prompt format (model.formats); the loss counts the assistant replie
 
 Saves: lora -> peft's save_pretrained (adapter_config.json + adapter_model.safetensors); ptuning -> a folder
 with pytorch_model.bin (only transformer.prefix_encoder.*) and ptuning.json (pre_seq_len, prefix_projection),
-which load_model(base, ptuning=OUT), --ptuning-checkpoint OUT and the original's scripts read. P-Tuning v2
-also trains on a quantized base model (a pre-quantized checkpoint, or --quantize 4|8 as the original's
---quantization_bit): the gradients go through the frozen int4 / int8 layers (model/quantization.py).
+which load_model(base, ptuning=OUT), --ptuning-checkpoint OUT and the original's scripts read. Both also
+train on a quantized base model (a pre-quantized checkpoint such as chatglm2-6b-int4, or --quantize 4|8 as the
+original's --quantization_bit): the gradients go through the frozen int4 / int8 layers (model/quantization.py).
+LoRA there trains A and B beside each quantized linear (QLoRA; QuantizedLinear.add_lora, in float32) and saves
+them in peft's format too; --adapter OUT serves them on the quantized model the same way, unmerged.
 """
 
 from __future__ import annotations
@@ -221,7 +223,9 @@ def prepare(model, args):
     """The model ready to train with args.method: every base weight frozen; LoRA adapters (peft) or a new
     prefix encoder the only trainable parameters. Returns the model to call (a PeftModel for LoRA)."""
     model.requires_grad_(False)
-    if args.method == "lora":
+    if args.method == "lora" and quantized_targets(model):
+        add_trainable_lora(model, args)
+    elif args.method == "lora":
         from peft import LoraConfig, get_peft_model
 
         config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
@@ -237,8 +241,52 @@ def prepare(model, args):
     return model
 
 
+def quantized_targets(model) -> dict:
+    """name -> QuantizedLinear of the LoRA targets (LORA_TARGETS) of a quantized model; empty for a float one."""
+    from model.quantization import QuantizedLinear
+
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, QuantizedLinear) and name.rpartition(".")[2] in LORA_TARGETS}
+
+
+def add_trainable_lora(model, args) -> None:
+    """LoRA (rank args.lora_rank) beside every quantized target linear, initialised as peft does: A from
+    kaiming_uniform(a=sqrt(5)), B zero, so that training starts from the base model; float32 (peft's default for
+    the adapter of a half-precision model), on the layer's device."""
+    import torch
+
+    for layer in quantized_targets(model).values():
+        a = torch.empty(args.lora_rank, layer.in_features, dtype=torch.float32, device=layer.weight.device)
+        torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        b = torch.zeros(layer.out_features, args.lora_rank, dtype=torch.float32, device=layer.weight.device)
+        layer.add_lora(a, b, args.lora_alpha / args.lora_rank, trainable=True, dropout=args.lora_dropout)
+
+
+def save_quantized_lora(model, args) -> None:
+    """The LoRA trained beside quantized linears, in the folder layout peft's save_pretrained writes
+    (adapter_config.json, adapter_model.safetensors with base_model.model.<module>.lora_A / lora_B.weight)."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, layer in quantized_targets(model).items():
+        for part in ("A", "B"):
+            tensors[f"base_model.model.{name}.lora_{part}.weight"] = \
+                getattr(layer, f"lora_{part}").detach().float().cpu().contiguous()
+    save_file(tensors, os.path.join(args.output, "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": args.model,
+              "r": args.lora_rank, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
+              "target_modules": LORA_TARGETS, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+              "inference_mode": True}
+    with open(os.path.join(args.output, "adapter_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=1)
+        f.write("\n")
+
+
 def save(model, args) -> None:
     os.makedirs(args.output, exist_ok=True)
+    if args.method == "lora" and quantized_targets(model):
+        save_quantized_lora(model, args)
+        return
     if args.method == "lora":
         model.save_pretrained(args.output)
         return
@@ -323,12 +371,6 @@ def train(model, data: list[Example], eval_data: list[Example] | None, args, dev
     return losses
 
 
-def lora_on_quantized(model: str, bits: int) -> str:
-    return (f"{model}: LoRA trains on a float base model, and this one is quantized (int{bits}); train LoRA on "
-            "the float checkpoint (an adapter also serves it quantized: --adapter with --quantize), or use "
-            "--method ptuning, which trains through int4 / int8 layers")
-
-
 # ---- the command --------------------------------------------------------------------------------------------
 def parser() -> argparse.ArgumentParser:
     from model.flags import device_name, dtype_name, float_range, int_range
@@ -341,8 +383,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--method", required=True, choices=("lora", "ptuning"))
     ap.add_argument("--output", required=True, help="folder to save the adapter / prefix in")
     ap.add_argument("--quantize", type=int, choices=(4, 8), default=None,
-                    help="quantize the frozen base model to int4 / int8 while loading (P-Tuning v2 only; a "
-                         "pre-quantized checkpoint such as chatglm2-6b-int4 needs no flag)")
+                    help="quantize the frozen base model to int4 / int8 while loading (a pre-quantized "
+                         "checkpoint such as chatglm2-6b-int4 needs no flag)")
     ap.add_argument("--pre-seq-len", type=positive, default=128, help="P-Tuning v2 prefix tokens (default 128)")
     ap.add_argument("--prefix-projection", action="store_true", help="P-Tuning v2 with the MLP reparametrization")
     ap.add_argument("--lora-rank", type=positive, default=8)
@@ -375,13 +417,10 @@ def main(argv=None) -> int:
         print(message, file=sys.stderr, flush=True)
 
     try:
-        if args.method == "lora" and args.quantize:  # refused before a minute of loading (see below)
-            raise DataError(lora_on_quantized(args.model, args.quantize))
         import torch
 
         from model.flags import ModelLoadError, load_from_args
         from model.loading import pick_device
-        from model.quantization import QuantizedLinear
 
         torch.manual_seed(args.seed)
         device = pick_device(args.device)
@@ -394,9 +433,6 @@ def main(argv=None) -> int:
             model, tokenizer = load_from_args(load_args)
         except ModelLoadError as e:
             raise DataError(str(e)) from None
-        quantized = [m.bits for m in model.modules() if isinstance(m, QuantizedLinear)]
-        if args.method == "lora" and quantized:  # a pre-quantized checkpoint
-            raise DataError(lora_on_quantized(args.model, quantized[0]))
         data = read_data(args.data, tokenizer, args.max_length)
         eval_data = read_data(args.eval, tokenizer, args.max_length) if args.eval else None
         args.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -120,7 +120,7 @@ def build_parser(description: str, *, server: bool = False, web: bool = False, e
                     help="the prefix length, when the checkpoint folder does not say (env PRE_SEQ_LEN)")
     ap.add_argument("--adapter", default=None, metavar="DIR",
                     help="a LoRA adapter folder saved by PEFT (adapter_config.json + adapter_model.safetensors), "
-                         "merged into the weights while they load")
+                         "merged into the weights while they load (kept beside them on a quantized model)")
     if server or web:
         ap.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: everyone)")

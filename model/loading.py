@@ -341,11 +341,13 @@ def load_weights(name_or_path: str, model_class_for: ModelClassFor, device=None,
     name -> GPU index or device) puts each tensor straight on its module's device and installs the hooks
     that move activations between devices. ptuning: a P-Tuning v2 prefix to load on top of the base checkpoint
     (its pre_seq_len / prefix_projection go into the config); the prefix encoder stays float32. adapter: a
-    LoRA adapter (read_adapter) merged into the weights it changes as they are read: in float32, then cast to
-    the dtype, then quantized when asked (a checkpoint stored quantized cannot take one).
+    LoRA adapter (read_adapter) merged into the float weights it changes as they are read (in float32, then cast
+    to the dtype); on a quantized model (stored so, or quantize=) kept beside the quantized linears it adapts
+    instead (QuantizedLinear.add_lora), as PEFT serves LoRA on a quantized base: merged and then quantized, a
+    trained update would mostly round away.
     """
     from .placement import as_torch_device, clean_device_map, device_for, dispatch, embedding_module
-    from .quantization import quantize_weight, swap_linears
+    from .quantization import QuantizedLinear, quantize_weight, swap_linears
 
     path = resolve_model_dir(name_or_path, revision=revision)
     config = ChatGLMConfig.from_checkpoint_dir(path, family=family,
@@ -354,14 +356,10 @@ def load_weights(name_or_path: str, model_class_for: ModelClassFor, device=None,
     if quantize and stored_bits and quantize != stored_bits:
         raise CheckpointError(f"{path} is stored with {stored_bits}-bit weights; it cannot be loaded as "
                               f"{quantize}-bit (leave out --quantize)")
-    if adapter is not None and stored_bits:
-        raise CheckpointError(f"{path} is stored with {stored_bits}-bit weights; the LoRA adapter {adapter.path} "
-                              f"merges into float weights: load the float checkpoint (with --quantize "
-                              f"{stored_bits} to quantize after the merge)")
     model = build_empty_model(config, model_class_for(config))
     if adapter is not None:
         adapter.attach(model)  # its modules and shapes checked before any weight is read
-    merge_now = adapter.changes if adapter is not None else set()
+    merge_now = set(adapter.changes) if adapter is not None else set()
     if device_map is not None:
         device_map = clean_device_map(device_map, model)
         device = as_torch_device(device_for(embedding_module(config) + ".weight", device_map))
@@ -370,6 +368,10 @@ def load_weights(name_or_path: str, model_class_for: ModelClassFor, device=None,
     bits = stored_bits or quantize
     if bits:
         swap_linears(model, bits, quantize_values=False)
+    # LoRA on a quantized linear stays beside it (added after loading); biases and float weights merge as read
+    beside = {n for n in (adapter.merges if adapter is not None else ())
+              if isinstance(model.get_submodule(n.rpartition(".")[0]), QuantizedLinear)}
+    merge_now -= beside
     expected = {n for n, p in model.named_parameters()}
     if ptuning is not None:  # the prefix encoder comes from the P-Tuning checkpoint, not the base one
         expected = {n for n in expected if not n.startswith(PREFIX_ENCODER)}
@@ -420,6 +422,12 @@ def load_weights(name_or_path: str, model_class_for: ModelClassFor, device=None,
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}; some weight "
                               f"file is missing or belongs to another model")
+    for name in sorted(beside):
+        layer = model.get_submodule(name.rpartition(".")[0])
+        a, b, scaling = adapter.merges[name]
+        place = dict(device=layer.weight.device, dtype=dtype)
+        with torch.inference_mode(False), torch.no_grad():
+            layer.add_lora(a.to(**place), b.to(**place), scaling)
     if ptuning is not None:
         ptuning.load_into(model, device)  # on the embedding's device, where the prefix is computed
     if stored_head is not None and not model.transformer.word_embeddings.weight.is_meta:
@@ -516,6 +524,11 @@ def save_checkpoint(model, directory: str, max_shard_size: int = 2 * 1024**3) ->
     """config.json + model.safetensors (or shards with model.safetensors.index.json)."""
     from safetensors.torch import save_file
 
+    beside = [n for n, m in model.named_modules() if getattr(m, "lora_scaling", 0.0)]
+    if beside:  # the checkpoint layout has no place for it: a reload would drop it
+        raise ValueError(f"this model carries a LoRA adapter beside its quantized layers ({beside[0]}, ...), which "
+                         f"a checkpoint cannot hold: keep the adapter folder and load it with the checkpoint, or "
+                         f"save the float model with the adapter merged (loaded without quantization)")
     os.makedirs(directory, exist_ok=True)
     config = model.config
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}

@@ -1,4 +1,5 @@
-"""LoRA adapters in PEFT's format, merged into the weights while they load.
+"""LoRA adapters in PEFT's format, merged into the float weights while they load (on a quantized model kept
+beside the quantized linears instead: QuantizedLinear.add_lora).
 
 A PEFT adapter folder (what `PeftModel.save_pretrained` writes) holds adapter_config.json and
 adapter_model.safetensors (or adapter_model.bin). Its tensors are named after the trained model's modules:
@@ -8,7 +9,8 @@ one of our linears. Merging gives each such linear W + (lora_B @ lora_A) * scali
 (lora_alpha / sqrt(r) with use_rslora; both per module with rank_pattern / alpha_pattern), the sum in float32,
 as PEFT's merge_and_unload computes it. An adapter trained with bias "lora_only" or "all" also holds the trained
 biases (`<module>.base_layer.bias`, or `<module>.bias` outside the adapted linears), which replace the base
-model's. The loader (model/loading.py) casts the result to the model's dtype and then quantizes it when asked.
+model's. The loader (model/loading.py) casts the result to the model's dtype; where the model is quantized it
+hands (lora_A, lora_B, scaling) to the quantized linear, which adds the update to its product at run time.
 
 This module reads the config and checks the tensors; the loader reads the files (read_weights) and hands them in,
 so this module needs nothing from it."""

@@ -270,7 +270,11 @@ class _FrozenQuantizedProduct(torch.autograd.Function):
 
 
 class QuantizedLinear(nn.Module):
-    """y = x (q * scale)^T + b, with q stored as int8 (8 bit) or packed nibbles (4 bit)."""
+    """y = x (q * scale)^T + b, with q stored as int8 (8 bit) or packed nibbles (4 bit); with a LoRA adapter
+    (add_lora), plus (x lora_A^T) lora_B^T * lora_scaling, kept beside the quantized weight."""
+
+    lora_scaling = 0.0  # no LoRA until add_lora
+    lora_dropout = 0.0
 
     def __init__(self, in_features: int, out_features: int, bits: int, bias: bool, dtype=None, device=None):
         super().__init__()
@@ -348,14 +352,38 @@ class QuantizedLinear(nn.Module):
             self.__dict__.pop(cache, None)
         return super()._load_from_state_dict(*args, **kwargs)
 
+    def add_lora(self, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, trainable: bool = False,
+                 dropout: float = 0.0) -> None:
+        """Keep a LoRA update beside the quantized weight, as PEFT runs LoRA on a quantized base (QLoRA):
+        forward adds (dropout(x) lora_a^T) lora_b^T * scaling, computed in lora_a's dtype, to the layer's product.
+        Merging it into the weight instead would lose most of it: a trained update is far smaller than an int4
+        step. lora_a is (r, in_features), lora_b (out_features, r); trainable: as parameters to train (the
+        dropout then applies in training mode), else frozen."""
+        r = lora_a.shape[0]
+        if lora_a.shape != (r, self.in_features) or lora_b.shape != (self.out_features, r):
+            raise ValueError(f"LoRA of shapes {tuple(lora_a.shape)} and {tuple(lora_b.shape)} does not fit a "
+                             f"{self.in_features} -> {self.out_features} layer (needs (r, in) and (out, r))")
+        self.lora_A = nn.Parameter(lora_a, requires_grad=trainable)
+        self.lora_B = nn.Parameter(lora_b, requires_grad=trainable)
+        self.lora_scaling, self.lora_dropout = float(scaling), float(dropout)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = None
         if torch.is_grad_enabled():
             if self.weight_scale.requires_grad:
                 raise RuntimeError("a quantized layer's weight and scales cannot be trained (they stay frozen); "
-                                   "train a P-Tuning prefix, or LoRA on the float model")
+                                   "train a P-Tuning prefix or LoRA")
             if x.requires_grad or (self.bias is not None and self.bias.requires_grad):
-                return _FrozenQuantizedProduct.apply(x, self.bias, self)
-        return self._product(x)
+                y = _FrozenQuantizedProduct.apply(x, self.bias, self)
+        if y is None:
+            y = self._product(x)
+        if not self.lora_scaling:
+            return y
+        a = self.lora_A
+        h = x.to(a.dtype)
+        if self.training and self.lora_dropout:
+            h = F.dropout(h, self.lora_dropout)
+        return y + (F.linear(F.linear(h, a), self.lora_B) * self.lora_scaling).to(y.dtype)
 
     def _input_grad(self, grad_y: torch.Tensor) -> torch.Tensor:
         """grad_y (..., out) (q * scale) -> (..., in): the weight de-quantized in grad_y's dtype,

@@ -127,3 +127,27 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
         if "browser" in fixtures:
             item.add_marker(pytest.mark.browser)
+
+
+def float_twin(model):
+    """A copy of a quantized model whose QuantizedLinear layers are float32 nn.Linear layers holding the
+    de-quantized weights: the same function, with autograd's own backward."""
+    import copy
+
+    from model.quantization import QuantizedLinear, dequantize_weight
+
+    twin = copy.deepcopy(model)
+    for name, module in list(twin.named_modules()):
+        if isinstance(module, QuantizedLinear):
+            linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            with torch.no_grad():
+                linear.weight.copy_(dequantize_weight(module.stored_weight(), module.weight_scale, module.bits,
+                                                      torch.float32))
+                if module.bias is not None:
+                    linear.bias.copy_(module.bias)
+            linear.requires_grad_(False)
+            if module.bias is not None:
+                linear.bias.requires_grad_(module.bias.requires_grad)
+            parent, _, child = name.rpartition(".")
+            setattr(twin.get_submodule(parent), child, linear)
+    return twin

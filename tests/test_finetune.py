@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import finetune
-from conftest import loaded, model_dir
+from conftest import float_twin, loaded, model_dir
 from model import load_model
 from model.devices import FORCE_ENV
 from model.formats import DEFAULT_TOOL_PROMPT, format_for
@@ -110,30 +110,6 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(name, prefix):
     with torch.no_grad():  # inference keeps its cache with checkpointing on
         model.eval()
         assert model(ids).past_key_values is not None
-
-
-def float_twin(model):
-    """A copy of a quantized model whose QuantizedLinear layers are float32 nn.Linear layers holding the
-    de-quantized weights: the same function, with autograd's own backward."""
-    import copy
-
-    from model.quantization import QuantizedLinear, dequantize_weight
-
-    twin = copy.deepcopy(model)
-    for name, module in list(twin.named_modules()):
-        if isinstance(module, QuantizedLinear):
-            linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            with torch.no_grad():
-                linear.weight.copy_(dequantize_weight(module.stored_weight(), module.weight_scale, module.bits,
-                                                      torch.float32))
-                if module.bias is not None:
-                    linear.bias.copy_(module.bias)
-            linear.requires_grad_(False)
-            if module.bias is not None:
-                linear.bias.requires_grad_(module.bias.requires_grad)
-            parent, _, child = name.rpartition(".")
-            setattr(twin.get_submodule(parent), child, linear)
-    return twin
 
 
 @pytest.mark.parametrize("name", ["chatglm2-tiny-int4", "chatglm2-tiny-int8", "chatglm1-tiny-int4"])
@@ -370,15 +346,45 @@ def test_missing_data_file_is_an_error(tmp_path, capsys):
     assert "none.jsonl: cannot read" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name,flags", [("chatglm2-tiny-int4", []), ("chatglm3-tiny", ["--quantize", "8"])])
-def test_lora_on_a_quantized_model_is_refused_with_what_to_do(tmp_path, capsys, name, flags):
-    data = toy_data(tmp_path / "train.jsonl", "chatglm2")
-    out = tmp_path / "out"
-    assert finetune.main(["--model", model_dir(name), "--data", data, "--method", "lora", "--output", str(out),
-                          "--quiet", *flags]) == 2
-    err = capsys.readouterr().err
-    assert "LoRA trains on a float base model" in err and "--method ptuning" in err
-    assert f"(int{4 if name.endswith('int4') else 8})" in err and not out.exists()
+@pytest.mark.parametrize("name", ["chatglm2-tiny-int4", "chatglm2-tiny-int8", "chatglm1-tiny-int4"])
+def test_lora_on_a_quantized_model_gets_the_gradients_of_peft_on_its_float_twin(name):
+    """LoRA on a quantized base (QLoRA): finetune.py puts A and B beside each quantized target linear; their
+    gradients equal those of peft's LoRA with the same A and B on a float twin holding the de-quantized weights
+    (the quantized forward differs only by float rounding), and only A and B train."""
+    import argparse
+
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = load_model(model_dir(name), device="cpu", dtype="float32")
+    twin = float_twin(model)
+    args = argparse.Namespace(method="lora", lora_rank=4, lora_alpha=8.0, lora_dropout=0.0,
+                              gradient_checkpointing=False)
+    torch.manual_seed(0)
+    model = finetune.prepare(model, args)
+    targets = finetune.quantized_targets(model)
+    assert len(targets) == 4 * model.config.num_layers
+    with torch.no_grad():  # B starts at zero, which would leave A without a gradient
+        for layer in targets.values():
+            layer.lora_B.normal_(0, 0.05)
+    peft_model = get_peft_model(twin, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                 target_modules=finetune.LORA_TARGETS))
+    peft_params = dict(peft_model.named_parameters())
+    with torch.no_grad():
+        for module, layer in targets.items():
+            for part in ("A", "B"):
+                peft_params[f"base_model.model.{module}.lora_{part}.default.weight"].copy_(getattr(layer, f"lora_{part}"))
+    ids = torch.randint(5, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    losses = [m(input_ids=ids, labels=ids, use_cache=False).loss for m in (model, peft_model)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=0)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == {f"{m}.lora_{part}" for m in targets for part in ("A", "B")}
+    for module, layer in targets.items():
+        for part in ("A", "B"):
+            got = getattr(layer, f"lora_{part}").grad
+            want = peft_params[f"base_model.model.{module}.lora_{part}.default.weight"].grad
+            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
 
 
 # ---- finetune.py end to end -----------------------------------------------------------------------------------
@@ -420,6 +426,7 @@ def cli_demo_answer(base: str, *flags: str, env=None) -> str:
     ("ptuning", "chatglm2-tiny", ["--lr", "5e-1", "--pre-seq-len", "8", "--dtype", "bfloat16"]),
     ("ptuning", "chatglm2-tiny-int4", ["--lr", "5e-1", "--pre-seq-len", "8"]),  # through the int4 layers
     ("lora", "chatglm1-tiny", ["--lr", "5e-3", "--lora-dropout", "0"]),
+    ("lora", "chatglm2-tiny-int4", ["--lr", "5e-3", "--lora-dropout", "0"]),  # beside the int4 layers (QLoRA)
     # ChatGLM-6B's residual (LN(x) * sqrt(56)) outweighs the attention the prefix steers: a larger step
     ("ptuning", "chatglm1-tiny", ["--lr", "1", "--pre-seq-len", "8"]),
 ])
@@ -437,7 +444,8 @@ def test_finetune_teaches_an_answer_that_survives_saving_and_reloading(tmp_path,
     assert "eval loss" in err and "tokens/s" in err
     if method == "lora":
         assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(out))
-        reloaded, tok = load_model(base, adapter=out, device="cpu", dtype="float32")  # merged while loading
+        # merged while loading (beside the layers of the int4 model)
+        reloaded, tok = load_model(base, adapter=out, device="cpu", dtype="float32")
     else:
         import torch as _torch
 
