@@ -221,7 +221,8 @@ def training_dtype(name: str, device):
 
 def prepare(model, args):
     """The model ready to train with args.method: every base weight frozen; LoRA adapters (peft) or a new
-    prefix encoder the only trainable parameters. Returns the model to call (a PeftModel for LoRA)."""
+    prefix encoder the only trainable parameters. Returns the model to call (a PeftModel for LoRA on a float
+    model; on a quantized one the model itself, its LoRA beside the quantized linears)."""
     model.requires_grad_(False)
     if args.method == "lora" and quantized_targets(model):
         add_trainable_lora(model, args)

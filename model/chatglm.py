@@ -75,7 +75,8 @@ def load_model(name_or_path: str, device: str | torch.device | None = None, dtyp
     (see model.multigpu); ptuning: a P-Tuning v2 checkpoint folder (pytorch_model.bin with the prefix encoder)
     whose prefix is prepended to every input, with pre_seq_len / prefix_projection from its config.json or
     ptuning.json unless given here; adapter: a PEFT LoRA adapter folder (adapter_config.json and
-    adapter_model.safetensors or .bin) merged into the weights while they load (before quantize).
+    adapter_model.safetensors or .bin) merged into the weights while they load, or on a quantized model kept
+    beside its quantized linears (float32).
     """
     path = resolve_model_dir(name_or_path, revision=revision)  # one Hub round trip for weights and tokenizer
     prefix = None

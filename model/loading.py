@@ -425,9 +425,13 @@ def load_weights(name_or_path: str, model_class_for: ModelClassFor, device=None,
     for name in sorted(beside):
         layer = model.get_submodule(name.rpartition(".")[0])
         a, b, scaling = adapter.merges[name]
-        place = dict(device=layer.weight.device, dtype=dtype)
+        # float32 whatever the model's dtype, as PEFT keeps an adapter on a half-precision base (and finetune.py
+        # trains it): the update is computed as it was trained
+        place = dict(device=layer.weight.device, dtype=torch.float32)
         with torch.inference_mode(False), torch.no_grad():
             layer.add_lora(a.to(**place), b.to(**place), scaling)
+    if set(merge_now) - set(adapter.replaces if adapter is not None else ()):
+        model.merged_adapter = adapter.path  # model.quantize() warns: the merged update would round away
     if ptuning is not None:
         ptuning.load_into(model, device)  # on the embedding's device, where the prefix is computed
     if stored_head is not None and not model.transformer.word_embeddings.weight.is_meta:
@@ -524,7 +528,7 @@ def save_checkpoint(model, directory: str, max_shard_size: int = 2 * 1024**3) ->
     """config.json + model.safetensors (or shards with model.safetensors.index.json)."""
     from safetensors.torch import save_file
 
-    beside = [n for n, m in model.named_modules() if getattr(m, "lora_scaling", 0.0)]
+    beside = [n for n, m in model.named_modules() if "lora_A" in m._parameters]
     if beside:  # the checkpoint layout has no place for it: a reload would drop it
         raise ValueError(f"this model carries a LoRA adapter beside its quantized layers ({beside[0]}, ...), which "
                          f"a checkpoint cannot hold: keep the adapter folder and load it with the checkpoint, or "

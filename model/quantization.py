@@ -610,5 +610,9 @@ def quantize(model: nn.Module, bits: int) -> nn.Module:
     """Quantize a loaded float model in place (as the original's model.quantize(bits)); returns it."""
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if getattr(model, "merged_adapter", None):
+        log.warning("the LoRA adapter %s was merged into the float weights this quantizes, where most of a "
+                    "trained update rounds away; load with quantize=%d (--quantize %d) instead, which keeps the "
+                    "adapter beside the quantized layers", model.merged_adapter, bits, bits)
     swap_linears(model, bits, quantize_values=True)
     return model

@@ -387,6 +387,24 @@ def test_lora_on_a_quantized_model_gets_the_gradients_of_peft_on_its_float_twin(
             torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
 
 
+def test_lora_beside_a_quantized_layer_drops_out_in_training_only():
+    """The LoRA input's dropout (lora_dropout) applies in training mode, as peft's; in eval mode the layer gives
+    its product plus the whole update, the same at every call."""
+    from model.quantization import QuantizedLinear
+
+    g = torch.Generator().manual_seed(3)
+    layer = QuantizedLinear.from_linear(torch.nn.Linear(64, 32), 4)
+    a, b = torch.randn(4, 64, generator=g), torch.randn(32, 4, generator=g)
+    layer.add_lora(a, b, 2.0, trainable=True, dropout=0.5)
+    x = torch.randn(3, 64, generator=g)
+    layer.eval()
+    first = layer(x)
+    assert torch.equal(first, layer(x))
+    torch.testing.assert_close(first, layer._product(x) + x @ a.T @ b.T * 2.0)
+    layer.train()
+    assert not torch.equal(layer(x), layer(x))
+
+
 # ---- finetune.py end to end -----------------------------------------------------------------------------------
 def toy_data(path, family: str, n: int = 16) -> str:
     with open(path, "w", encoding="utf-8") as f:
@@ -454,6 +472,14 @@ def test_finetune_teaches_an_answer_that_survives_saving_and_reloading(tmp_path,
         assert json.load(open(os.path.join(out, "ptuning.json")))["pre_seq_len"] == 8
         reloaded, tok = load_model(base, ptuning=out, device="cpu", dtype="float32")
     assert greedy_answer(reloaded, tok) == ANSWER
+    if method == "lora" and name.endswith("int4"):  # peft reads the QLoRA folder: its LoRA on the float twin
+        from peft import PeftModel
+
+        reference = PeftModel.from_pretrained(float_twin(model), out).eval()
+        enc = tok([QUESTION], return_tensors="pt")
+        with torch.no_grad():
+            want, got = reference(**enc).logits, reloaded(**enc).logits
+        torch.testing.assert_close(got, want, atol=1e-5 * float(want.abs().max()), rtol=0)
     # cli_demo.py reloads it with the scripts' flags (one case through the original demos' environment variables)
     flags, env = ["--adapter", out] if method == "lora" else ["--ptuning-checkpoint", out, "--pre-seq-len", "8"], None
     if method == "ptuning" and name == "chatglm2-tiny":

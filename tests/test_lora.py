@@ -205,6 +205,36 @@ def test_a_quantized_model_keeps_the_adapter_beside_its_linears(name, quantize, 
     assert torch.equal(out, want)
 
 
+def test_the_adapter_beside_a_bf16_quantized_model_stays_float32(adapters):
+    """PEFT keeps an adapter on a half-precision base in float32, and finetune.py trains it so: the update is
+    computed in float32 (x cast up, the result cast back), not rounded to bf16 first. The bf16 model's logits are
+    the float32 model's within bf16 rounding."""
+    directory, _ = adapters("chatglm2-tiny")
+    model, tokenizer = load_model(model_dir("chatglm2-tiny-int4"), adapter=directory, device="cpu", dtype="bfloat16")
+    lora = {n: p for n, p in model.named_parameters() if ".lora_" in n}
+    assert lora and all(p.dtype == torch.float32 for p in lora.values())
+    exact, _ = load_model(model_dir("chatglm2-tiny-int4"), adapter=directory, device="cpu", dtype="float32")
+    enc = golden_prompt(tokenizer, "chatglm2-tiny")
+    got, want = logits(model, enc).float(), logits(exact, enc)
+    assert got.dtype == torch.float32 and float((got - want).abs().max()) < 0.03 * float(want.abs().max())
+
+
+def test_quantizing_a_model_with_a_merged_adapter_warns(adapters, caplog):
+    """model.quantize() after loading quantizes the merged weights, where a trained update mostly rounds away:
+    it says so and names quantize= / --quantize, which keeps the adapter beside the layers."""
+    directory, _ = adapters("chatglm2-tiny")
+    model, _ = load_model(model_dir("chatglm2-tiny"), adapter=directory, device="cpu", dtype="float32")
+    with caplog.at_level("WARNING"):
+        model.quantize(4)
+    assert f"the LoRA adapter {directory} was merged into the float weights" in caplog.text
+    assert "--quantize 4" in caplog.text
+    caplog.clear()
+    plain, _ = load_model(model_dir("chatglm2-tiny"), device="cpu", dtype="float32")
+    with caplog.at_level("WARNING"):
+        plain.quantize(4)
+    assert "LoRA" not in caplog.text
+
+
 def test_saving_a_quantized_model_with_its_adapter_beside_is_refused(tmp_path, adapters):
     """A checkpoint holds no LoRA beside quantized weights: saving one would drop the adapter on reload."""
     model, _ = load_model(model_dir("chatglm2-tiny-int4"), adapter=adapters("chatglm2-tiny")[0], device="cpu")
