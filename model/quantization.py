@@ -348,7 +348,7 @@ class QuantizedLinear(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs):
         self._restore_stored_layout()
         # every form made from the parameters: their keys miss an in-place load into inference tensors
-        for cache in ("_device_cache", "_f32_cache", "_int4pack_cache"):
+        for cache in ("_device_cache", "_f32_cache", "_int4pack_cache", "_lora_bt_cache"):
             self.__dict__.pop(cache, None)
         return super()._load_from_state_dict(*args, **kwargs)
 
@@ -381,9 +381,25 @@ class QuantizedLinear(nn.Module):
             return y
         a = self.lora_A
         h = x.to(a.dtype)
-        if self.training and self.lora_dropout:
-            h = F.dropout(h, self.lora_dropout)
-        return y + (F.linear(F.linear(h, a), self.lora_B) * self.lora_scaling).to(y.dtype)
+        if torch.is_grad_enabled() and (a.requires_grad or self.lora_B.requires_grad or x.requires_grad):
+            if self.training and self.lora_dropout:
+                h = F.dropout(h, self.lora_dropout)
+            return y + (F.linear(F.linear(h, a), self.lora_B) * self.lora_scaling).to(y.dtype)
+        # inference: B^T * scaling kept contiguous (x A^T times a transposed view of B took 74-215 us per 6B
+        # linear at one row against 11), the update added into the fresh output in place
+        delta = torch.mm(F.linear(h.reshape(-1, self.in_features), a), self._lora_bt())
+        y = y.contiguous()
+        y.view(-1, self.out_features).add_(delta.to(y.dtype))
+        return y
+
+    def _lora_bt(self) -> torch.Tensor:
+        """lora_B^T * lora_scaling, contiguous: remade when B or the scaling changes."""
+        key = (_param_key(self.lora_B), self.lora_scaling)
+        cached = self.__dict__.get("_lora_bt_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, (self.lora_B.detach().t() * self.lora_scaling).contiguous())
+            self.__dict__["_lora_bt_cache"] = cached
+        return cached[1]
 
     def _input_grad(self, grad_y: torch.Tensor) -> torch.Tensor:
         """grad_y (..., out) (q * scale) -> (..., in): the weight de-quantized in grad_y's dtype,

@@ -395,12 +395,16 @@ def test_lora_beside_a_quantized_layer_drops_out_in_training_only():
     g = torch.Generator().manual_seed(3)
     layer = QuantizedLinear.from_linear(torch.nn.Linear(64, 32), 4)
     a, b = torch.randn(4, 64, generator=g), torch.randn(32, 4, generator=g)
-    layer.add_lora(a, b, 2.0, trainable=True, dropout=0.5)
+    layer.add_lora(a.clone(), b.clone(), 2.0, trainable=True, dropout=0.5)
     x = torch.randn(3, 64, generator=g)
     layer.eval()
     first = layer(x)
     assert torch.equal(first, layer(x))
     torch.testing.assert_close(first, layer._product(x) + x @ a.T @ b.T * 2.0)
+    with torch.no_grad():  # the inference form (B^T * scaling kept, added in place), after B changes too
+        torch.testing.assert_close(layer(x), first)
+        layer.lora_B.mul_(3)
+        torch.testing.assert_close(layer(x), layer._product(x) + x @ a.T @ b.T * 6.0)
     layer.train()
     assert not torch.equal(layer(x), layer(x))
 
