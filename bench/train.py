@@ -9,8 +9,8 @@ Writes a random-weight chatglm2 checkpoint of the shape (python -m model.tiny; u
 directory). Each method x dtype then runs in a fresh process that loads it through load_model, prepares it as
 finetune.py does (finetune.prepare: the base frozen; LoRA adapters on query_key_value, dense, dense_h_to_4h,
 dense_4h_to_h (peft's, or beside the quantized linears of an int4 / int8 base), or a new P-Tuning v2 prefix
-encoder) and runs full optimizer steps (forward with
-labels, backward, AdamW) on random batches of --batch-size x --seq-len tokens, and measures:
+encoder) and runs full optimizer steps (forward with labels, backward, AdamW) on random batches of
+--batch-size x --seq-len tokens, and measures:
 
 - tokens/s over --steps steps after --warmup steps, median (min-max) of the steps' own rates;
 - the process's peak RSS (VmHWM) after loading and at the end (weights + activations kept for the backward +

@@ -430,7 +430,7 @@ def load_weights(name_or_path: str, model_class_for: ModelClassFor, device=None,
         place = dict(device=layer.weight.device, dtype=torch.float32)
         with torch.inference_mode(False), torch.no_grad():
             layer.add_lora(a.to(**place), b.to(**place), scaling)
-    if set(merge_now) - set(adapter.replaces if adapter is not None else ()):
+    if adapter is not None and set(adapter.merges) - beside:
         model.merged_adapter = adapter.path  # model.quantize() warns: the merged update would round away
     if ptuning is not None:
         ptuning.load_into(model, device)  # on the embedding's device, where the prefix is computed
